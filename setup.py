@@ -19,6 +19,7 @@ setup(
         "torch>=2.1",
         "numpy",
         "SimpleITK>=2.2",
+        "nibabel>=5",
         "batchgenerators>=0.25",
         "tomli-w>=1.0",
         "matplotlib",

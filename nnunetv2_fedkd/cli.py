@@ -1,0 +1,153 @@
+"""``nnunetv2_fedkd``: the plugin's command line (subcommands like ``git``).
+
+Training, prediction, ensembling and evaluation stay the stock ``nnUNetv2_*`` commands; this command does what nnU-Net
+has no command for: converting the public layouts to one organ registry, synthesising a federation, deriving small
+plans for CPUs, and printing the environment that lets nnU-Net find the plugin's trainers.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+def _cmd_env(args) -> int:
+    from nnunetv2_fedkd.env import nnunet_env, shell_exports
+
+    print(shell_exports(nnunet_env(args.workdir, cpu=args.cpu)))
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from nnunetv2_fedkd.dataset_conversion import convert_dataset
+
+    out = convert_dataset(args.format, args.input_dir, args.dataset_id, dataset_name=args.name,
+                          keep_tumour=args.keep_tumour, organs=args.organs, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_synth(args) -> int:
+    from nnunetv2_fedkd.synthetic import make_federation
+
+    spec = make_federation(args.out_dir, seed=args.seed, size=tuple(args.size), cases_per_site=args.cases_per_site,
+                           test_cases=args.test_cases, first_dataset_id=args.first_dataset_id,
+                           overwrite=args.overwrite)
+    print(f"wrote the synthetic federation; spec: {spec}")
+    return 0
+
+
+def _cmd_small_plans(args) -> int:
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunetv2_fedkd.small_plans import write_small_plans
+
+    for d in args.dataset:
+        folder = Path(nnUNet_preprocessed) / maybe_convert_to_dataset_name(d)
+        out = write_small_plans(folder, source=args.source, target=args.target, configuration=args.configuration,
+                                patch_size=args.patch_size, base_features=args.features[0],
+                                max_features=args.features[1], n_stages=args.stages, batch_size=args.batch_size)
+        print(f"wrote {out}")
+    return 0
+
+
+def _cmd_check_spec(args) -> int:
+    from nnunetv2.paths import nnUNet_raw
+
+    from nnunetv2_fedkd.spec import check_datasets, load_spec
+
+    spec = load_spec(args.spec)
+    print(f"{spec.path}: federation {spec.name!r}, labels {spec.labels}, "
+          f"{len(spec.sites)} sites: {', '.join(f'{s.name} ({s.dataset}: {s.organs})' for s in spec.sites)}")
+    if args.datasets:
+        check_datasets(spec, nnUNet_raw)
+        print("every site's dataset.json agrees with the spec")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from nnunetv2_fedkd.demo import run_demo
+
+    return run_demo(args.workdir, quick=args.quick, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nnunetv2_fedkd.spec import CONVERTER_FORMATS
+
+    p = argparse.ArgumentParser(prog="nnunetv2_fedkd", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = sub.add_parser("env", help="print the environment exports stock nnU-Net needs for the plugin: "
+                                   'eval "$(nnunetv2_fedkd env --workdir DIR)"')
+    e.add_argument("--workdir", type=Path, default=None,
+                   help="also export nnUNet_raw/preprocessed/results as sub-folders of this folder")
+    e.add_argument("--cpu", action="store_true",
+                   help="also export the settings that make nnU-Net workable on a small CPU machine")
+    e.set_defaults(func=_cmd_env)
+
+    c = sub.add_parser("convert", help="convert a public dataset layout into an nnU-Net raw dataset "
+                                       "mapped to the organ registry")
+    c.add_argument("format", choices=CONVERTER_FORMATS)
+    c.add_argument("input_dir", type=Path)
+    c.add_argument("-d", dest="dataset_id", type=int, required=True, help="nnU-Net dataset id to write")
+    c.add_argument("--name", default=None, help="dataset name (default: from the source format)")
+    c.add_argument("--keep-tumour", action="store_true",
+                   help="keep tumours/cysts as their own labels (default: merged into their organ)")
+    c.add_argument("--organs", nargs="+", default=None, metavar="ORGAN",
+                   help="write exactly these registry entries (sub-structures merge into them, others become "
+                        "background), e.g. --organs liver spleen kidney pancreas")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=_cmd_convert)
+
+    s = sub.add_parser("synth", help="generate the synthetic partial-label federation (CT-like phantoms in "
+                                     "LiTS/KiTS23/MSD/BTCV layouts) and its federation.toml")
+    s.add_argument("out_dir", type=Path)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, nargs=3, default=[64, 64, 48], metavar=("X", "Y", "Z"))
+    s.add_argument("--cases-per-site", type=int, default=8)
+    s.add_argument("--test-cases", type=int, default=6)
+    s.add_argument("--first-dataset-id", type=int, default=501)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_cmd_synth)
+
+    sp = sub.add_parser("small-plans", help="derive small (CPU-sized) plans from nnU-Net's plans; "
+                                            "train with -p nnUNetPlansSmall")
+    sp.add_argument("-d", dest="dataset", nargs="+", required=True, help="dataset ids or names")
+    sp.add_argument("--source", default="nnUNetPlans")
+    sp.add_argument("--target", default="nnUNetPlansSmall")
+    sp.add_argument("-c", dest="configuration", default="3d_fullres")
+    sp.add_argument("--patch-size", type=int, nargs="+", default=[32, 32, 32])
+    sp.add_argument("--features", type=int, nargs=2, default=[8, 64], metavar=("FIRST", "MAX"))
+    sp.add_argument("--stages", type=int, default=4)
+    sp.add_argument("--batch-size", type=int, default=2)
+    sp.set_defaults(func=_cmd_small_plans)
+
+    k = sub.add_parser("check-spec", help="validate a federation spec (and, with --datasets, the sites' datasets)")
+    k.add_argument("spec", type=Path)
+    k.add_argument("--datasets", action="store_true", help="also check the converted datasets in nnUNet_raw")
+    k.set_defaults(func=_cmd_check_spec)
+
+    d = sub.add_parser("demo", help="the main job: synthesise a federation and run the whole pipeline")
+    d.add_argument("--workdir", type=Path, default=Path("fedkd_demo"))
+    d.add_argument("--quick", action="store_true", help="smaller data and shorter training")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from nnunetv2_fedkd.errors import USER_ERRORS
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        print(f"nnunetv2_fedkd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Steps of the user's path, shared by the demo, the tests and the benchmarks.
+
+Stock nnU-Net steps run as the stock console scripts in subprocesses (the exact commands a user types, printed
+before they run), so the demo proves the same path the README documents.
+"""
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from nnunetv2_fedkd.env import subprocess_env
+from nnunetv2_fedkd.spec import FederationSpec, check_datasets
+
+
+class StepError(RuntimeError):
+    pass
+
+
+def nnunet_script(name: str) -> str:
+    """Path of a console script installed next to this Python (works without an activated venv)."""
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else name
+
+
+def run_command(cmd: Sequence[str], env: Dict[str, str], log_file: Optional[Path] = None,
+                quiet: bool = False) -> float:
+    """Run ``cmd``; stream or log its output; raise StepError with the log's tail on failure. Returns seconds."""
+    shown = " ".join(shlex.quote(str(c)) for c in cmd)
+    if not quiet:
+        print(f"$ {shown}", flush=True)
+    t0 = time.perf_counter()
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "w") as f:
+            proc = subprocess.run([str(c) for c in cmd], env=env, stdout=f, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            tail = "".join(Path(log_file).read_text(errors="replace").splitlines(True)[-40:])
+            raise StepError(f"command failed with exit code {proc.returncode}: {shown}\nlog: {log_file}\n{tail}")
+    else:
+        proc = subprocess.run([str(c) for c in cmd], env=env)
+        if proc.returncode != 0:
+            raise StepError(f"command failed with exit code {proc.returncode}: {shown}")
+    return time.perf_counter() - t0
+
+
+def convert_federation(spec: FederationSpec, nnunet_raw: Path, overwrite: bool = False) -> List[Path]:
+    """Convert every site (and the test set, restricted to the federation's label set) with the converters, then
+    check the converted datasets against the spec."""
+    from nnunetv2_fedkd.dataset_conversion import convert_dataset
+
+    out = []
+    for s in spec.sites:
+        if s.source_format is None or s.source_dir is None:
+            raise StepError(f"site {s.name!r} has no source_format/source_dir in {spec.path}: convert it yourself")
+        name = s.dataset.split("_", 1)[1]
+        out.append(convert_dataset(s.source_format, s.source_dir, s.dataset_id, dataset_name=name,
+                                   organs=s.organs, overwrite=overwrite, nnunet_raw=nnunet_raw))
+    t = spec.test_set
+    if t is not None and t.source_format is not None and t.source_dir is not None:
+        out.append(convert_dataset(t.source_format, t.source_dir, t.dataset_id,
+                                   dataset_name=t.dataset.split("_", 1)[1], organs=spec.labels,
+                                   overwrite=overwrite, nnunet_raw=nnunet_raw))
+    check_datasets(spec, nnunet_raw)
+    return out
+
+
+def plan_and_preprocess(dataset_ids: Sequence[int], workdir: Path, cpu: bool = True,
+                        log_dir: Optional[Path] = None, verify: bool = True) -> None:
+    """Stock ``nnUNetv2_plan_and_preprocess`` (3d_fullres only) for each dataset."""
+    env = subprocess_env(workdir, cpu=cpu)
+    cmd = [nnunet_script("nnUNetv2_plan_and_preprocess"), "-d", *[str(i) for i in dataset_ids],
+           "-c", "3d_fullres", "-np", "2"]
+    if verify:
+        cmd.append("--verify_dataset_integrity")
+    run_command(cmd, env, None if log_dir is None else log_dir / "plan_and_preprocess.log")
+
+
+def small_plans(datasets: Sequence[str], workdir: Path, **kwargs) -> List[Path]:
+    """Write small plans (:mod:`nnunetv2_fedkd.small_plans`) for each dataset (``DatasetXXX_Name``)."""
+    from nnunetv2_fedkd.small_plans import write_small_plans
+
+    pre = Path(subprocess_env(workdir)["nnUNet_preprocessed"])
+    return [write_small_plans(pre / d, **kwargs) for d in datasets]

@@ -1,0 +1,6 @@
+"""Every nnUNetTrainer subclass of the plugin. nnU-Net finds them by class name through ``nnUNet_extTrainer``
+(see :mod:`nnunetv2_fedkd.env`)."""
+from nnunetv2_fedkd.trainers.base import nnUNetTrainerFedKDBase
+from nnunetv2_fedkd.trainers.naive_partial import nnUNetTrainerNaivePartial
+
+__all__ = ["nnUNetTrainerFedKDBase", "nnUNetTrainerNaivePartial"]

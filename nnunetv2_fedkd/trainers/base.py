@@ -1,0 +1,61 @@
+"""Base class of every plugin trainer: nnU-Net's trainer plus settings read from the plugin's config file."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunetv2_fedkd.trainers.config import BASE_DEFAULTS, USED_CONFIG_NAME, load_trainer_config
+from nnunetv2_fedkd.utils import atomic_write_json
+
+
+class nnUNetTrainerFedKDBase(nnUNetTrainer):
+    """nnU-Net's trainer with its schedule (epochs, iterations, lr, checkpoint interval) and each subclass's extra
+    settings taken from the plugin config file (see :mod:`nnunetv2_fedkd.trainers.config`).
+
+    Subclasses add their settings by extending ``config_defaults`` and read them from ``self.fedkd_config``.
+    The constructor signature is nnU-Net's own, so checkpoints, ``nnUNetv2_train --c`` and ``nnUNetv2_predict``
+    work unchanged.
+    """
+
+    config_defaults: Dict[str, Any] = BASE_DEFAULTS
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        self.fedkd_config, self.fedkd_config_file = self.read_config(plans)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        for key in BASE_DEFAULTS:
+            setattr(self, key, self.fedkd_config[key])
+
+    @classmethod
+    def read_config(cls, plans: dict):
+        """(settings, file) for this trainer class; usable before ``super().__init__`` (subclasses that adapt the
+        plans or dataset.json to their settings need it there)."""
+        pre = os.environ.get("nnUNet_preprocessed")
+        folder = os.path.join(pre, plans["dataset_name"]) if pre else None
+        return load_trainer_config(cls.__name__, cls.config_defaults, folder,
+                                   shared_keys=cls.all_plugin_config_keys())
+
+    @staticmethod
+    def all_plugin_config_keys() -> set:
+        """Every setting some plugin trainer knows (a shared config file may hold settings of several)."""
+        keys, todo = set(), [nnUNetTrainerFedKDBase]
+        while todo:
+            cls = todo.pop()
+            keys |= set(cls.config_defaults)
+            todo.extend(cls.__subclasses__())
+        return keys
+
+    def initialize(self):
+        super().initialize()
+        if self.local_rank == 0 and self.output_folder is not None:
+            atomic_write_json(
+                os.path.join(self.output_folder, USED_CONFIG_NAME),
+                {"trainer": type(self).__name__,
+                 "config_file": None if self.fedkd_config_file is None else str(self.fedkd_config_file),
+                 "settings": self.fedkd_config},
+            )
+        self.print_to_log_file(f"nnunetv2_fedkd settings ({self.fedkd_config_file or 'defaults'}): "
+                               f"{self.fedkd_config}")

@@ -1,0 +1,88 @@
+"""Trainer configuration: read from a file, never from new ``__init__`` parameters.
+
+nnU-Net records a trainer's ``__init__`` signature (``inspect.signature`` + ``locals()``) to rebuild it from a
+checkpoint, so a plugin trainer cannot take extra constructor arguments. Settings come from a JSON file instead:
+
+1. the file named by the environment variable ``nnUNet_fedkd_config`` (set it per run; the federated runner does), else
+2. ``$nnUNet_preprocessed/<DatasetXXX_Name>/fedkd_trainer.json`` (per-dataset defaults), else
+3. built-in defaults (nnU-Net's own values).
+
+The file holds top-level settings plus optional per-trainer overrides::
+
+    {"num_epochs": 2, "num_iterations_per_epoch": 10,
+     "trainers": {"nnUNetTrainerMarginal": {"exclusion_weight": 0.5}}}
+
+The settings actually used are written to ``<output_folder>/fedkd_trainer_config.json`` so every result records them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+CONFIG_ENV = "nnUNet_fedkd_config"
+DATASET_CONFIG_NAME = "fedkd_trainer.json"
+USED_CONFIG_NAME = "fedkd_trainer_config.json"
+
+# nnU-Net's own defaults for the schedule knobs every plugin trainer exposes.
+BASE_DEFAULTS: Dict[str, Any] = {
+    "num_epochs": 1000,
+    "num_iterations_per_epoch": 250,
+    "num_val_iterations_per_epoch": 50,
+    "initial_lr": 1e-2,
+    "save_every": 50,
+}
+
+
+class TrainerConfigError(ValueError):
+    pass
+
+
+def find_config_file(preprocessed_dataset_folder: Optional[str]) -> Optional[Path]:
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        p = Path(env)
+        if not p.is_file():
+            raise TrainerConfigError(f"{CONFIG_ENV}={env} does not name an existing file")
+        return p
+    if preprocessed_dataset_folder:
+        p = Path(preprocessed_dataset_folder) / DATASET_CONFIG_NAME
+        if p.is_file():
+            return p
+    return None
+
+
+def load_trainer_config(
+    trainer_name: str,
+    defaults: Dict[str, Any],
+    preprocessed_dataset_folder: Optional[str],
+    shared_keys: Iterable[str] = (),
+) -> Tuple[Dict[str, Any], Optional[Path]]:
+    """Merge ``defaults`` <- file top level <- file ``trainers[trainer_name]``.
+
+    A top-level key may belong to another plugin trainer (one file can serve several); ``shared_keys`` are the
+    keys any plugin trainer knows. A key nobody knows, or a key in this trainer's own section that it does not
+    know, is an error: a typo in a weight name must not silently train with the default."""
+    path = find_config_file(preprocessed_dataset_folder)
+    cfg = dict(defaults)
+    if path is None:
+        return cfg, None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TrainerConfigError(f"trainer config {path} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise TrainerConfigError(f"trainer config {path} must hold a JSON object")
+    per_trainer = raw.pop("trainers", {}) or {}
+    layers = [raw, per_trainer.get(trainer_name, {})]
+    shared = set(shared_keys) | set(defaults)
+    for layer in layers:
+        for k, v in layer.items():
+            if k in defaults:
+                cfg[k] = v
+            elif layer is not raw or k not in shared:
+                raise TrainerConfigError(
+                    f"trainer config {path}: unknown setting {k!r} for {trainer_name}; known: {sorted(defaults)}"
+                )
+    return cfg, path

@@ -1,0 +1,58 @@
+"""Shared fixtures. The expensive one, ``tiny_federation``, builds once per test session what the README's first
+command builds: a synthetic federation, converted, planned and preprocessed with stock nnU-Net, with small plans."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict
+
+import pytest
+
+from nnunetv2_fedkd.env import subprocess_env
+from nnunetv2_fedkd.spec import FederationSpec
+
+TINY_SIZE = (40, 40, 32)
+
+
+@dataclass
+class TinyFederation:
+    workdir: Path
+    spec: FederationSpec
+
+    def env(self, training: bool = False, **extra: str) -> Dict[str, str]:
+        return subprocess_env(self.workdir, cpu=True, training=training, extra=extra)
+
+    @property
+    def raw(self) -> Path:
+        return self.workdir / "nnUNet_raw"
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.workdir / "nnUNet_preprocessed"
+
+    @property
+    def results(self) -> Path:
+        return self.workdir / "nnUNet_results"
+
+
+@pytest.fixture(scope="session")
+def tiny_federation(tmp_path_factory) -> TinyFederation:
+    from nnunetv2_fedkd.pipeline import convert_federation, plan_and_preprocess, small_plans
+    from nnunetv2_fedkd.spec import load_spec
+    from nnunetv2_fedkd.synthetic import make_federation
+
+    workdir = tmp_path_factory.mktemp("tiny_federation")
+    spec = load_spec(make_federation(workdir, seed=123, size=TINY_SIZE, cases_per_site=4, test_cases=2))
+    convert_federation(spec, workdir / "nnUNet_raw")
+    plan_and_preprocess([s.dataset_id for s in spec.sites], workdir, log_dir=workdir / "logs")
+    small_plans([s.dataset for s in spec.sites], workdir, patch_size=(32, 32, 32))
+    return TinyFederation(workdir, spec)
+
+
+@pytest.fixture
+def short_training_config(tmp_path) -> Path:
+    """A plugin trainer config for a couple of iterations."""
+    p = tmp_path / "fedkd_trainer.json"
+    p.write_text('{"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1}')
+    return p
