@@ -85,3 +85,50 @@ def small_plans(datasets: Sequence[str], workdir: Path, **kwargs) -> List[Path]:
 
     pre = Path(subprocess_env(workdir)["nnUNet_preprocessed"])
     return [write_small_plans(pre / d, **kwargs) for d in datasets]
+
+
+def train(dataset: str, trainer: str, workdir: Path, config_file: Optional[Path] = None, fold: str = "0",
+          plans: str = "nnUNetPlansSmall", cpu: bool = True, log_dir: Optional[Path] = None) -> Path:
+    """Stock ``nnUNetv2_train DATASET 3d_fullres FOLD -tr TRAINER -p PLANS``; returns the fold folder."""
+    extra = {"nnUNet_fedkd_config": str(config_file)} if config_file else {}
+    env = subprocess_env(workdir, cpu=cpu, training=True, extra=extra)
+    cmd = [nnunet_script("nnUNetv2_train"), dataset, "3d_fullres", fold, "-tr", trainer, "-p", plans]
+    if cpu:
+        cmd += ["-device", "cpu"]
+    run_command(cmd, env, None if log_dir is None else log_dir / f"train_{dataset}_{trainer}.log")
+    return Path(env["nnUNet_results"]) / dataset / f"{trainer}__{plans}__3d_fullres" / f"fold_{fold}"
+
+
+def predict(images: Path, output: Path, dataset: str, trainer: str, workdir: Path, fold: str = "0",
+            plans: str = "nnUNetPlansSmall", cpu: bool = True, tta: bool = False,
+            log_dir: Optional[Path] = None) -> Path:
+    """Stock ``nnUNetv2_predict``."""
+    env = subprocess_env(workdir, cpu=cpu)
+    cmd = [nnunet_script("nnUNetv2_predict"), "-i", str(images), "-o", str(output), "-d", dataset, "-c",
+           "3d_fullres", "-f", fold, "-tr", trainer, "-p", plans, "-npp", "1", "-nps", "1"]
+    if cpu:
+        cmd += ["-device", "cpu"]
+    if not tta:
+        cmd.append("--disable_tta")
+    run_command(cmd, env, None if log_dir is None else log_dir / f"predict_{dataset}_{trainer}.log")
+    return output
+
+
+def evaluate(reference: Path, prediction: Path, dataset_json: Path, workdir: Path,
+             log_dir: Optional[Path] = None) -> Dict[str, float]:
+    """Stock ``nnUNetv2_evaluate_simple``-style evaluation through ``nnUNetv2_evaluate_folder`` (writes
+    ``prediction/summary.json``); returns Dice per label name (NaN where an organ is absent in both)."""
+    import json
+
+    env = subprocess_env(workdir)
+    pfile = prediction / "plans.json"
+    cmd = [nnunet_script("nnUNetv2_evaluate_folder"), str(reference), str(prediction), "-djfile", str(dataset_json),
+           "-pfile", str(pfile), "-np", "1"]
+    run_command(cmd, env, None if log_dir is None else log_dir / f"evaluate_{prediction.name}.log")
+    summary = json.loads((prediction / "summary.json").read_text())
+    names = {}
+    for name, value in json.loads(dataset_json.read_text())["labels"].items():
+        v = value[0] if isinstance(value, list) else value
+        if v != 0:
+            names[str(v)] = name
+    return {names[k]: float(v["Dice"]) for k, v in summary["mean"].items() if k in names}

@@ -26,8 +26,21 @@ class nnUNetTrainerFedKDBase(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         self.fedkd_config, self.fedkd_config_file = self.read_config(plans)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        for key in BASE_DEFAULTS:
+        for key in ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr",
+                    "save_every"):
             setattr(self, key, self.fedkd_config[key])
+
+    def on_train_end(self):
+        super().on_train_end()
+        self._trained_in_this_process = True
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        # skip only right after training; `nnUNetv2_train ... --val` (no training) still validates
+        if not self.fedkd_config["final_validation"] and getattr(self, "_trained_in_this_process", False):
+            self.print_to_log_file("final validation skipped (setting final_validation=false); "
+                                   "run nnUNetv2_train ... --val to do it")
+            return
+        super().perform_actual_validation(save_probabilities)
 
     @classmethod
     def read_config(cls, plans: dict):

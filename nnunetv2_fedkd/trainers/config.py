@@ -32,6 +32,9 @@ BASE_DEFAULTS: Dict[str, Any] = {
     "num_val_iterations_per_epoch": 50,
     "initial_lr": 1e-2,
     "save_every": 50,
+    # nnU-Net predicts the fold's validation cases after training (sliding window + mirroring); on a CPU that can
+    # cost more than a short training. false skips it (run `nnUNetv2_train ... --val` later to do it).
+    "final_validation": True,
 }
 
 
