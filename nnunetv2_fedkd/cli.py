@@ -67,6 +67,15 @@ def _cmd_check_spec(args) -> int:
     return 0
 
 
+def _cmd_merge(args) -> int:
+    from nnunetv2_fedkd.pooled_dataset import merge_sites
+    from nnunetv2_fedkd.spec import load_spec
+
+    out = merge_sites(load_spec(args.spec), args.dataset_id, dataset_name=args.name, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from nnunetv2_fedkd.demo import run_demo
 
@@ -124,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stages", type=int, default=4)
     sp.add_argument("--batch-size", type=int, default=2)
     sp.set_defaults(func=_cmd_small_plans)
+
+    m = sub.add_parser("merge", help="pool the sites' converted datasets into one partial-label dataset "
+                                     "(central training); dataset.json records which organs each case annotates")
+    m.add_argument("spec", type=Path)
+    m.add_argument("-d", dest="dataset_id", type=int, required=True, help="nnU-Net dataset id to write")
+    m.add_argument("--name", default=None, help="dataset name (default: <federation name>Pooled)")
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(func=_cmd_merge)
 
     k = sub.add_parser("check-spec", help="validate a federation spec (and, with --datasets, the sites' datasets)")
     k.add_argument("spec", type=Path)

@@ -43,7 +43,7 @@ def tiny_federation(tmp_path_factory) -> TinyFederation:
     from nnunetv2_fedkd.synthetic import make_federation
 
     workdir = tmp_path_factory.mktemp("tiny_federation")
-    spec = load_spec(make_federation(workdir, seed=123, size=TINY_SIZE, cases_per_site=4, test_cases=2))
+    spec = load_spec(make_federation(workdir, seed=123, size=TINY_SIZE, cases_per_site=5, test_cases=2))
     convert_federation(spec, workdir / "nnUNet_raw")
     plan_and_preprocess([s.dataset_id for s in spec.sites], workdir, log_dir=workdir / "logs")
     small_plans([s.dataset for s in spec.sites], workdir, patch_size=(32, 32, 32))

@@ -15,6 +15,7 @@ from nnunetv2_fedkd.env import EXT_TRAINER_DIR
 from nnunetv2_fedkd.pipeline import nnunet_script
 
 TRAINER = "nnUNetTrainerNaivePartial"
+PLUGIN_TRAINERS = ("nnUNetTrainerNaivePartial", "nnUNetTrainerMarginal", "nnUNetTrainerMultiHead")
 
 
 def test_env_command_prints_shim_folder_exports(tmp_path):
@@ -45,7 +46,8 @@ def test_lookup_returns_the_package_class(monkeypatch):
 
 
 @pytest.mark.slow
-def test_stock_train_and_predict_with_plugin_trainer(tiny_federation, short_training_config, tmp_path):
+@pytest.mark.parametrize("TRAINER", PLUGIN_TRAINERS)
+def test_stock_train_and_predict_with_plugin_trainer(tiny_federation, short_training_config, tmp_path, TRAINER):
     fed = tiny_federation
     site = fed.spec.sites[0]
     env = fed.env(training=True, nnUNet_fedkd_config=str(short_training_config))

@@ -2,5 +2,6 @@
 (see :mod:`nnunetv2_fedkd.env`)."""
 from nnunetv2_fedkd.trainers.base import nnUNetTrainerFedKDBase
 from nnunetv2_fedkd.trainers.naive_partial import nnUNetTrainerNaivePartial
+from nnunetv2_fedkd.trainers.partial_label import nnUNetTrainerMarginal, nnUNetTrainerMultiHead
 
-__all__ = ["nnUNetTrainerFedKDBase", "nnUNetTrainerNaivePartial"]
+__all__ = ["nnUNetTrainerFedKDBase", "nnUNetTrainerNaivePartial", "nnUNetTrainerMarginal", "nnUNetTrainerMultiHead"]

@@ -1,0 +1,93 @@
+"""`nnunetv2_fedkd merge`: pooling site datasets into one partial-label dataset with per-case label availability."""
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunetv2_fedkd.dataset_conversion import ConversionError
+from nnunetv2_fedkd.label_availability import LabelAvailability, LabelAvailabilityError
+from nnunetv2_fedkd.pooled_dataset import merge_sites
+from nnunetv2_fedkd.spec import FederationSpec, Site
+
+
+def _site_dataset(raw, name, organs, n_cases, label_value_of_first=1):
+    root = raw / name
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for i in range(n_cases):
+        img = sitk.GetImageFromArray(np.full((3, 4, 5), 100 + i, np.int16))
+        img.SetSpacing((0.8, 0.8, 2.5))
+        lab_arr = np.zeros((3, 4, 5), np.uint8)
+        lab_arr[1, 1:3, 1:3] = label_value_of_first
+        lab = sitk.GetImageFromArray(lab_arr)
+        lab.CopyInformation(img)
+        sitk.WriteImage(img, str(root / "imagesTr" / f"c{i}_0000.nii.gz"))
+        sitk.WriteImage(lab, str(root / "labelsTr" / f"c{i}.nii.gz"))
+    labels = {"background": 0, **{o: j + 1 for j, o in enumerate(organs)}}
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": labels, "numTraining": n_cases, "file_ending": ".nii.gz",
+        "fedkd": {"annotated": organs}}))
+
+
+@pytest.fixture
+def two_sites(tmp_path):
+    raw = tmp_path / "raw"
+    _site_dataset(raw, "Dataset501_A", ["kidney"], 2)
+    _site_dataset(raw, "Dataset502_B", ["liver"], 1)
+    spec = FederationSpec("demo", ["liver", "kidney"], [Site("a", "Dataset501_A", ["kidney"]),
+                                                        Site("b", "Dataset502_B", ["liver"])])
+    return raw, spec
+
+
+def test_merge_remaps_labels_and_records_availability(two_sites):
+    raw, spec = two_sites
+    out = merge_sites(spec, 510, nnunet_raw=raw)
+    assert out.name == "Dataset510_DemoPooled"
+    dj = json.loads((out / "dataset.json").read_text())
+    assert dj["labels"] == {"background": 0, "liver": 1, "kidney": 2} and dj["numTraining"] == 3
+    assert dj["fedkd"]["case_annotated"] == {"a__c0": ["kidney"], "a__c1": ["kidney"], "b__c0": ["liver"]}
+    assert dj["fedkd"]["case_site"]["b__c0"] == "b"
+    # site a's kidney (value 1) is the global kidney (value 2); site b's liver stays 1
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTr" / "a__c0.nii.gz")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTr" / "b__c0.nii.gz")))
+    assert set(np.unique(a)) == {0, 2} and set(np.unique(b)) == {0, 1}
+    img = sitk.ReadImage(str(out / "imagesTr" / "a__c1_0000.nii.gz"))
+    assert np.allclose(img.GetSpacing(), (0.8, 0.8, 2.5)) and sitk.GetArrayFromImage(img).max() == 101
+
+    la = LabelAvailability(dj)
+    assert la.label_names == ["liver", "kidney"]
+    assert la.softmax_mask(["b__c0", "a__c1"]).tolist() == [[True, True, False], [True, False, True]]
+    assert la.foreground_mask(["a__c0"]).tolist() == [[False, True]]
+    with pytest.raises(LabelAvailabilityError, match="'zz' is not in dataset.json"):
+        la.annotated("zz")
+
+
+def test_merge_refuses_a_site_whose_dataset_disagrees_and_writes_nothing(two_sites):
+    raw, spec = two_sites
+    spec.sites[1].organs = ["kidney"]
+    with pytest.raises(Exception, match="site 'b' says it annotates"):
+        merge_sites(spec, 510, nnunet_raw=raw)
+    assert not list(raw.glob("Dataset510_*")) and not list(raw.glob(".Dataset510*"))
+
+
+def test_merge_refuses_stray_label_values(two_sites, tmp_path):
+    raw, spec = two_sites
+    bad = raw / "Dataset501_A" / "labelsTr" / "c1.nii.gz"
+    lab = sitk.ReadImage(str(bad))
+    arr = sitk.GetArrayFromImage(lab)
+    arr[0, 0, 0] = 7
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(lab)
+    sitk.WriteImage(out, str(bad))
+    with pytest.raises(ConversionError, match=r"c1.nii.gz has values \[7\]"):
+        merge_sites(spec, 510, nnunet_raw=raw)
+    assert not list(raw.glob("Dataset510_*")) and not list(raw.glob(".Dataset510*"))
+
+
+def test_single_site_dataset_has_one_annotated_set_and_plain_datasets_are_fully_annotated():
+    la = LabelAvailability({"labels": {"background": 0, "liver": 1, "kidney": 2}, "fedkd": {"annotated": ["kidney"]}})
+    assert la.softmax_mask(["anything"]).tolist() == [[True, False, True]]
+    la = LabelAvailability({"labels": {"background": 0, "liver": [1], "kidney": [2]}})
+    assert la.foreground_mask(["x", "y"]).all()
