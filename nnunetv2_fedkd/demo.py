@@ -19,7 +19,7 @@ MARKER = ".nnunetv2_fedkd_demo"
 
 # (size, cases per site, test cases) of the generated federation
 FULL = ((64, 64, 48), 8, 6)
-QUICK = ((48, 48, 32), 4, 3)
+QUICK = ((48, 48, 32), 5, 3)  # nnU-Net's 5-fold split needs at least 5 cases per dataset
 
 
 def prepare_workdir(workdir: Path) -> None:
