@@ -19,7 +19,8 @@ import SimpleITK as sitk
 from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
 from nnunetv2_fedkd import organs as reg
-from nnunetv2_fedkd.dataset_conversion.common import IMAGE_READER, ConversionError, target_folder
+from nnunetv2_fedkd.dataset_conversion.common import (IMAGE_READER, ConversionError, resolve_nnunet_raw,
+                                                   target_folder)
 from nnunetv2_fedkd.spec import FederationSpec, check_datasets
 from nnunetv2_fedkd.utils import atomic_output_dir
 
@@ -37,11 +38,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def merge_sites(spec: FederationSpec, dataset_id: int, dataset_name: Optional[str] = None,
                 nnunet_raw: Optional[os.PathLike] = None, overwrite: bool = False) -> Path:
     """Write ``$nnUNet_raw/DatasetXXX_<name>`` pooling every site of ``spec``; returns the folder."""
-    if nnunet_raw is None:
-        nnunet_raw = os.environ.get("nnUNet_raw")
-        if not nnunet_raw:
-            raise ConversionError("nnUNet_raw is not set: set the environment variable or pass nnunet_raw")
-    raw = Path(nnunet_raw)
+    raw = resolve_nnunet_raw(nnunet_raw)
     check_datasets(spec, raw)
     name = dataset_name or f"{''.join(p.capitalize() for p in spec.name.replace('-', '_').split('_'))}Pooled"
     final = target_folder(dataset_id, name, raw)

@@ -241,6 +241,15 @@ def _env_path(name: str) -> Optional[str]:
     return str(value) if value else None
 
 
+def resolve_nnunet_raw(nnunet_raw=None) -> Path:
+    """``nnunet_raw`` if given, else the nnUNet_raw environment variable; ConversionError when neither is set."""
+    if nnunet_raw is None:
+        nnunet_raw = _env_path("nnUNet_raw")
+        if nnunet_raw is None:
+            raise ConversionError("nnUNet_raw is not set: set the environment variable or pass nnunet_raw")
+    return Path(nnunet_raw)
+
+
 def target_folder(dataset_id: int, dataset_name: str, nnunet_raw) -> Path:
     """``$nnUNet_raw/DatasetXXX_Name``, after checking the id, the name and that no other dataset uses the id."""
     if isinstance(dataset_id, bool) or not isinstance(dataset_id, (int, np.integer)) or not 1 <= dataset_id <= 999:
@@ -251,10 +260,7 @@ def target_folder(dataset_id: int, dataset_name: str, nnunet_raw) -> Path:
         raise ConversionError(
             f"dataset name {dataset_name!r} is not usable: use letters, digits, '_' and '-' (no spaces)"
         )
-    if nnunet_raw is None:
-        nnunet_raw = _env_path("nnUNet_raw")
-        if nnunet_raw is None:
-            raise ConversionError("nnUNet_raw is not set: set the environment variable or pass nnunet_raw")
+    nnunet_raw = resolve_nnunet_raw(nnunet_raw)
     folder = f"Dataset{int(dataset_id):03d}_{dataset_name}"
     # nnU-Net resolves an id by name prefix in raw, preprocessed and results; two names for one id break it
     roots = [Path(nnunet_raw)] + [Path(p) for p in map(_env_path, ("nnUNet_preprocessed", "nnUNet_results")) if p]
