@@ -1,4 +1,19 @@
 """Loss functions for training one segmentation network from partially labelled datasets."""
+from nnunetv2_fedkd.losses.distillation import (
+    FeatureKDLoss,
+    PartialKDSigmoidLoss,
+    PartialKDSoftmaxLoss,
+    RegionLogitKDSigmoidLoss,
+    RegionLogitKDSoftmaxLoss,
+    SoftLabelKDLoss,
+    binary_teacher_logit,
+    feature_kd_loss,
+    partial_kd_sigmoid,
+    partial_kd_softmax,
+    region_logit_kd_sigmoid,
+    region_logit_kd_softmax,
+    soft_label_kd_loss,
+)
 from nnunetv2_fedkd.losses.partial_label import (
     ExclusionLoss,
     MarginalExclusionLoss,
@@ -21,4 +36,18 @@ __all__ = [
     "ExclusionLoss",
     "MarginalExclusionLoss",
     "MaskedSigmoidLoss",
+    # knowledge distillation
+    "binary_teacher_logit",
+    "region_logit_kd_softmax",
+    "region_logit_kd_sigmoid",
+    "feature_kd_loss",
+    "soft_label_kd_loss",
+    "partial_kd_softmax",
+    "partial_kd_sigmoid",
+    "RegionLogitKDSoftmaxLoss",
+    "RegionLogitKDSigmoidLoss",
+    "FeatureKDLoss",
+    "SoftLabelKDLoss",
+    "PartialKDSoftmaxLoss",
+    "PartialKDSigmoidLoss",
 ]
