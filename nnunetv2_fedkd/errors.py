@@ -11,5 +11,11 @@ def _conversion_error():
     return ConversionError
 
 
+def _checkpoint_error():
+    from nnunetv2_fedkd.federated.weights_io import CorruptCheckpoint
+
+    return CorruptCheckpoint
+
+
 USER_ERRORS = (RegistryError, SpecError, PlansError, TrainerConfigError, FileExistsError, FileNotFoundError,
-               _conversion_error())
+               _conversion_error(), _checkpoint_error())

@@ -1,0 +1,814 @@
+"""Server-side aggregation for federated nnU-Net training, independent of any federated-learning engine.
+
+Pure torch; no Flower (or other engine) import. A runner (Flower, a simulation loop, ...) moves weights between the
+sites and calls into this module once per round.
+
+Conventions
+-----------
+* Weights are a plain ``Dict[str, torch.Tensor]`` (a ``state_dict``) on the CPU, in the key order of the model.
+* Floating-point tensors are averaged in float64 and cast back to their dtype (fp16/bf16 safe). All other tensors
+  (integer/bool buffers such as BatchNorm's ``num_batches_tracked``) are not averaged: they are **copied from the first
+  contributing update** (in the order the updates are given). nnU-Net's InstanceNorm keeps no such buffers.
+* nnU-Net's ``state_dict`` holds aliases: ``...convs.0.all_modules.1.weight`` is the same tensor as
+  ``...convs.0.norm.weight`` and ``decoder.encoder.*`` is ``encoder.*``. Every rule here treats a key by its own name
+  and values, so aliases receive identical results and reload consistently.
+
+Strategies
+----------
+All share :class:`Strategy`: ``aggregate(global_weights, updates, round_idx) -> new global weights`` plus
+``state_dict()`` / ``load_state_dict()`` of the server-side state (flat ``Dict[str, Tensor]``, so it can be saved with
+:func:`nnunetv2_fedkd.federated.weights_io.save_weights`).
+
+``FedAvg``   weighted mean of the site models (McMahan et al. 2017); ``weighting="cases"`` (by ``num_examples``) or
+             ``"equal"``.
+``FedProx``  server side identical to FedAvg; sites add :func:`proximal_term` to their loss (Li et al. 2020).
+``FedBN``    FedAvg except normalisation layers, which are never averaged (Li et al. 2021): the global copy is kept
+             and each site keeps its own (:func:`split_local_state` / :func:`merge_local_state`).
+``FedOpt``   the mean update ``avg - global`` is a pseudo-gradient for a server optimiser (Reddi et al. 2021):
+             ``FedAvgM`` (server momentum, Hsu et al. 2019), ``FedAdam``, and through ``optimizer=`` also FedAdagrad
+             and FedYogi.
+
+Every strategy takes ``organ_aware_heads``: the weights of organ ``k``'s segmentation head are averaged only over the
+sites that label organ ``k`` (after Fed-MENU, Xu et al. 2023); see :class:`Strategy`.
+
+References:
+    H. B. McMahan et al. "Communication-efficient learning of deep networks from decentralized data." AISTATS 2017.
+    T. Li et al. "Federated optimization in heterogeneous networks." MLSys 2020 (FedProx).
+    X. Li et al. "FedBN: Federated learning on non-IID features via local batch normalization." ICLR 2021.
+    S. J. Reddi et al. "Adaptive federated optimization." ICLR 2021 (FedOpt, FedAdam, FedYogi, FedAdagrad).
+    T.-M. H. Hsu, H. Qi, M. Brown. "Measuring the effects of non-identical data distribution for federated visual
+    classification." arXiv:1909.06335, 2019 (FedAvgM).
+    X. Xu et al. "Federated multi-organ segmentation with inconsistent labels." IEEE TMI 42(10), 2023 (Fed-MENU).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import (Any, Callable, Collection, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set,
+                    Tuple, Union)
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Weights",
+    "UpdateRejected",
+    "SiteUpdate",
+    "AggregationInfo",
+    "RoundResult",
+    "validate_update",
+    "Strategy",
+    "FedAvg",
+    "FedProx",
+    "FedBN",
+    "FedOpt",
+    "FedAvgM",
+    "FedAdam",
+    "STRATEGIES",
+    "make_strategy",
+    "aggregate_round",
+    "proximal_term",
+    "is_norm_key",
+    "norm_keys",
+    "NORM_MODULE_TYPES",
+    "split_local_state",
+    "merge_local_state",
+    "organ_head_mapper",
+    "federated_poly_lr",
+]
+
+Weights = Dict[str, torch.Tensor]
+HeadOrganFn = Callable[[str], Optional[str]]
+LogTarget = Union[None, logging.Logger, Callable[[str], Any]]
+
+_LOG = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# updates and their validation
+# ----------------------------------------------------------------------------------------------------------------------
+class UpdateRejected(Exception):
+    """A site's update cannot be aggregated. ``site``: the site; ``reason``: why (names the first offending key);
+    ``key``: that key, or None when the problem is not about one key."""
+
+    def __init__(self, site: str, reason: str, key: Optional[str] = None):
+        self.site = site
+        self.reason = reason
+        self.key = key
+        super().__init__(f"update from site {site!r} rejected: {reason}")
+
+
+@dataclass
+class SiteUpdate:
+    """What one site sends back after its local training in a round.
+
+    Attributes:
+        site: the site's name (unique within a round).
+        weights: its trained model weights (``state_dict``; same keys, shapes and dtypes as the global weights).
+        num_examples: how many training cases it trained on (the FedAvg weight with ``weighting="cases"``);
+            must be a positive integer.
+        metrics: free-form numbers to log (training loss, ...); not used for aggregation.
+        organs: registry keys of the organs the site labels (used by ``organ_aware_heads``).
+    """
+
+    site: str
+    weights: Weights
+    num_examples: int
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    organs: FrozenSet[str] = frozenset()
+
+    def __post_init__(self):
+        if isinstance(self.organs, str):
+            raise TypeError(f"SiteUpdate({self.site!r}).organs must be a collection of organ names, not the string "
+                            f"{self.organs!r}")
+        self.organs = frozenset(self.organs)
+
+
+def _more(items: Sequence[str]) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+
+def validate_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], site: str, *,
+                    check_finite: bool = True) -> None:
+    """Check that ``update`` can be aggregated with ``reference`` (the current global weights).
+
+    Rejects, raising :class:`UpdateRejected` that names ``site`` and the first offending key: missing keys, extra
+    keys, non-tensor or non-dense values, a different shape or dtype, and (``check_finite``) NaN/Inf in a
+    floating-point tensor. Integer and bool buffers (e.g. ``num_batches_tracked``) are allowed.
+    """
+    if not isinstance(update, Mapping):
+        raise UpdateRejected(site, f"weights are a {type(update).__name__}, not a mapping of names to tensors")
+    missing = [k for k in reference if k not in update]
+    if missing:
+        raise UpdateRejected(site, f"missing key {missing[0]!r}{_more(missing)}", missing[0])
+    extra = [k for k in update if k not in reference]
+    if extra:
+        raise UpdateRejected(site, f"unexpected key {extra[0]!r}{_more(extra)}", extra[0])
+    for key, ref in reference.items():
+        value = update[key]
+        if not isinstance(value, torch.Tensor):
+            raise UpdateRejected(site, f"value of {key!r} is a {type(value).__name__}, not a tensor", key)
+        if value.layout != torch.strided:
+            raise UpdateRejected(site, f"value of {key!r} is a {value.layout} tensor, not a dense one", key)
+        if value.shape != ref.shape:
+            raise UpdateRejected(site, f"shape of {key!r} is {tuple(value.shape)}, expected {tuple(ref.shape)}", key)
+        if value.dtype != ref.dtype:
+            raise UpdateRejected(site, f"dtype of {key!r} is {value.dtype}, expected {ref.dtype}", key)
+        if check_finite and value.is_floating_point():
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                bad = int(finite.numel() - int(finite.sum()))
+                raise UpdateRejected(site, f"{key!r} holds {bad} non-finite value(s) (NaN/Inf)", key)
+
+
+def _check_num_examples(update: SiteUpdate) -> None:
+    n = update.num_examples
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UpdateRejected(update.site, f"num_examples must be a positive integer, got {n!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# normalisation layers (FedBN) and site-local state
+# ----------------------------------------------------------------------------------------------------------------------
+NORM_MODULE_TYPES: Tuple[type, ...] = tuple(
+    t for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
+                nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+                getattr(nn, "RMSNorm", None))
+    if t is not None
+)
+
+_NORM_BUFFER_LEAVES = frozenset({"running_mean", "running_var", "num_batches_tracked"})
+_NORM_MODULE_NAME = re.compile(r"^(?:.*norm.*|bn\d*|gn\d*|ln\d*)$", re.IGNORECASE)
+# dynamic_network_architectures' ConvDropoutNormReLU: all_modules = Sequential(conv, [dropout], [norm], nonlin); the
+# conv is always entry 0, so a parameter at entry >= 1 is the norm's (nonlin LeakyReLU has none)
+_NNUNET_ALL_MODULES_ALIAS = re.compile(r"(?:^|\.)all_modules\.[1-9]\d*$")
+# nnunetv2_fedkd.networks.OrganHeads with hidden channels: heads.<k> = Sequential(conv, norm, nonlin, conv)
+_ORGAN_HEAD_NORM = re.compile(r"(?:^|\.)heads\.\d+\.1$")
+
+
+def _model_norm_keys(model: nn.Module) -> FrozenSet[str]:
+    keys: Set[str] = set()
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, NORM_MODULE_TYPES):
+            for leaf, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+                keys.add(f"{mod_name}.{leaf}" if mod_name else leaf)
+    return frozenset(keys)
+
+
+def _name_is_norm(name: str) -> bool:
+    module, _, leaf = name.rpartition(".")
+    if leaf in _NORM_BUFFER_LEAVES:
+        return True
+    if not module:
+        return False
+    last = module.rpartition(".")[2]
+    return bool(_NORM_MODULE_NAME.match(last) or _NNUNET_ALL_MODULES_ALIAS.search(module)
+                or _ORGAN_HEAD_NORM.search(module))
+
+
+def is_norm_key(name: str, model: Optional[nn.Module] = None) -> bool:
+    """Whether ``state_dict`` key ``name`` is a parameter or buffer of a normalisation layer.
+
+    With ``model``: exact, from the module types (:data:`NORM_MODULE_TYPES`: BatchNorm, InstanceNorm, GroupNorm,
+    LayerNorm, ...), including every alias name a module has in the ``state_dict``. For many keys use
+    :func:`norm_keys`, which walks the model once.
+
+    Without ``model``: from the name alone. A key is a norm key when its leaf is ``running_mean``, ``running_var`` or
+    ``num_batches_tracked``; or its module's name contains ``norm`` (nnU-Net's ``.norm.``, ``batchnorm``,
+    ``norm1``, ...) or is ``bn``/``gn``/``ln`` optionally followed by digits; or it is nnU-Net's alias
+    ``...all_modules.<i>.`` with ``i >= 1`` (the norm inside ``ConvDropoutNormReLU``; wrong for a parametric
+    nonlinearity such as PReLU); or it is entry 1 of one of this package's organ heads (``heads.<k>.1.``). Names that
+    merely contain "norm" are matched too, so pass the model whenever one is at hand.
+    """
+    if model is not None:
+        return name in _model_norm_keys(model)
+    return _name_is_norm(name)
+
+
+def norm_keys(names: Iterable[str], model: Optional[nn.Module] = None) -> FrozenSet[str]:
+    """The subset of ``names`` (e.g. a ``state_dict``'s keys) that :func:`is_norm_key` selects."""
+    if model is not None:
+        found = _model_norm_keys(model)
+        return frozenset(k for k in names if k in found)
+    return frozenset(k for k in names if _name_is_norm(k))
+
+
+def split_local_state(weights: Mapping[str, torch.Tensor], local_keys: Collection[str]) -> Tuple[Weights, Weights]:
+    """Split ``weights`` into ``(shared, local)`` by ``local_keys`` (e.g. ``strategy.local_keys(weights)``). A runner
+    keeps each site's ``local`` part between rounds (FedBN). Tensors are shared, not copied."""
+    local_keys = set(local_keys)
+    unknown = sorted(local_keys - set(weights))
+    if unknown:
+        raise KeyError(f"split_local_state: local key {unknown[0]!r} is not among the weights{_more(unknown)}")
+    shared = {k: v for k, v in weights.items() if k not in local_keys}
+    local = {k: v for k, v in weights.items() if k in local_keys}
+    return shared, local
+
+
+def merge_local_state(global_weights: Mapping[str, torch.Tensor], local: Mapping[str, torch.Tensor]) -> Weights:
+    """Global weights with a site's ``local`` entries put back (what the site trains from in the next round). Returns
+    a new dict in the global key order; every ``local`` key must exist in the global weights with the same shape."""
+    unknown = [k for k in local if k not in global_weights]
+    if unknown:
+        raise KeyError(f"merge_local_state: local key {unknown[0]!r} is not among the global weights{_more(unknown)}")
+    for k, v in local.items():
+        if v.shape != global_weights[k].shape:
+            raise ValueError(f"merge_local_state: shape of local {k!r} is {tuple(v.shape)}, global has "
+                             f"{tuple(global_weights[k].shape)}")
+    return {k: (local[k] if k in local else v) for k, v in global_weights.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# organ heads
+# ----------------------------------------------------------------------------------------------------------------------
+_HEAD_KEY = re.compile(r"(?:^|\.)heads\.(\d+)\.")
+
+
+def organ_head_mapper(organ_names: Sequence[str]) -> HeadOrganFn:
+    """``key -> organ name or None`` for :class:`nnunetv2_fedkd.networks.OrganHeads` naming: a key containing
+    ``heads.<k>.`` (``decoder.seg_layers.<s>.heads.<k>.<...>``) belongs to ``organ_names[k]``. With
+    ``nnUNetTrainerMultiHead`` head ``k`` is the ``k``-th foreground label in order of label value."""
+    if isinstance(organ_names, str):
+        raise TypeError("organ_head_mapper: organ_names must be a sequence of names, not a string")
+    names = [str(n) for n in organ_names]
+    if not names or any(not n for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"organ_head_mapper: organ names must be non-empty and unique, got {names}")
+
+    def head_organ(key: str) -> Optional[str]:
+        m = _HEAD_KEY.search(key)
+        if m is None:
+            return None
+        k = int(m.group(1))
+        if k >= len(names):
+            raise ValueError(f"weight {key!r} belongs to organ head {k}, but only {len(names)} organ names are "
+                             f"configured ({names})")
+        return names[k]
+
+    return head_organ
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# strategies
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class AggregationInfo:
+    """What a strategy did beyond averaging: ``kept_keys``: keys left at their global value (FedBN norm keys,
+    heads of organs no site labels); ``heads_kept``: organs whose head no site of the round labels."""
+
+    kept_keys: FrozenSet[str] = frozenset()
+    heads_kept: Tuple[str, ...] = ()
+
+
+class Strategy:
+    """Base of all strategies: (organ-aware) weighted averaging followed by a server step.
+
+    Args:
+        weighting: ``"cases"``: site ``i`` gets weight ``num_examples_i / sum(num_examples)``; ``"equal"``: ``1/n``.
+        organ_aware_heads: None (off), a sequence of organ names (head ``k`` is ``organ_names[k]``, see
+            :func:`organ_head_mapper`) or a callable ``key -> organ name or None``. When on, a key of organ ``o``'s
+            head is averaged over the sites whose ``organs`` contain ``o`` only (weighted among them by
+            ``weighting``); if no site of the round labels ``o``, the key keeps its global value. Other keys are
+            averaged over all sites. Keys a strategy keeps local (FedBN) stay local, also inside heads.
+
+    Subclasses override :meth:`local_keys` (keys never averaged) and :meth:`_server_step` (what to do with the
+    average), and keep hyperparameters keyword-only in ``__init__`` (``make_strategy`` checks options against it).
+    """
+
+    name = "base"
+    proximal_mu = 0.0  # FedProx: the mu a site's trainer passes to proximal_term (0 = no proximal term)
+
+    def __init__(self, *, weighting: str = "cases",
+                 organ_aware_heads: Union[None, Sequence[str], HeadOrganFn] = None):
+        if weighting not in ("cases", "equal"):
+            raise ValueError(f"{self.name}: weighting must be 'cases' or 'equal', got {weighting!r}")
+        self.weighting = weighting
+        if organ_aware_heads is None:
+            self.head_organ_of: Optional[HeadOrganFn] = None
+            heads_desc: Any = None
+        elif callable(organ_aware_heads):
+            self.head_organ_of = organ_aware_heads
+            heads_desc = getattr(organ_aware_heads, "__name__", "custom")
+        else:
+            self.head_organ_of = organ_head_mapper(organ_aware_heads)
+            heads_desc = list(organ_aware_heads)
+        self._hparams: Dict[str, Any] = {"weighting": weighting, "organ_aware_heads": heads_desc}
+
+    # --- interface ---------------------------------------------------------------------------------------------------
+    def local_keys(self, weights: Mapping[str, torch.Tensor]) -> FrozenSet[str]:
+        """Keys of ``weights`` that are never averaged: the server keeps their global value, each site its own."""
+        return frozenset()
+
+    def aggregate(self, global_weights: Mapping[str, torch.Tensor], updates: Sequence[SiteUpdate],
+                  round_idx: int) -> Weights:
+        """New global weights from the (already validated, see :func:`aggregate_round`) ``updates``."""
+        return self.aggregate_detailed(global_weights, updates, round_idx)[0]
+
+    def aggregate_detailed(self, global_weights: Mapping[str, torch.Tensor], updates: Sequence[SiteUpdate],
+                           round_idx: int) -> Tuple[Weights, AggregationInfo]:
+        """:meth:`aggregate` plus an :class:`AggregationInfo`. Checks structure (keys/shapes/dtypes, raising
+        :class:`UpdateRejected`) but not finiteness; :func:`aggregate_round` validates fully and drops bad updates."""
+        if not updates:
+            raise ValueError(f"{self.name}: no updates to aggregate in round {round_idx}")
+        for u in updates:
+            _check_num_examples(u)
+            validate_update(u.weights, global_weights, u.site, check_finite=False)
+        averaged, kept, heads_kept = self._average(global_weights, updates)
+        new = self._server_step(global_weights, averaged, kept, round_idx)
+        return new, AggregationInfo(frozenset(kept), tuple(sorted(heads_kept)))
+
+    def state_dict(self) -> Weights:
+        """Server-side state to checkpoint (flat dict of tensors; empty for stateless strategies)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{self.name} keeps no server state, but the given state has keys "
+                             f"{sorted(state)[:5]}")
+
+    def hyperparameters(self) -> Dict[str, Any]:
+        """Name and settings, for logs and run records."""
+        return {"strategy": self.name, **self._hparams}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self._hparams.items())
+        return f"{type(self).__name__}({opts})"
+
+    # --- helpers -----------------------------------------------------------------------------------------------------
+    def _coefficients(self, updates: Sequence[SiteUpdate]) -> List[float]:
+        raw = [1.0] * len(updates) if self.weighting == "equal" else [float(u.num_examples) for u in updates]
+        total = sum(raw)
+        if not total > 0:
+            raise ValueError(f"{self.name}: total aggregation weight is {total}")
+        return [r / total for r in raw]
+
+    def _average(self, global_weights: Mapping[str, torch.Tensor], updates: Sequence[SiteUpdate]
+                 ) -> Tuple[Weights, Set[str], Set[str]]:
+        local = self.local_keys(global_weights)
+        everyone = (list(updates), self._coefficients(updates))
+        by_organ: Dict[str, Tuple[List[SiteUpdate], List[float]]] = {}
+        out: Weights = {}
+        kept: Set[str] = set()
+        heads_kept: Set[str] = set()
+        any_head = False
+        for key, g in global_weights.items():
+            if key in local:
+                out[key] = g.detach().to("cpu").clone()
+                kept.add(key)
+                continue
+            members, coeffs = everyone
+            organ = self.head_organ_of(key) if self.head_organ_of is not None else None
+            if organ is not None:
+                any_head = True
+                if organ not in by_organ:
+                    sub = [u for u in updates if organ in u.organs]
+                    by_organ[organ] = (sub, self._coefficients(sub) if sub else [])
+                members, coeffs = by_organ[organ]
+                if not members:
+                    out[key] = g.detach().to("cpu").clone()
+                    kept.add(key)
+                    heads_kept.add(organ)
+                    continue
+            if g.is_floating_point():
+                acc = torch.zeros(g.shape, dtype=torch.float64)
+                for u, c in zip(members, coeffs):
+                    acc.add_(u.weights[key].detach().to("cpu", torch.float64), alpha=c)
+                out[key] = acc.to(g.dtype)
+            else:
+                out[key] = members[0].weights[key].detach().to("cpu").clone()
+        if self.head_organ_of is not None and not any_head:
+            raise ValueError(f"{self.name}: organ_aware_heads is set, but no weight key belongs to an organ head "
+                             f"(expected names like 'decoder.seg_layers.0.heads.0.weight')")
+        return out, kept, heads_kept
+
+    def _server_step(self, global_weights: Mapping[str, torch.Tensor], averaged: Weights, kept: Set[str],
+                     round_idx: int) -> Weights:
+        return averaged
+
+
+class FedAvg(Strategy):
+    """Federated averaging (McMahan et al. 2017): the new global model is the weighted mean of the site models."""
+
+    name = "fedavg"
+
+    def __init__(self, *, weighting: str = "cases",
+                 organ_aware_heads: Union[None, Sequence[str], HeadOrganFn] = None):
+        super().__init__(weighting=weighting, organ_aware_heads=organ_aware_heads)
+
+
+class FedProx(FedAvg):
+    """FedProx (Li et al. 2020). The server aggregates exactly as FedAvg; each site adds
+    ``proximal_term(model.named_parameters(), global_weights, strategy.proximal_mu)`` to its training loss.
+
+    Args:
+        mu: proximal coefficient (>= 0; Li et al. tune it in {0.001, 0.01, 0.1, 1}).
+    """
+
+    name = "fedprox"
+
+    def __init__(self, *, mu: float = 0.01, weighting: str = "cases",
+                 organ_aware_heads: Union[None, Sequence[str], HeadOrganFn] = None):
+        super().__init__(weighting=weighting, organ_aware_heads=organ_aware_heads)
+        mu = float(mu)
+        if not (math.isfinite(mu) and mu >= 0):
+            raise ValueError(f"fedprox: mu must be a finite number >= 0, got {mu}")
+        self.proximal_mu = mu
+        self._hparams["mu"] = mu
+
+
+class FedBN(FedAvg):
+    """FedBN (Li et al. 2021): FedAvg on every key except those of normalisation layers, which keep their global
+    value on the server; each site keeps its own between rounds (``split_local_state(site_weights,
+    strategy.local_keys(site_weights))`` after training, :func:`merge_local_state` before the next one).
+
+    Args:
+        model: a model of the federated architecture; its normalisation modules define the local keys (exact).
+        norm_keys: an explicit collection of local keys instead.
+        Neither: keys are recognised by name (:func:`is_norm_key`).
+    """
+
+    name = "fedbn"
+
+    def __init__(self, *, model: Optional[nn.Module] = None, norm_keys: Optional[Collection[str]] = None,
+                 weighting: str = "cases", organ_aware_heads: Union[None, Sequence[str], HeadOrganFn] = None):
+        super().__init__(weighting=weighting, organ_aware_heads=organ_aware_heads)
+        if model is not None and norm_keys is not None:
+            raise ValueError("fedbn: give model or norm_keys, not both")
+        if isinstance(norm_keys, str):
+            raise TypeError("fedbn: norm_keys must be a collection of key names, not a string")
+        if model is not None:
+            self._norm_keys: Optional[FrozenSet[str]] = _model_norm_keys(model)
+            source = f"model {type(model).__name__}"
+        elif norm_keys is not None:
+            self._norm_keys = frozenset(norm_keys)
+            source = "explicit"
+        else:
+            self._norm_keys = None
+            source = "names"
+        self._hparams["norm_keys_from"] = source
+
+    def local_keys(self, weights: Mapping[str, torch.Tensor]) -> FrozenSet[str]:
+        if self._norm_keys is not None:
+            keys = frozenset(k for k in weights if k in self._norm_keys)
+        else:
+            keys = norm_keys(weights)
+        if not keys:
+            raise ValueError("fedbn: no normalisation keys among the weights, so FedBN would be plain FedAvg; pass "
+                             "model= or norm_keys=, or use fedavg")
+        return keys
+
+
+_FEDOPT_OPTIMIZERS = ("momentum", "adam", "adagrad", "yogi")
+_FEDOPT_DEFAULT_LR = {"momentum": 0.1, "adam": 1e-2, "adagrad": 1e-2, "yogi": 1e-2}
+
+
+class FedOpt(Strategy):
+    """Adaptive federated optimisation (Reddi et al. 2021, Algorithm 2). With ``delta = avg - global`` (the averaged
+    site update, a pseudo-gradient pointing the way the sites moved), per floating-point key:
+
+    * ``momentum`` (FedAvgM, Hsu et al. 2019): ``m = momentum * m + delta``; ``x += server_lr * m``.
+    * ``adam``:    ``m = b1 m + (1-b1) delta``; ``v = b2 v + (1-b2) delta^2``;        ``x += lr * m / (sqrt(v) + tau)``.
+    * ``adagrad``: ``m`` as adam;            ``v = v + delta^2``;                      same step.
+    * ``yogi``:    ``m`` as adam;            ``v = v - (1-b2) delta^2 sign(v - delta^2)``; same step.
+
+    ``m`` starts at 0 and ``v`` at ``tau^2`` (the paper's initialisation); no bias correction (as in the paper).
+    Keys left at their global value by the averaging (FedBN norm keys, heads of organs no site labels) are not
+    stepped and their moments are left untouched. Non-float keys take the averaged (copied) value.
+
+    Args:
+        optimizer: one of ``momentum``, ``adam``, ``adagrad``, ``yogi``.
+        server_lr: server learning rate; default 0.1 for momentum (with momentum 0.9 the long-run step equals
+            FedAvg's, ``server_lr / (1 - momentum) = 1``), 1e-2 for the adaptive ones (Reddi et al.'s range).
+        momentum: FedAvgM's momentum, in [0, 1).
+        beta1, beta2: moment decay rates in [0, 1) (adaptive optimisers).
+        tau: adaptivity / numerical-stability constant > 0 (Reddi et al. use 1e-3).
+    """
+
+    name = "fedopt"
+
+    def __init__(self, *, optimizer: str = "adam", server_lr: Optional[float] = None, momentum: float = 0.9,
+                 beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, weighting: str = "cases",
+                 organ_aware_heads: Union[None, Sequence[str], HeadOrganFn] = None):
+        super().__init__(weighting=weighting, organ_aware_heads=organ_aware_heads)
+        if optimizer not in _FEDOPT_OPTIMIZERS:
+            raise ValueError(f"{self.name}: optimizer must be one of {list(_FEDOPT_OPTIMIZERS)}, got {optimizer!r}")
+        server_lr = _FEDOPT_DEFAULT_LR[optimizer] if server_lr is None else float(server_lr)
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise ValueError(f"{self.name}: server_lr must be a finite number > 0, got {server_lr}")
+        for label, value in (("momentum", momentum), ("beta1", beta1), ("beta2", beta2)):
+            if not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"{self.name}: {label} must be in [0, 1), got {value}")
+        if not (math.isfinite(float(tau)) and float(tau) > 0):
+            raise ValueError(f"{self.name}: tau must be a finite number > 0, got {tau}")
+        self.optimizer = optimizer
+        self.server_lr = server_lr
+        self.momentum = float(momentum)
+        self.beta1, self.beta2, self.tau = float(beta1), float(beta2), float(tau)
+        self._step = 0
+        self._m: Weights = {}
+        self._v: Weights = {}
+        if optimizer == "momentum":
+            self._hparams.update(optimizer=optimizer, server_lr=server_lr, momentum=self.momentum)
+        else:
+            self._hparams.update(optimizer=optimizer, server_lr=server_lr, beta1=self.beta1, beta2=self.beta2,
+                                 tau=self.tau)
+
+    @property
+    def _adaptive(self) -> bool:
+        return self.optimizer != "momentum"
+
+    def _server_step(self, global_weights: Mapping[str, torch.Tensor], averaged: Weights, kept: Set[str],
+                     round_idx: int) -> Weights:
+        self._step += 1
+        new: Weights = {}
+        for key, g in global_weights.items():
+            avg = averaged[key]
+            if key in kept or not g.is_floating_point():
+                new[key] = avg
+                continue
+            state_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+            x = g.detach().to("cpu", torch.float64)
+            delta = (avg.to(torch.float64) - x).to(state_dtype)
+            m = self._moment(self._m, key, g, state_dtype, 0.0)
+            if not self._adaptive:
+                m.mul_(self.momentum).add_(delta)
+                step = m
+            else:
+                m.mul_(self.beta1).add_(delta, alpha=1.0 - self.beta1)
+                v = self._moment(self._v, key, g, state_dtype, self.tau ** 2)
+                d2 = delta * delta
+                if self.optimizer == "adam":
+                    v.mul_(self.beta2).add_(d2, alpha=1.0 - self.beta2)
+                elif self.optimizer == "adagrad":
+                    v.add_(d2)
+                else:  # yogi
+                    v.sub_(d2 * torch.sign(v - d2), alpha=1.0 - self.beta2)
+                step = m / (v.sqrt() + self.tau)
+            new[key] = (x + self.server_lr * step.to(torch.float64)).to(g.dtype)
+        return new
+
+    def _moment(self, store: Weights, key: str, g: torch.Tensor, dtype: torch.dtype, init: float) -> torch.Tensor:
+        t = store.get(key)
+        if t is None:
+            t = store[key] = torch.full(g.shape, init, dtype=dtype)
+        elif t.shape != g.shape:
+            raise ValueError(f"{self.name}: server state for {key!r} has shape {tuple(t.shape)}, the weights "
+                             f"{tuple(g.shape)} (state from another model?)")
+        return t
+
+    def state_dict(self) -> Weights:
+        state: Weights = {"step": torch.tensor(self._step, dtype=torch.int64)}
+        state.update({f"m/{k}": t.clone() for k, t in self._m.items()})
+        state.update({f"v/{k}": t.clone() for k, t in self._v.items()})
+        return state
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if "step" not in state:
+            raise ValueError(f"{self.name}: server state has no 'step' entry")
+        m: Weights = {}
+        v: Weights = {}
+        for name, t in state.items():
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{self.name}: server state entry {name!r} is not a tensor")
+            if name == "step":
+                continue
+            prefix, sep, key = name.partition("/")
+            if not sep or prefix not in ("m", "v") or (prefix == "v" and not self._adaptive):
+                raise ValueError(f"{self.name}: unexpected server state entry {name!r} for optimizer "
+                                 f"{self.optimizer!r}")
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{self.name}: server state entry {name!r} is not a finite floating-point tensor")
+            (m if prefix == "m" else v)[key] = t.detach().to("cpu").clone()
+        if self._adaptive and set(m) != set(v):
+            odd = sorted(set(m) ^ set(v))
+            raise ValueError(f"{self.name}: first and second moments cover different keys (e.g. {odd[0]!r})")
+        self._step = int(state["step"])
+        self._m, self._v = m, v
+
+
+class FedAvgM(FedOpt):
+    """FedAvg with server momentum (Hsu et al. 2019): ``FedOpt(optimizer="momentum")``."""
+
+    name = "fedavgm"
+
+    def __init__(self, *, server_lr: float = 0.1, momentum: float = 0.9, weighting: str = "cases",
+                 organ_aware_heads: Union[None, Sequence[str], HeadOrganFn] = None):
+        super().__init__(optimizer="momentum", server_lr=server_lr, momentum=momentum, weighting=weighting,
+                         organ_aware_heads=organ_aware_heads)
+
+
+class FedAdam(FedOpt):
+    """FedAdam (Reddi et al. 2021): ``FedOpt(optimizer="adam")``."""
+
+    name = "fedadam"
+
+    def __init__(self, *, server_lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
+                 weighting: str = "cases", organ_aware_heads: Union[None, Sequence[str], HeadOrganFn] = None):
+        super().__init__(optimizer="adam", server_lr=server_lr, beta1=beta1, beta2=beta2, tau=tau,
+                         weighting=weighting, organ_aware_heads=organ_aware_heads)
+
+
+STRATEGIES: Dict[str, type] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedbn": FedBN,
+    "fedopt": FedOpt,
+    "fedavgm": FedAvgM,
+    "fedadam": FedAdam,
+}
+
+
+def _option_names(cls: type) -> List[str]:
+    params = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in params if p.kind == inspect.Parameter.KEYWORD_ONLY]
+
+
+def make_strategy(name: str, **options: Any) -> Strategy:
+    """The strategy called ``name`` (``fedavg``, ``fedprox``, ``fedbn``, ``fedopt``, ``fedavgm``, ``fedadam``; case
+    insensitive) with ``options`` (its keyword arguments). Unknown names or options raise ValueError listing the
+    accepted ones."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    cls = STRATEGIES.get(key)
+    if cls is None:
+        raise ValueError(f"unknown aggregation strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
+    accepted = _option_names(cls)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"{key}: unknown option(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
+    return cls(**options)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# one round
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class RoundResult:
+    """Outcome of :func:`aggregate_round`. ``weights``: the new global weights; ``accepted``: sites aggregated;
+    ``dropped``: ``(site, reason)`` of rejected updates; ``aggregated``: False when no update survived and the
+    global weights were kept; ``heads_kept``: organs whose head kept its global value (no labelling site)."""
+
+    weights: Weights
+    round_idx: int
+    strategy: str
+    accepted: List[str]
+    dropped: List[Tuple[str, str]]
+    aggregated: bool
+    heads_kept: Tuple[str, ...] = ()
+
+    def record(self) -> Dict[str, Any]:
+        """JSON-serialisable summary (no weights) for run logs."""
+        return {"round": self.round_idx, "strategy": self.strategy, "aggregated": self.aggregated,
+                "accepted": list(self.accepted), "dropped": [{"site": s, "reason": r} for s, r in self.dropped],
+                "heads_kept": list(self.heads_kept)}
+
+
+def _emit(log: LogTarget, level: str, message: str) -> None:
+    if log is None:
+        getattr(_LOG, level)(message)
+    elif isinstance(log, logging.Logger) or (hasattr(log, level) and callable(getattr(log, level))):
+        getattr(log, level)(message)
+    elif callable(log):
+        log(message)
+    else:
+        raise TypeError(f"log must be a logging.Logger, a callable taking a string, or None; got {type(log).__name__}")
+
+
+def aggregate_round(strategy: Strategy, global_weights: Mapping[str, torch.Tensor], updates: Sequence[SiteUpdate],
+                    round_idx: int, log: LogTarget = None) -> RoundResult:
+    """Validate every update against ``global_weights`` (:func:`validate_update`, positive ``num_examples``, one
+    update per site), drop and log the bad ones (naming site and reason), aggregate the rest with ``strategy``.
+
+    ``log`` is a ``logging.Logger`` (warnings for drops, info otherwise), any callable taking one string (e.g.
+    nnU-Net's ``print_to_log_file``), or None (this module's logger). If no update survives, the global weights are
+    kept (copied) and the result says ``aggregated=False``.
+    """
+    accepted: List[SiteUpdate] = []
+    dropped: List[Tuple[str, str]] = []
+    seen: Set[str] = set()
+    for u in updates:
+        try:
+            if u.site in seen:
+                raise UpdateRejected(u.site, "duplicate update: this site already sent one in this round")
+            _check_num_examples(u)
+            validate_update(u.weights, global_weights, u.site)
+        except UpdateRejected as e:
+            dropped.append((e.site, e.reason))
+            _emit(log, "warning", f"round {round_idx}: dropped the update of site {e.site!r}: {e.reason}")
+            continue
+        seen.add(u.site)
+        accepted.append(u)
+
+    if not accepted:
+        _emit(log, "warning", f"round {round_idx}: no valid update ({len(dropped)} dropped); the global weights are "
+                              f"kept unchanged")
+        weights = {k: v.detach().to("cpu").clone() for k, v in global_weights.items()}
+        return RoundResult(weights, round_idx, strategy.name, [], dropped, aggregated=False)
+
+    weights, info = strategy.aggregate_detailed(global_weights, accepted, round_idx)
+    for organ in info.heads_kept:
+        _emit(log, "info", f"round {round_idx}: no site of this round labels {organ!r}; its head keeps the global "
+                           f"weights")
+    sites = [u.site for u in accepted]
+    _emit(log, "info", f"round {round_idx}: {strategy.name} aggregated {len(sites)} site(s): {', '.join(sites)}"
+                       + (f"; dropped: {', '.join(s for s, _ in dropped)}" if dropped else ""))
+    return RoundResult(weights, round_idx, strategy.name, sites, dropped, aggregated=True, heads_kept=info.heads_kept)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# site-side helpers
+# ----------------------------------------------------------------------------------------------------------------------
+def proximal_term(model_params: Iterable[Tuple[str, torch.Tensor]], global_weights: Mapping[str, torch.Tensor],
+                  mu: float, *, exclude: Collection[str] = ()) -> torch.Tensor:
+    """FedProx's proximal term ``mu / 2 * sum ||w - w_global||^2`` for a site's loss (Li et al. 2020).
+
+    Args:
+        model_params: ``(name, parameter)`` pairs, e.g. ``model.named_parameters()``. Parameters that do not require
+            grad, are not floating point, or are in ``exclude`` (e.g. FedBN's local keys) are skipped.
+        global_weights: the round's global weights by the same names. Gradient flows only to the parameters; pass
+            the weights already on the parameters' device (move them once per round) to avoid a copy per call.
+        mu: coefficient >= 0.
+
+    Returns:
+        float32 scalar on the parameters' device (a zero tensor when no parameter qualifies).
+    """
+    mu = float(mu)
+    if not (math.isfinite(mu) and mu >= 0):
+        raise ValueError(f"proximal_term: mu must be a finite number >= 0, got {mu}")
+    total: Optional[torch.Tensor] = None
+    for name, p in model_params:
+        if not p.requires_grad or not p.is_floating_point() or name in exclude:
+            continue
+        if name not in global_weights:
+            raise KeyError(f"proximal_term: parameter {name!r} has no global weight")
+        g = global_weights[name]
+        if g.shape != p.shape:
+            raise ValueError(f"proximal_term: shape of {name!r} is {tuple(p.shape)}, global weight has "
+                             f"{tuple(g.shape)}")
+        diff = p.float() - g.detach().to(device=p.device, dtype=torch.float32)
+        sq = diff.pow(2).sum()
+        total = sq if total is None else total + sq
+    if total is None:
+        return torch.zeros((), dtype=torch.float32)
+    return total * (mu / 2.0)
+
+
+def federated_poly_lr(initial_lr: float, round_idx: int, local_epoch: int, rounds: int, local_epochs: int,
+                      exponent: float = 0.9) -> float:
+    """nnU-Net's PolyLR over the whole federation: ``initial_lr * (1 - e / E) ** exponent`` with the global epoch
+    ``e = round_idx * local_epochs + local_epoch`` out of ``E = rounds * local_epochs``, so the schedule continues
+    across rounds instead of restarting in each (nnU-Net: ``lr = initial_lr * (1 - epoch / max_epochs) ** 0.9``).
+    ``round_idx`` and ``local_epoch`` count from 0."""
+    for label, value in (("round_idx", round_idx), ("local_epoch", local_epoch), ("rounds", rounds),
+                         ("local_epochs", local_epochs)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"federated_poly_lr: {label} must be an int, got {value!r}")
+    if rounds < 1 or local_epochs < 1:
+        raise ValueError(f"federated_poly_lr: rounds and local_epochs must be >= 1, got {rounds}, {local_epochs}")
+    if not 0 <= round_idx < rounds:
+        raise ValueError(f"federated_poly_lr: round_idx must be in [0, {rounds}), got {round_idx}")
+    if not 0 <= local_epoch < local_epochs:
+        raise ValueError(f"federated_poly_lr: local_epoch must be in [0, {local_epochs}), got {local_epoch}")
+    epoch = round_idx * local_epochs + local_epoch
+    return float(initial_lr) * (1.0 - epoch / (rounds * local_epochs)) ** float(exponent)
