@@ -406,3 +406,18 @@ def test_phantom_api():
     assert np.array_equal(render_phantom(np.random.default_rng(0), TINY, Scanner(phase="arterial")).image, image)
     with pytest.raises(ValueError):
         render_phantom(rng, TINY, Scanner(phase="delayed"))
+
+
+def test_fov_scale_crops_tighter_and_gives_organs_more_voxels():
+    from nnunetv2_fedkd.synthetic.federation import site_phantom, site_scanner
+
+    full, tight = site_scanner(7, "test_set"), site_scanner(7, "test_set", fov_scale=0.7)
+    assert tight.fov_mm == pytest.approx(full.fov_mm * 0.7, abs=0.01)
+    assert tight.z_coverage_mm == pytest.approx(full.z_coverage_mm * 0.7, abs=0.01)
+    a = site_phantom(7, "test_set", 0, (32, 32, 24))
+    b = site_phantom(7, "test_set", 0, (32, 32, 24), fov_scale=0.7)
+    assert b.spacing[0] == pytest.approx(a.spacing[0] * 0.7, rel=1e-6)
+    for organ in ("liver", "kidney", "pancreas"):
+        assert b.mask(organ).sum() > 1.5 * a.mask(organ).sum(), organ
+    with pytest.raises(ValueError, match="fov_scale"):
+        make_federation(Path("/nonexistent-never-written"), fov_scale=0.05)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -106,19 +106,24 @@ _BTCV_FIRST_IDS = list(range(1, 11)) + list(range(21, 41))  # the real BTCV trai
 # --------------------------------------------------------------------------------------------------------------------
 # rendering
 # --------------------------------------------------------------------------------------------------------------------
-def site_scanner(seed: int, site: Union[str, SyntheticSite]) -> Scanner:
-    """The site's scanner for this seed (its preset with a small seed-dependent calibration jitter)."""
+def site_scanner(seed: int, site: Union[str, SyntheticSite], fov_scale: float = 1.0) -> Scanner:
+    """The site's scanner for this seed (its preset with a small seed-dependent calibration jitter). ``fov_scale``
+    scales its field of view and scan length (< 1: a tighter crop around the upper abdomen, so organs get more
+    voxels on a small grid)."""
     site = ALL_SITES[site] if isinstance(site, str) else site
-    return jitter_scanner(site.scanner, np.random.default_rng([seed, site.stream, 0]))
+    sc = jitter_scanner(site.scanner, np.random.default_rng([seed, site.stream, 0]))
+    if fov_scale != 1.0:
+        sc = replace(sc, fov_mm=round(sc.fov_mm * fov_scale, 2), z_coverage_mm=round(sc.z_coverage_mm * fov_scale, 2))
+    return sc
 
 
 def site_phantom(seed: int, site: Union[str, SyntheticSite], index: int, size: Sequence[int] = DEFAULT_SIZE,
-                 with_tumours: bool = True, test_image: bool = False) -> Phantom:
+                 with_tumours: bool = True, test_image: bool = False, fov_scale: float = 1.0) -> Phantom:
     """Case ``index`` of ``site`` exactly as :func:`make_federation` renders it (``test_image``: the MSD imagesTs
     cases). Useful to get the full label map of any written image."""
     site = ALL_SITES[site] if isinstance(site, str) else site
     rng = np.random.default_rng([seed, site.stream, 2 if test_image else 1, index])
-    return render_phantom(rng, size, site_scanner(seed, site), with_tumours=with_tumours)
+    return render_phantom(rng, size, site_scanner(seed, site, fov_scale), with_tumours=with_tumours)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -176,13 +181,13 @@ def _case_record(ph: Phantom, out_dir: Path, image: Path, label: Optional[Path],
 
 
 def _render_site(site: SyntheticSite, seed: int, size, n_cases: int, n_test: int, with_tumours: bool,
-                 tmp: Path, out_dir: Path, final_sources: Path) -> dict:
+                 tmp: Path, out_dir: Path, final_sources: Path, fov_scale: float = 1.0) -> dict:
     """Write one site's files under ``tmp/site.source_subdir``; returns its synth_meta entry (paths as they will be
     after the rename to ``final_sources``)."""
     fmt = reg.SOURCE_FORMATS[site.label_format]
     root = tmp / site.source_subdir
     final_root = final_sources / site.source_subdir
-    scanner = site_scanner(seed, site)
+    scanner = site_scanner(seed, site, fov_scale)
     junk_rng = np.random.default_rng([seed, site.stream, 3])
     cases: List[dict] = []
 
@@ -191,7 +196,7 @@ def _render_site(site: SyntheticSite, seed: int, size, n_cases: int, n_test: int
         cases.append(_case_record(ph, out_dir, rel(image), rel(label), values))
 
     def render(i, test=False):
-        return site_phantom(seed, site, i, size, with_tumours, test_image=test)
+        return site_phantom(seed, site, i, size, with_tumours, test_image=test, fov_scale=fov_scale)
 
     if site.layout == "lits":
         n_first = max(1, min(n_cases - 1, round(n_cases * 28 / 131))) if n_cases > 1 else 1
@@ -316,6 +321,7 @@ def make_federation(
     first_dataset_id: int = 501,
     with_tumours: bool = True,
     overwrite: bool = False,
+    fov_scale: float = 1.0,
 ) -> Path:
     """Write the synthetic federation under ``out_dir`` and return the path of its spec (``out_dir/federation.toml``).
 
@@ -328,7 +334,12 @@ def make_federation(
     overwrite: replace an existing ``out_dir/sources`` and spec; otherwise they must not exist (an empty sources
         folder is fine). ``sources`` is built in a temporary sibling folder and renamed at the end: it is either
         complete or absent.
+    fov_scale: scales every scanner's field of view and scan length (1: realistic 370-460 mm fields; 0.6: a
+        tighter upper-abdominal crop, so small grids still give the small organs enough voxels to learn in a short
+        CPU training).
     """
+    if not 0.2 <= float(fov_scale) <= 2.0:
+        raise ValueError(f"fov_scale must be in [0.2, 2], got {fov_scale}")
     size = _check_args(seed, size, cases_per_site, test_cases, first_dataset_id)
     seed, cases_per_site, test_cases, first_dataset_id = int(seed), int(cases_per_site), int(test_cases), \
         int(first_dataset_id)
@@ -347,11 +358,13 @@ def make_federation(
     test_meta: Optional[dict] = None
     with atomic_output_dir(sources, overwrite=overwrite) as tmp:
         for site in SITES:
-            m = _render_site(site, seed, size, cases_per_site, MSD_TEST_IMAGES, with_tumours, tmp, out_dir, sources)
+            m = _render_site(site, seed, size, cases_per_site, MSD_TEST_IMAGES, with_tumours, tmp, out_dir, sources,
+                             fov_scale)
             m["dataset"] = f"Dataset{first_dataset_id + site.id_offset:03d}_{site.dataset_name}"
             site_meta.append(m)
         if test_cases:
-            test_meta = _render_site(TEST_SITE, seed, size, test_cases, 0, with_tumours, tmp, out_dir, sources)
+            test_meta = _render_site(TEST_SITE, seed, size, test_cases, 0, with_tumours, tmp, out_dir, sources,
+                                     fov_scale)
             test_meta["dataset"] = f"Dataset{first_dataset_id + TEST_SITE.id_offset:03d}_{TEST_SITE.dataset_name}"
 
     labels = reg.sort_by_registry(k for s in SITES for k in s.annotated)
@@ -376,6 +389,7 @@ def make_federation(
         "test_cases": test_cases,
         "msd_test_images": MSD_TEST_IMAGES,
         "with_tumours": bool(with_tumours),
+        "fov_scale": float(fov_scale),
         "first_dataset_id": first_dataset_id,
         "labels": labels,
         "phantom_axes": "x: patient's right->left, y: anterior->posterior, z: inferior->superior (LPS voxel order)",
