@@ -2,7 +2,8 @@
 
 Training, prediction, ensembling and evaluation stay the stock ``nnUNetv2_*`` commands; this command does what nnU-Net
 has no command for: converting the public layouts to one organ registry, synthesising a federation, deriving small
-plans for CPUs, and printing the environment that lets nnU-Net find the plugin's trainers.
+plans for CPUs, planning one set of plans for a federation without pooling images (``plan``), and printing the
+environment that lets nnU-Net find the plugin's trainers.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _cmd_synth(args) -> int:
 
     spec = make_federation(args.out_dir, seed=args.seed, size=tuple(args.size), cases_per_site=args.cases_per_site,
                            test_cases=args.test_cases, first_dataset_id=args.first_dataset_id,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, fov_scale=args.fov_scale)
     print(f"wrote the synthetic federation; spec: {spec}")
     return 0
 
@@ -73,6 +74,24 @@ def _cmd_merge(args) -> int:
 
     out = merge_sites(load_spec(args.spec), args.dataset_id, dataset_name=args.name, overwrite=args.overwrite)
     print(f"wrote {out}")
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from nnunetv2_fedkd.federated.planning import (FederatedPlanningError, PayloadError, PlansMismatch,
+                                                   plan_federation)
+    from nnunetv2_fedkd.pipeline import StepError
+    from nnunetv2_fedkd.spec import load_spec
+
+    try:
+        record = plan_federation(load_spec(args.spec), plans_name=args.plans_name, overwrite=args.overwrite,
+                                 planner=args.planner, configurations=args.configurations,
+                                 num_processes=args.num_processes)
+    except (FederatedPlanningError, PayloadError, PlansMismatch, StepError) as e:
+        print(f"nnunetv2_fedkd plan: error: {e}", file=sys.stderr)
+        return 2
+    print(f"plans {record['plans_name']} (digest {record['plans_digest'][:12]}...) at every site: "
+          + ", ".join(f"{site} -> {e['dataset']}" for site, e in record["sites"].items()))
     return 0
 
 
@@ -119,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cases-per-site", type=int, default=8)
     s.add_argument("--test-cases", type=int, default=6)
     s.add_argument("--first-dataset-id", type=int, default=501)
+    s.add_argument("--fov-scale", type=float, default=1.0,
+                   help="scale every scanner's field of view and scan length (< 1: tighter abdominal crop, more "
+                        "voxels per organ on small grids)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_cmd_synth)
 
@@ -141,6 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--name", default=None, help="dataset name (default: <federation name>Pooled)")
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(func=_cmd_merge)
+
+    pl = sub.add_parser("plan", help="federated planning: per-site view datasets in the global label set, local "
+                                     "fingerprints merged at a coordinator, ONE plan for all sites, local "
+                                     "preprocessing (see nnunetv2_fedkd/federated/planning.py)")
+    pl.add_argument("spec", type=Path)
+    pl.add_argument("--plans-name", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    pl.add_argument("--planner", default="ExperimentPlanner",
+                    help="stock nnU-Net experiment planner class (default: ExperimentPlanner)")
+    pl.add_argument("-c", dest="configurations", nargs="+", default=["3d_fullres"],
+                    help="configurations to preprocess at every site (default: 3d_fullres)")
+    pl.add_argument("-np", dest="num_processes", type=int, default=2,
+                    help="processes for fingerprint extraction and preprocessing (default: 2)")
+    pl.add_argument("--overwrite", action="store_true",
+                    help="rebuild existing view datasets, the plans dataset and the plans")
+    pl.set_defaults(func=_cmd_plan)
 
     k = sub.add_parser("check-spec", help="validate a federation spec (and, with --datasets, the sites' datasets)")
     k.add_argument("spec", type=Path)

@@ -5,6 +5,8 @@ Example (``federation.toml``)::
     [federation]
     name = "synthetic-abdomen"
     labels = ["liver", "spleen", "kidney", "pancreas"]   # registry keys; label value = 1 + index
+    plans_dataset = "Dataset600_SyntheticAbdomenFedPlans"  # optional: the planning coordinator's dataset
+                                                           # (default: see nnunetv2_fedkd.federated.planning)
 
     [[sites]]
     name = "liver_site"
@@ -13,6 +15,8 @@ Example (``federation.toml``)::
     location = "local"                    # "local" = in-process; anything else names a Flower SuperNode
     source_format = "lits"                # optional: how `nnunetv2_fedkd convert` makes the dataset
     source_dir = "sources/liver_site"     # optional, relative to this file
+    federated_dataset = "Dataset601_SynthLiverFed"  # optional: the site's view dataset for `nnunetv2_fedkd plan`
+                                                    # (default: dataset id + 100, name + "Fed")
 
     [test_set]                            # optional fully labelled external test set
     dataset = "Dataset509_SynthBTCV"
@@ -37,6 +41,8 @@ from nnunetv2_fedkd.organs import RegistryError, SOURCE_FORMATS, check_organs
 from nnunetv2_fedkd.utils import atomic_write_text
 
 _DATASET_RE = re.compile(r"^Dataset(\d{3})_([A-Za-z0-9_\-]+)$")
+# default id of a site's federated view dataset: the site's dataset id + this (``Site.view_dataset``)
+FEDERATED_DATASET_ID_OFFSET = 100
 CONVERTER_FORMATS = ("msd", "kits19", "kits21", "kits23", "lits", "btcv")
 
 
@@ -52,10 +58,24 @@ class Site:
     location: str = "local"
     source_format: Optional[str] = None
     source_dir: Optional[Path] = None
+    federated_dataset: Optional[str] = None  # the site's view dataset in the global label set (see view_dataset)
 
     @property
     def dataset_id(self) -> int:
         return int(_DATASET_RE.match(self.dataset).group(1))
+
+    @property
+    def view_dataset(self) -> str:
+        """The site's federated view dataset (``nnunetv2_fedkd plan``): ``federated_dataset`` when the spec sets it,
+        else ``Dataset{dataset id + 100}_{name}Fed`` (``Dataset501_SynthLiver`` -> ``Dataset601_SynthLiverFed``)."""
+        if self.federated_dataset:
+            return self.federated_dataset
+        m = _DATASET_RE.match(self.dataset)
+        did = int(m.group(1)) + FEDERATED_DATASET_ID_OFFSET
+        if did > 999:
+            raise SpecError(f"site {self.name!r}: the default federated dataset id of {self.dataset} would be {did} "
+                            f"(> 999); set federated_dataset = \"DatasetXXX_Name\" for this site")
+        return f"Dataset{did:03d}_{m.group(2)}Fed"
 
 
 @dataclass
@@ -77,6 +97,7 @@ class FederationSpec:
     test_set: Optional[TestSet] = None
     path: Optional[Path] = None
     extra: Dict[str, Any] = field(default_factory=dict)  # unknown top-level tables, kept for tools that add them
+    plans_dataset: Optional[str] = None  # the federated planning coordinator's dataset (nnunetv2_fedkd plan)
 
     def site(self, name: str) -> Site:
         for s in self.sites:
@@ -101,12 +122,16 @@ class FederationSpec:
             return str(p)
 
         d: Dict[str, Any] = {"federation": {"name": self.name, "labels": list(self.labels)}, "sites": []}
+        if self.plans_dataset:
+            d["federation"]["plans_dataset"] = self.plans_dataset
         for s in self.sites:
             e: Dict[str, Any] = {"name": s.name, "dataset": s.dataset, "organs": list(s.organs), "location": s.location}
             if s.source_format:
                 e["source_format"] = s.source_format
             if s.source_dir is not None:
                 e["source_dir"] = rel(s.source_dir)
+            if s.federated_dataset:
+                e["federated_dataset"] = s.federated_dataset
             d["sites"].append(e)
         if self.test_set is not None:
             t: Dict[str, Any] = {"dataset": self.test_set.dataset}
@@ -154,6 +179,12 @@ def spec_from_dict(raw: Dict[str, Any], path: Optional[Path] = None) -> Federati
         v = table.get(key)
         return None if v is None else (base / v).resolve()
 
+    def opt_str(table: Dict[str, Any], key: str, ctx: str) -> Optional[str]:
+        v = table.get(key)
+        if v is not None and not isinstance(v, str):
+            raise SpecError(f"{where}: {ctx}.{key} must be str, got {type(v).__name__}")
+        return v
+
     fed = need(raw, "federation", "the file", dict)
     sites_raw = need(raw, "sites", "the file", list)
     sites = []
@@ -170,6 +201,7 @@ def spec_from_dict(raw: Dict[str, Any], path: Optional[Path] = None) -> Federati
                 location=str(s.get("location", "local")),
                 source_format=s.get("source_format"),
                 source_dir=opt_path(s, "source_dir"),
+                federated_dataset=opt_str(s, "federated_dataset", ctx),
             )
         )
     test = None
@@ -190,6 +222,7 @@ def spec_from_dict(raw: Dict[str, Any], path: Optional[Path] = None) -> Federati
         test_set=test,
         path=path,
         extra=extra,
+        plans_dataset=opt_str(fed, "plans_dataset", "[federation]"),
     )
     validate_spec(spec)
     return spec
@@ -210,6 +243,10 @@ def validate_spec(spec: FederationSpec) -> None:
     datasets = [(s.name, s.dataset) for s in spec.sites]
     if spec.test_set is not None:
         datasets.append(("test_set", spec.test_set.dataset))
+    # explicitly named federated datasets must not collide either (the default ids are checked when planning)
+    datasets += [(f"{s.name} federated_dataset", s.federated_dataset) for s in spec.sites if s.federated_dataset]
+    if spec.plans_dataset:
+        datasets.append(("[federation].plans_dataset", spec.plans_dataset))
     for owner, ds in datasets:
         m = _DATASET_RE.match(ds)
         if not m:
