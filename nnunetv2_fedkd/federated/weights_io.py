@@ -18,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
+
+from nnunetv2_fedkd.utils import atomic_write
 
 __all__ = [
     "WEIGHTS_FORMAT",
@@ -75,20 +76,7 @@ def save_weights(path: os.PathLike, weights: Mapping[str, torch.Tensor], meta: O
     cpu = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in weights.items()}
     payload = {"format": WEIGHTS_FORMAT, "version": WEIGHTS_FORMAT_VERSION, "weights": cpu, "meta_json": meta_json,
                "digest": weights_digest(cpu)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f), binary=True)
 
 
 def load_weights(path: os.PathLike) -> Tuple[Weights, Dict[str, Any]]:
