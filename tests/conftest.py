@@ -56,3 +56,17 @@ def short_training_config(tmp_path) -> Path:
     p = tmp_path / "fedkd_trainer.json"
     p.write_text('{"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1}')
     return p
+
+
+@pytest.fixture(scope="session")
+def pooled_federation(tiny_federation) -> Path:
+    """The tiny federation's sites merged into one partial-label dataset (``nnunetv2_fedkd merge``), planned and
+    preprocessed with stock nnU-Net, with small plans. Returns the raw dataset folder (Dataset510_...)."""
+    from nnunetv2_fedkd.pipeline import plan_and_preprocess, small_plans
+    from nnunetv2_fedkd.pooled_dataset import merge_sites
+
+    fed = tiny_federation
+    pooled = merge_sites(fed.spec, 510, nnunet_raw=fed.raw)
+    plan_and_preprocess([510], fed.workdir, log_dir=fed.workdir / "logs")
+    small_plans([pooled.name], fed.workdir, patch_size=(32, 32, 32))
+    return pooled

@@ -1,0 +1,286 @@
+"""Frozen nnU-Net teachers for distillation: ordinary nnU-Net results folders, run on the student's training patches.
+
+A teacher is named in the student's trainer config (see :mod:`nnunetv2_fedkd.trainers.config`)::
+
+    {"results_folder": ".../nnUNet_results/Dataset502_SynthKidney/nnUNetTrainer__nnUNetPlans__3d_fullres",
+     "folds": [0],                       # or ["all"], or several folds (their probabilities are averaged)
+     "checkpoint": "checkpoint_final.pth",
+     "organ": "kidney"}                  # single-organ teachers (MSKD): which registry organ its foreground is
+
+The network is rebuilt the way ``nnUNetv2_predict`` rebuilds it (the trainer class named in the checkpoint, its
+``build_network_architecture`` and the folder's plans.json/dataset.json), but the checkpoint is read with
+``torch.load(weights_only=True)``: a teacher may come from another site, and a checkpoint is never unpickled.
+
+The student's patch is in the student's preprocessing (its target spacing and intensity normalisation). A teacher
+planned differently (every site plans its own dataset) sees the same patch mapped into its own preprocessing:
+
+* intensities: ``CTNormalization`` on both sides is an affine map + clip per channel (undo the student's, apply the
+  teacher's: ``clip(x * std_s + mean_s, p0.5_t, p99.5_t) - mean_t) / std_t``); per-image schemes (z-score, rescale,
+  none) that are the same on both sides need nothing. Any other pairing is rejected with :class:`TeacherError`.
+* geometry: when the target spacings differ (more than 1 %), the patch is resampled (trilinear) to the teacher's
+  spacing, padded to a size the teacher's network accepts, and the teacher's outputs are resampled back to the
+  student's grid. A 2D teacher for a 3D student (or the reverse) is rejected.
+
+Teachers are frozen: ``eval()``, ``requires_grad_(False)``, run under ``torch.no_grad()``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
+
+
+class TeacherError(ValueError):
+    """A teacher cannot be used as configured (missing files, corrupt checkpoint, incompatible preprocessing)."""
+
+
+@dataclass
+class TeacherSpec:
+    results_folder: Path
+    folds: List[str] = field(default_factory=lambda: ["0"])
+    checkpoint: str = "checkpoint_final.pth"
+    organ: Optional[str] = None
+
+    @classmethod
+    def parse(cls, entry: Any, where: str, need_organ: bool = False) -> "TeacherSpec":
+        if not isinstance(entry, dict):
+            raise TeacherError(f"{where}: a teacher is an object with results_folder, folds, checkpoint, organ; "
+                               f"got {entry!r}")
+        unknown = set(entry) - {"results_folder", "folds", "checkpoint", "organ"}
+        if unknown:
+            raise TeacherError(f"{where}: unknown teacher keys {sorted(unknown)}")
+        if "results_folder" not in entry:
+            raise TeacherError(f"{where}: teacher without results_folder")
+        folds = entry.get("folds", [0])
+        if isinstance(folds, (int, str)):
+            folds = [folds]
+        spec = cls(Path(entry["results_folder"]).expanduser(), [str(f) for f in folds],
+                   str(entry.get("checkpoint", "checkpoint_final.pth")), entry.get("organ"))
+        if spec.checkpoint not in CHECKPOINT_NAMES:
+            raise TeacherError(f"{where}: checkpoint must be one of {CHECKPOINT_NAMES}, got {spec.checkpoint!r}")
+        if need_organ and not spec.organ:
+            raise TeacherError(f"{where}: teacher {spec.results_folder} needs 'organ' (its foreground's organ)")
+        if not folds:
+            raise TeacherError(f"{where}: teacher {spec.results_folder} has an empty fold list")
+        return spec
+
+
+def parse_teachers(entries: Any, where: str, need_organ: bool = False) -> List[TeacherSpec]:
+    if not isinstance(entries, list):
+        raise TeacherError(f"{where}: expected a list of teachers, got {type(entries).__name__}")
+    return [TeacherSpec.parse(e, f"{where}[{i}]", need_organ) for i, e in enumerate(entries)]
+
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    """An nnU-Net checkpoint read without unpickling arbitrary objects (numpy scalars in its log are allowed)."""
+    if not path.is_file():
+        raise TeacherError(f"teacher checkpoint {path} does not exist")
+    safe = [np.dtype, np.ndarray, type(np.dtype(np.float32)), type(np.dtype(np.float64)), type(np.dtype(np.int64))]
+    try:
+        safe.append(np._core.multiarray.scalar)  # numpy >= 2
+        safe.append(np._core.multiarray._reconstruct)
+    except AttributeError:  # pragma: no cover - numpy 1.x
+        safe.append(np.core.multiarray.scalar)
+        safe.append(np.core.multiarray._reconstruct)
+    try:
+        with torch.serialization.safe_globals(safe):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, garbage, or objects that would need unpickling
+        raise TeacherError(f"teacher checkpoint {path} cannot be read safely: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("network_weights"), dict) or "trainer_name" not in ckpt:
+        raise TeacherError(f"teacher checkpoint {path} is not an nnU-Net checkpoint (no network_weights/trainer_name)")
+    return ckpt
+
+
+def find_trainer_class(name: str, where: str):
+    """nnU-Net's own trainer lookup (its package, then ``nnUNet_extTrainer``), with an error that names ``where``."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    try:
+        cls = recursive_find_trainer_class_by_name(name)
+    except Exception as e:
+        raise TeacherError(f"{where}: trainer class {name!r} not found ({e}); is nnUNet_extTrainer set?") from e
+    if cls is None:
+        raise TeacherError(f"{where}: trainer class {name!r} not found; is nnUNet_extTrainer set?")
+    return cls
+
+
+def _label_value(v) -> int:
+    return int(v[0]) if isinstance(v, (list, tuple)) else int(v)
+
+
+def _norm_params(configuration_manager, fingerprint_props: Dict[str, Any], channel: int):
+    scheme = configuration_manager.normalization_schemes[channel]
+    props = fingerprint_props.get(str(channel), fingerprint_props.get(channel))
+    return scheme, props
+
+
+class FrozenTeacher:
+    """One teacher (one or several folds of one nnU-Net results folder) applied to student patches."""
+
+    def __init__(self, spec: TeacherSpec, device: torch.device, student_plans_manager, student_configuration_manager,
+                 feature_stage: Optional[int] = None):
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        self.spec = spec
+        self.device = device
+        folder = spec.results_folder
+        for name in ("plans.json", "dataset.json"):
+            if not (folder / name).is_file():
+                raise TeacherError(f"teacher folder {folder} has no {name}; name an nnU-Net results folder "
+                                   f"(DatasetXXX/<trainer>__<plans>__<configuration>)")
+        self.dataset_json = json.loads((folder / "dataset.json").read_text())
+        self.plans_manager = PlansManager(json.loads((folder / "plans.json").read_text()))
+        ckpts = [load_checkpoint(folder / f"fold_{f}" / spec.checkpoint) for f in spec.folds]
+        configuration = ckpts[0]["init_args"]["configuration"]
+        self.configuration_manager = self.plans_manager.get_configuration(configuration)
+        self.label_manager = self.plans_manager.get_label_manager(self.dataset_json)
+        trainer_class = find_trainer_class(ckpts[0]["trainer_name"], f"teacher {folder}")
+        n_in = determine_num_input_channels(self.plans_manager, self.configuration_manager, self.dataset_json)
+        n_out = self.label_manager.num_segmentation_heads
+        self.networks: List[nn.Module] = []
+        for f, ck in zip(spec.folds, ckpts):
+            net = trainer_class.build_network_architecture(self.plans_manager, self.configuration_manager, n_in, n_out,
+                                                           enable_deep_supervision=False)
+            try:
+                net.load_state_dict(ck["network_weights"])
+            except RuntimeError as e:
+                raise TeacherError(f"teacher {folder} fold {f}: weights do not fit its own plans: {e}") from e
+            net.eval().requires_grad_(False).to(device)
+            self.networks.append(net)
+
+        self._check_and_build_input_map(student_plans_manager, student_configuration_manager)
+        self.feature_stage = feature_stage
+        self._features: Optional[torch.Tensor] = None
+        if feature_stage is not None:
+            stages = self.networks[0].decoder.stages
+            stages[feature_stage].register_forward_hook(self._keep_features)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def _keep_features(self, module, inputs, output):
+        self._features = output
+
+    def decoder_channels(self, stage: int) -> int:
+        """Channels of this teacher's decoder output at ``stage`` (for the student's feature adapter)."""
+        feats = self.configuration_manager.network_arch_init_kwargs["features_per_stage"]
+        n_dec = len(feats) - 1
+        s = stage % n_dec
+        return int(feats[n_dec - 1 - s])
+
+    def _check_and_build_input_map(self, s_pm, s_cm) -> None:
+        where = f"teacher {self.spec.results_folder}"
+        t_cm = self.configuration_manager
+        if len(t_cm.patch_size) != len(s_cm.patch_size):
+            raise TeacherError(f"{where} is {len(t_cm.patch_size)}D but the student is {len(s_cm.patch_size)}D")
+        s_props = s_pm.plans["foreground_intensity_properties_per_channel"]
+        t_props = self.plans_manager.plans["foreground_intensity_properties_per_channel"]
+        if len(t_cm.normalization_schemes) != len(s_cm.normalization_schemes):
+            raise TeacherError(f"{where} takes {len(t_cm.normalization_schemes)} input channels, the student "
+                               f"{len(s_cm.normalization_schemes)}")
+        scale, shift, lo, hi = [], [], [], []
+        for c in range(len(s_cm.normalization_schemes)):
+            s_scheme, sp = _norm_params(s_cm, s_props, c)
+            t_scheme, tp = _norm_params(t_cm, t_props, c)
+            if s_scheme == "CTNormalization" and t_scheme == "CTNormalization":
+                # x_t = (clip(x_s * std_s + mean_s, lo_t, hi_t) - mean_t) / std_t
+                scale.append(float(sp["std"]))
+                shift.append(float(sp["mean"]))
+                lo.append((float(tp["percentile_00_5"]) - float(tp["mean"])) / max(float(tp["std"]), 1e-8))
+                hi.append((float(tp["percentile_99_5"]) - float(tp["mean"])) / max(float(tp["std"]), 1e-8))
+                # after un-normalising: (x - mean_t) / std_t
+                scale[-1] /= max(float(tp["std"]), 1e-8)
+                shift[-1] = (shift[-1] - float(tp["mean"])) / max(float(tp["std"]), 1e-8)
+            elif s_scheme == t_scheme and s_scheme in ("ZScoreNormalization", "NoNormalization",
+                                                       "RescaleTo01Normalization", "RGBTo01Normalization") and \
+                    s_cm.use_mask_for_norm[c] == t_cm.use_mask_for_norm[c]:
+                scale.append(1.0), shift.append(0.0), lo.append(-float("inf")), hi.append(float("inf"))
+            else:
+                raise TeacherError(f"{where}: channel {c} is normalised with {t_scheme}, the student with "
+                                   f"{s_scheme}; this pairing cannot be mapped (plan both with the same scheme)")
+        view = (1, -1) + (1,) * len(s_cm.patch_size)
+        self._scale = torch.tensor(scale).view(view)
+        self._shift = torch.tensor(shift).view(view)
+        self._lo = torch.tensor(lo).view(view)
+        self._hi = torch.tensor(hi).view(view)
+        s_sp, t_sp = np.asarray(s_cm.spacing, float), np.asarray(t_cm.spacing, float)
+        self.zoom = s_sp / t_sp  # >1: the teacher's voxels are smaller, the patch gets more voxels
+        self.resample = bool(np.any(np.abs(self.zoom - 1) > 0.01))
+        strides = t_cm.network_arch_init_kwargs.get("strides")
+        self._divisor = np.prod(np.asarray(strides, int), axis=0) if strides is not None else np.ones(len(s_sp), int)
+
+    def map_input(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[slice, ...]]:
+        """Student patch -> teacher input (intensities, then geometry). Returns the input and the crop that undoes
+        the padding in the teacher's grid."""
+        dev = x.device
+        x = x.float() * self._scale.to(dev) + self._shift.to(dev)
+        x = torch.maximum(torch.minimum(x, self._hi.to(dev)), self._lo.to(dev))
+        spatial = x.shape[2:]
+        if self.resample:
+            size = [max(1, int(round(n * z))) for n, z in zip(spatial, self.zoom)]
+            x = F.interpolate(x, size=size, mode="trilinear" if x.ndim == 5 else "bilinear", align_corners=False)
+        size = x.shape[2:]
+        target = [int(np.ceil(n / d) * d) for n, d in zip(size, self._divisor)]
+        pad = []
+        for n, t in reversed(list(zip(size, target))):
+            pad += [0, t - n]
+        if any(pad):
+            x = F.pad(x, pad, mode="replicate" if x.ndim <= 5 else "constant")
+        crop = (slice(None), slice(None)) + tuple(slice(0, n) for n in size)
+        return x, crop
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Teacher probabilities on the student's grid ``[B, C_teacher, *spatial]`` (float32; folds averaged; softmax
+        or, for region-based teachers, sigmoid) and the first fold's decoder features at ``feature_stage`` resampled
+        to the student's matching feature size by the caller (None when no stage was asked)."""
+        spatial = x.shape[2:]
+        xt, crop = self.map_input(x)
+        probs, feats = None, None
+        for i, net in enumerate(self.networks):
+            out = net(xt).float()[crop]
+            p = torch.sigmoid(out) if self.label_manager.has_regions else torch.softmax(out, 1)
+            probs = p if probs is None else probs + p
+            if i == 0 and self.feature_stage is not None:
+                feats = self._features.float()
+        probs = probs / len(self.networks)
+        if tuple(probs.shape[2:]) != tuple(spatial):
+            probs = F.interpolate(probs, size=spatial, mode="trilinear" if probs.ndim == 5 else "bilinear",
+                                  align_corners=False)
+        return probs, feats
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def label_names(self) -> List[str]:
+        """Foreground label names of the teacher in output-channel order (softmax: channel 0 is background)."""
+        fg = sorted(((_label_value(v), k) for k, v in self.dataset_json["labels"].items() if _label_value(v) != 0))
+        return [k for _, k in fg]
+
+    def channel_of(self, organ: str) -> int:
+        """Output channel of ``organ`` (softmax teachers: 1 + index; region teachers: index)."""
+        names = self.label_names()
+        if organ not in names:
+            raise TeacherError(f"teacher {self.spec.results_folder} has no label {organ!r} (labels: {names})")
+        i = names.index(organ)
+        return i if self.label_manager.has_regions else i + 1
+
+
+def probs_to_logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Logit of a probability, clamped to ``[eps, 1 - eps]`` (a fold-averaged teacher probability -> one logit)."""
+    p = p.clamp(eps, 1 - eps)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def resize_features(feats: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    if tuple(feats.shape[2:]) == tuple(size):
+        return feats
+    return F.interpolate(feats, size=list(size), mode="trilinear" if feats.ndim == 5 else "bilinear",
+                         align_corners=False)

@@ -1,0 +1,428 @@
+"""Distillation trainers: a student nnU-Net learns from frozen nnU-Net teachers (ordinary results folders).
+
+* :class:`nnUNetTrainerMSKD` / :class:`nnUNetTrainerMSKDMultiHead` - multi-teacher single-student (MS-KD): one
+  single-organ teacher per organ, region-based logit KD + region-based feature KD, plus the partial-label loss.
+* :class:`nnUNetTrainerEnsembleKD` - an nnU-Net ensemble (folds / configurations of one dataset) distilled into one
+  network (Noothout et al. 2022): soft labels mixed with the hard labels.
+* :class:`nnUNetTrainerDualKD` - a model trained elsewhere distils its responses and features into the local model on
+  what the local labels do not cover, including unlabelled cases (He et al. 2023).
+
+The KD terms are the pure functions of :mod:`nnunetv2_fedkd.losses.distillation`; teachers are
+:class:`nnunetv2_fedkd.teachers.FrozenTeacher`. Wiring: before nnU-Net's ``train_step`` runs the student, the
+teachers run on the same augmented patch (``batch['data']``) and the resulting terms are attached to the loss
+module, which nnU-Net then calls as usual (under its autocast; the terms compute in float32). Validation uses the
+ground-truth loss only. KD is computed on the full-resolution output; nnU-Net's deep-supervision weights apply to
+the ground-truth loss.
+
+Settings (trainer config file): ``teachers`` / ``ensemble`` / ``public_model`` (see :mod:`nnunetv2_fedkd.teachers`),
+``kd_weight``, ``kd_temperature``, ``kd_background_weight``, ``feature_kd_weight``, ``feature_kd_stage`` (decoder
+stage, python index, -1 = full resolution), ``feature_kd_kind`` (mse|cosine), ``kd_rampup_epochs``, ``gt_weight``.
+Feature KD goes through a learned 1x1 convolution per teacher (student channels -> teacher channels); the adapters
+are part of the student network (so checkpoints load at inference) and are recorded in the results folder's plans.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from nnunetv2_fedkd.losses.distillation import (
+    feature_kd_loss,
+    partial_kd_softmax,
+    region_logit_kd_sigmoid,
+    region_logit_kd_softmax,
+    soft_label_kd_loss,
+)
+from nnunetv2_fedkd.teachers import (
+    FrozenTeacher,
+    TeacherError,
+    TeacherSpec,
+    parse_teachers,
+    probs_to_logit,
+    resize_features,
+)
+from nnunetv2_fedkd.trainers.base import nnUNetTrainerFedKDBase
+from nnunetv2_fedkd.trainers.partial_label import nnUNetTrainerMarginal, nnUNetTrainerMultiHead
+
+ADAPTER_PLANS_KEY = "fedkd_feature_adapters"
+
+KD_DEFAULTS: Dict[str, Any] = {
+    "kd_weight": 1.0,
+    "kd_temperature": 2.0,
+    "kd_rampup_epochs": 0,
+    "gt_weight": 1.0,
+}
+FEATURE_DEFAULTS: Dict[str, Any] = {
+    "feature_kd_weight": 0.5,
+    "feature_kd_stage": -1,
+    "feature_kd_kind": "mse",
+}
+
+
+class FeatureAdapters(nn.Module):
+    """One 1x1 convolution per teacher: student decoder features -> that teacher's feature channels."""
+
+    def __init__(self, conv_op, student_channels: int, teacher_channels: List[int]):
+        super().__init__()
+        self.adapters = nn.ModuleList(conv_op(student_channels, c, 1, 1, 0, bias=True) for c in teacher_channels)
+
+    def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        return self.adapters[k](x)
+
+
+def decoder_stage_channels(configuration: dict, stage: int) -> int:
+    """Output channels of decoder stage ``stage`` of an nnU-Net U-Net described by a plans configuration."""
+    feats = configuration["architecture"]["arch_kwargs"]["features_per_stage"]
+    n_dec = len(feats) - 1
+    if not -n_dec <= stage < n_dec:
+        raise TeacherError(f"feature_kd_stage {stage} is out of range for a decoder with {n_dec} stages")
+    return int(feats[n_dec - 1 - (stage % n_dec)])
+
+
+def attach_feature_adapters(network: nn.Module, configuration_manager) -> nn.Module:
+    spec = configuration_manager.configuration.get(ADAPTER_PLANS_KEY)
+    if spec:
+        network.fedkd_feature_adapters = FeatureAdapters(network.encoder.conv_op, spec["student_channels"],
+                                                         spec["teacher_channels"])
+    return network
+
+
+class _LossWithTerms(nn.Module):
+    """``gt_weight * gt_loss(output, target) + terms(output)``; ``terms`` is set per training step."""
+
+    def __init__(self, gt_loss: nn.Module, gt_weight: float):
+        super().__init__()
+        self.gt_loss = gt_loss
+        self.gt_weight = float(gt_weight)
+        self.terms: Optional[Callable[[Any], torch.Tensor]] = None
+
+    def forward(self, output, target):
+        loss = self.gt_weight * self.gt_loss(output, target)
+        if self.terms is not None:
+            loss = loss + self.terms(output)
+        return loss
+
+
+def _full_res(output):
+    return output[0] if isinstance(output, (list, tuple)) else output
+
+
+class _DistillationMixin:
+    """Shared wiring: teachers, the loss wrapper, the student feature hook and the KD ramp-up."""
+
+    teacher_config_key = "teachers"
+    needs_organ = False
+    uses_features = False
+
+    # -- setup --------------------------------------------------------------------------------------------------------
+    def _teacher_specs(self) -> List[TeacherSpec]:
+        entries = self.fedkd_config[self.teacher_config_key]
+        if isinstance(entries, dict):
+            entries = [entries]
+        specs = parse_teachers(entries, f"trainer setting {self.teacher_config_key!r}", self.needs_organ)
+        if not specs:
+            raise TeacherError(f"{type(self).__name__} needs at least one teacher in the trainer setting "
+                               f"{self.teacher_config_key!r} (file: {self.fedkd_config_file})")
+        return specs
+
+    def _store_adapter_plans(self, plans: dict, configuration: str) -> None:
+        """Record the feature adapters' shape in the plans (read back by build_network_architecture at inference)."""
+        conf = plans["configurations"][configuration]
+        conf.pop(ADAPTER_PLANS_KEY, None)
+        if not self.uses_features or float(self.fedkd_config["feature_kd_weight"]) == 0:
+            return
+        stage = int(self.fedkd_config["feature_kd_stage"])
+        t_channels = []
+        for spec in self._teacher_specs():
+            p = spec.results_folder / "plans.json"
+            if not p.is_file():
+                raise TeacherError(f"teacher folder {spec.results_folder} has no plans.json")
+            t_plans = json.loads(p.read_text())
+            cfg_name = spec.results_folder.name.split("__")[-1]
+            if cfg_name not in t_plans["configurations"]:
+                raise TeacherError(f"teacher {spec.results_folder}: configuration {cfg_name!r} not in its plans")
+            t_channels.append(decoder_stage_channels(t_plans["configurations"][cfg_name], stage))
+        conf[ADAPTER_PLANS_KEY] = {"stage": stage, "student_channels": decoder_stage_channels(conf, stage),
+                                   "teacher_channels": t_channels}
+
+    def _build_loss(self):
+        self._kd_loss = _LossWithTerms(super()._build_loss(), self.fedkd_config["gt_weight"])
+        return self._kd_loss
+
+    def _load_teachers(self) -> None:
+        stage = int(self.fedkd_config["feature_kd_stage"]) if self._feature_weight() > 0 else None
+        self.teachers = [FrozenTeacher(s, self.device, self.plans_manager, self.configuration_manager, stage)
+                         for s in self._teacher_specs()]
+        for s, t in zip(self._teacher_specs(), self.teachers):
+            self.print_to_log_file(f"teacher {s.results_folder} folds {s.folds} ({s.checkpoint})"
+                                   f"{' organ ' + s.organ if s.organ else ''}; resampled: {t.resample}")
+        self._student_features = None
+        if stage is not None:
+            self._student_module().decoder.stages[stage].register_forward_hook(self._keep_student_features)
+
+    def _student_module(self) -> nn.Module:
+        net = self.network.module if self.is_ddp else self.network
+        return getattr(net, "_orig_mod", net)
+
+    def _keep_student_features(self, module, inputs, output):
+        self._student_features = output
+
+    def _feature_weight(self) -> float:
+        return float(self.fedkd_config.get("feature_kd_weight", 0.0)) if self.uses_features else 0.0
+
+    def _ramp(self) -> float:
+        r = int(self.fedkd_config["kd_rampup_epochs"])
+        return 1.0 if r <= 0 else min(1.0, (self.current_epoch + 1) / r)
+
+    # -- steps --------------------------------------------------------------------------------------------------------
+    def _kd_terms(self, batch: dict) -> Callable[[Any], torch.Tensor]:
+        raise NotImplementedError
+
+    def _autocast(self):
+        from contextlib import nullcontext
+
+        return torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else nullcontext()
+
+    def train_step(self, batch: dict) -> dict:
+        self._kd_loss.terms = self._kd_terms(batch)
+        try:
+            return super().train_step(batch)
+        finally:
+            self._kd_loss.terms = None
+            self._student_features = None
+
+    def validation_step(self, batch: dict) -> dict:
+        self._kd_loss.terms = None
+        return super().validation_step(batch)
+
+    def _feature_term(self, teacher_feats: List[torch.Tensor], regions: List[Optional[torch.Tensor]]):
+        """Mean over teachers of feature KD through the adapters, each inside its region (None: everywhere)."""
+        sf = self._student_features
+        if sf is None:
+            raise RuntimeError("student features were not captured (is the decoder stage hook in place?)")
+        adapters = self._student_module().fedkd_feature_adapters
+        total = 0.0
+        for k, (tf, region) in enumerate(zip(teacher_feats, regions)):
+            tf = resize_features(tf, sf.shape[2:])
+            if region is not None and tuple(region.shape[2:]) != tuple(sf.shape[2:]):
+                region = F.interpolate(region.float(), size=list(sf.shape[2:]), mode="nearest") > 0.5
+            total = total + feature_kd_loss(adapters(sf, k), tf, region, self.fedkd_config["feature_kd_kind"])
+        return total / len(teacher_feats)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# MS-KD: multi-teacher single-student
+# ----------------------------------------------------------------------------------------------------------------------
+class _MSKDMixin(_DistillationMixin):
+    teacher_config_key = "teachers"
+    needs_organ = True
+    uses_features = True
+    config_extra = {"teachers": [], "kd_background_weight": 1.0, **KD_DEFAULTS, **FEATURE_DEFAULTS}
+
+    def _setup_mskd(self, plans: dict, configuration: str) -> None:
+        self._store_adapter_plans(plans, configuration)
+
+    def initialize(self):
+        super().initialize()
+        self._load_teachers()
+        names = self.label_availability.label_names
+        organs = [s.organ for s in self._teacher_specs()]
+        missing = [o for o in organs if o not in names]
+        if missing:
+            raise TeacherError(f"teacher organs {missing} are not labels of the student's dataset ({names})")
+        self._teacher_organ_index = [names.index(o) for o in organs]
+        self._teacher_channel = [t.channel_of(o) for t, o in zip(self.teachers, organs)]
+
+    def _kd_terms(self, batch: dict):
+        x = batch["data"].to(self.device, non_blocking=True)
+        fg, feats = [], []
+        with self._autocast():
+            for t, ch in zip(self.teachers, self._teacher_channel):
+                p, f = t(x)
+                fg.append(probs_to_logit(p[:, ch:ch + 1]))
+                feats.append(f)
+        t_fg = torch.cat(fg, 1)
+        c = self.fedkd_config
+        ramp, T, w_feat = self._ramp(), float(c["kd_temperature"]), self._feature_weight()
+        sigmoid = self.label_manager.has_regions
+
+        def terms(output):
+            out = _full_res(output)
+            if sigmoid:
+                student = out[:, self._teacher_organ_index]
+                kd = region_logit_kd_sigmoid(student, t_fg, T, c["kd_background_weight"])
+            else:
+                kd = region_logit_kd_softmax(out, t_fg, [i + 1 for i in self._teacher_organ_index], T,
+                                             c["kd_background_weight"])
+            loss = ramp * float(c["kd_weight"]) * kd
+            if w_feat > 0:
+                regions = [t_fg[:, k:k + 1] > 0 for k in range(t_fg.shape[1])]
+                loss = loss + ramp * w_feat * self._feature_term(feats, regions)
+            return loss
+
+        return terms
+
+
+class nnUNetTrainerMSKD(_MSKDMixin, nnUNetTrainerMarginal):
+    """Multi-teacher single-student (MS-KD) with a softmax student: marginal(+exclusion) loss on the labels that exist,
+    region-based logit KD (KL on {organ k, rest} inside teacher k's region, background where all teachers agree) and
+    region-based feature KD from one single-organ nnU-Net teacher per organ."""
+
+    config_defaults = {**nnUNetTrainerMarginal.config_defaults, **_MSKDMixin.config_extra}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        self.fedkd_config, self.fedkd_config_file = self.read_config(plans)
+        self._setup_mskd(plans, configuration)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        net = nnUNetTrainerMarginal.build_network_architecture(plans_manager, configuration_manager,
+                                                               num_input_channels, num_output_channels,
+                                                               enable_deep_supervision)
+        return attach_feature_adapters(net, configuration_manager)
+
+
+class nnUNetTrainerMSKDMultiHead(_MSKDMixin, nnUNetTrainerMultiHead):
+    """MS-KD with the multi-head sigmoid student: masked BCE+Dice on the labels that exist, binary KL per organ head
+    inside its teacher's region and on the common background, region-based feature KD."""
+
+    config_defaults = {**nnUNetTrainerMultiHead.config_defaults, **_MSKDMixin.config_extra}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        self.fedkd_config, self.fedkd_config_file = self.read_config(plans)
+        self._setup_mskd(plans, configuration)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        net = nnUNetTrainerMultiHead.build_network_architecture(plans_manager, configuration_manager,
+                                                                num_input_channels, num_output_channels,
+                                                                enable_deep_supervision)
+        return attach_feature_adapters(net, configuration_manager)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ensemble -> one network
+# ----------------------------------------------------------------------------------------------------------------------
+class nnUNetTrainerEnsembleKD(_DistillationMixin, nnUNetTrainerFedKDBase):
+    """One network from an nnU-Net ensemble of the same dataset (several folds and/or configurations), after
+    Noothout et al. 2022: ``(1 - kd_weight) * DC+CE(hard labels) + kd_weight * T^2 KL(ensemble_T || student_T)``,
+    the ensemble being the mean class probabilities of all its members (each fold counts once)."""
+
+    teacher_config_key = "ensemble"
+    config_defaults = {**nnUNetTrainerFedKDBase.config_defaults, "ensemble": [], **KD_DEFAULTS,
+                       "kd_weight": 0.5, "kd_temperature": 1.0}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        # the hard-label share is 1 - kd_weight unless gt_weight is set explicitly
+        if "gt_weight" not in self._explicit_settings():
+            self.fedkd_config["gt_weight"] = 1.0 - float(self.fedkd_config["kd_weight"])
+
+    def _explicit_settings(self) -> set:
+        if self.fedkd_config_file is None:
+            return set()
+        raw = json.loads(self.fedkd_config_file.read_text())
+        return set(raw) | set((raw.get("trainers") or {}).get(type(self).__name__, {}))
+
+    def initialize(self):
+        super().initialize()
+        if self.label_manager.has_regions:
+            raise TeacherError("nnUNetTrainerEnsembleKD distils softmax class probabilities; this dataset uses "
+                               "regions (sigmoid outputs)")
+        self._load_teachers()
+        mine = [k for k, v in sorted(self.dataset_json["labels"].items(), key=lambda kv: kv[1]) if v != 0]
+        for t in self.teachers:
+            if t.label_manager.has_regions or t.label_names() != mine:
+                raise TeacherError(f"ensemble member {t.spec.results_folder} has labels {t.label_names()}"
+                                   f"{' (regions)' if t.label_manager.has_regions else ''}; the student has {mine}: "
+                                   f"an ensemble must be trained on the student's dataset")
+        self._weights = [len(t.networks) for t in self.teachers]
+
+    def _kd_terms(self, batch: dict):
+        x = batch["data"].to(self.device, non_blocking=True)
+        with self._autocast():
+            probs = sum(w * t(x)[0] for w, t in zip(self._weights, self.teachers)) / sum(self._weights)
+        c = self.fedkd_config
+        w = self._ramp() * float(c["kd_weight"])
+        T = float(c["kd_temperature"])
+        return lambda output: w * soft_label_kd_loss(_full_res(output), probs, T)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dual KD on what the local labels do not cover
+# ----------------------------------------------------------------------------------------------------------------------
+class nnUNetTrainerDualKD(_DistillationMixin, nnUNetTrainerMarginal):
+    """Dual (response + feature) KD from a model trained elsewhere (He et al. 2023). The local loss is the
+    marginal(+exclusion) loss on the organs each case annotates (a case annotating none - an unlabelled case, listed
+    with ``[]`` in dataset.json ``fedkd.case_annotated`` - adds no label loss); the public model's responses are
+    distilled on every class a case does not annotate (:func:`partial_kd_softmax`), and its decoder features on the
+    unlabelled cases. The public model's labels are matched to the student's by name."""
+
+    teacher_config_key = "public_model"
+    uses_features = True
+    config_defaults = {**nnUNetTrainerMarginal.config_defaults, "public_model": {}, **KD_DEFAULTS,
+                       **FEATURE_DEFAULTS}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        self.fedkd_config, self.fedkd_config_file = self.read_config(plans)
+        if len(self._teacher_specs()) != 1:
+            raise TeacherError("nnUNetTrainerDualKD takes exactly one public_model")
+        self._store_adapter_plans(plans, configuration)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        net = nnUNetTrainerMarginal.build_network_architecture(plans_manager, configuration_manager,
+                                                               num_input_channels, num_output_channels,
+                                                               enable_deep_supervision)
+        return attach_feature_adapters(net, configuration_manager)
+
+    def initialize(self):
+        super().initialize()
+        self._load_teachers()
+        t = self.teachers[0]
+        if t.label_manager.has_regions:
+            raise TeacherError(f"public model {t.spec.results_folder} has sigmoid region outputs; DualKD needs a "
+                               f"softmax model")
+        mine = self.label_availability.label_names
+        missing = [n for n in mine if n not in t.label_names()]
+        if missing:
+            raise TeacherError(f"public model {t.spec.results_folder} does not predict {missing} (its labels: "
+                               f"{t.label_names()})")
+        # teacher channel for each student class (background first)
+        self._map = [0] + [t.channel_of(n) for n in mine]
+
+    def _kd_terms(self, batch: dict):
+        x = batch["data"].to(self.device, non_blocking=True)
+        with self._autocast():
+            probs, feats = self.teachers[0](x)
+        mapped = probs[:, self._map]
+        # student classes the public model lacks cannot exist (checked), but its other labels are dropped: renormalise
+        mapped = mapped / mapped.sum(1, keepdim=True).clamp_min(1e-8)
+        annotated = self.label_availability.softmax_mask(batch["keys"]).to(self.device)
+        unlabelled = ~annotated[:, 1:].any(1)
+        c = self.fedkd_config
+        ramp, T, w_feat = self._ramp(), float(c["kd_temperature"]), self._feature_weight()
+
+        def terms(output):
+            out = _full_res(output)
+            loss = ramp * float(c["kd_weight"]) * partial_kd_softmax(out, torch.log(mapped.clamp_min(1e-8)),
+                                                                      annotated, T)
+            if w_feat > 0 and bool(unlabelled.any()):
+                region = unlabelled.view(-1, *([1] * (out.ndim - 1))).expand(-1, 1, *out.shape[2:])
+                loss = loss + ramp * w_feat * self._feature_term([feats], [region])
+            return loss
+
+        return terms
