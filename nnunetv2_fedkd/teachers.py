@@ -192,14 +192,14 @@ class FrozenTeacher:
             s_scheme, sp = _norm_params(s_cm, s_props, c)
             t_scheme, tp = _norm_params(t_cm, t_props, c)
             if s_scheme == "CTNormalization" and t_scheme == "CTNormalization":
-                # x_t = (clip(x_s * std_s + mean_s, lo_t, hi_t) - mean_t) / std_t
-                scale.append(float(sp["std"]))
-                shift.append(float(sp["mean"]))
-                lo.append((float(tp["percentile_00_5"]) - float(tp["mean"])) / max(float(tp["std"]), 1e-8))
-                hi.append((float(tp["percentile_99_5"]) - float(tp["mean"])) / max(float(tp["std"]), 1e-8))
-                # after un-normalising: (x - mean_t) / std_t
-                scale[-1] /= max(float(tp["std"]), 1e-8)
-                shift[-1] = (shift[-1] - float(tp["mean"])) / max(float(tp["std"]), 1e-8)
+                # x_t = (clip(x_s * std_s + mean_s, p0.5_t, p99.5_t) - mean_t) / std_t, written as an affine map
+                # followed by a clip in the teacher's normalised units (stds floored as nnU-Net floors them)
+                s_std, t_std = max(float(sp["std"]), 1e-8), max(float(tp["std"]), 1e-8)
+                t_mean = float(tp["mean"])
+                scale.append(s_std / t_std)
+                shift.append((float(sp["mean"]) - t_mean) / t_std)
+                lo.append((float(tp["percentile_00_5"]) - t_mean) / t_std)
+                hi.append((float(tp["percentile_99_5"]) - t_mean) / t_std)
             elif s_scheme == t_scheme and s_scheme in ("ZScoreNormalization", "NoNormalization",
                                                        "RescaleTo01Normalization", "RGBTo01Normalization") and \
                     s_cm.use_mask_for_norm[c] == t_cm.use_mask_for_norm[c]:
@@ -234,7 +234,7 @@ class FrozenTeacher:
         for n, t in reversed(list(zip(size, target))):
             pad += [0, t - n]
         if any(pad):
-            x = F.pad(x, pad, mode="replicate" if x.ndim <= 5 else "constant")
+            x = F.pad(x, pad, mode="replicate")
         crop = (slice(None), slice(None)) + tuple(slice(0, n) for n in size)
         return x, crop
 

@@ -116,9 +116,26 @@ class _DistillationMixin:
     teacher_config_key = "teachers"
     needs_organ = False
     uses_features = False
+    single_teacher = False
 
     # -- setup --------------------------------------------------------------------------------------------------------
-    def _teacher_specs(self) -> List[TeacherSpec]:
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # the settings are needed before nnU-Net's __init__: the adapters' shape goes into the plans it keeps
+        self.fedkd_config, self.fedkd_config_file = self.read_config(plans)
+        self.teacher_specs = self._parse_teacher_specs()
+        self._store_adapter_plans(plans, configuration)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
+                                   num_output_channels, enable_deep_supervision: bool = True) -> nn.Module:
+        """The student trainer's own network plus the feature adapters recorded in the plans (also at inference)."""
+        net = super().build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                 num_output_channels, enable_deep_supervision)
+        return attach_feature_adapters(net, configuration_manager)
+
+    def _parse_teacher_specs(self) -> List[TeacherSpec]:
         entries = self.fedkd_config[self.teacher_config_key]
         if isinstance(entries, dict):
             entries = [entries]
@@ -126,6 +143,8 @@ class _DistillationMixin:
         if not specs:
             raise TeacherError(f"{type(self).__name__} needs at least one teacher in the trainer setting "
                                f"{self.teacher_config_key!r} (file: {self.fedkd_config_file})")
+        if self.single_teacher and len(specs) != 1:
+            raise TeacherError(f"{type(self).__name__} takes exactly one {self.teacher_config_key}")
         return specs
 
     def _store_adapter_plans(self, plans: dict, configuration: str) -> None:
@@ -136,7 +155,7 @@ class _DistillationMixin:
             return
         stage = int(self.fedkd_config["feature_kd_stage"])
         t_channels = []
-        for spec in self._teacher_specs():
+        for spec in self.teacher_specs:
             p = spec.results_folder / "plans.json"
             if not p.is_file():
                 raise TeacherError(f"teacher folder {spec.results_folder} has no plans.json")
@@ -155,8 +174,8 @@ class _DistillationMixin:
     def _load_teachers(self) -> None:
         stage = int(self.fedkd_config["feature_kd_stage"]) if self._feature_weight() > 0 else None
         self.teachers = [FrozenTeacher(s, self.device, self.plans_manager, self.configuration_manager, stage)
-                         for s in self._teacher_specs()]
-        for s, t in zip(self._teacher_specs(), self.teachers):
+                         for s in self.teacher_specs]
+        for s, t in zip(self.teacher_specs, self.teachers):
             self.print_to_log_file(f"teacher {s.results_folder} folds {s.folds} ({s.checkpoint})"
                                    f"{' organ ' + s.organ if s.organ else ''}; resampled: {t.resample}")
         self._student_features = None
@@ -222,14 +241,11 @@ class _MSKDMixin(_DistillationMixin):
     uses_features = True
     config_extra = {"teachers": [], "kd_background_weight": 1.0, **KD_DEFAULTS, **FEATURE_DEFAULTS}
 
-    def _setup_mskd(self, plans: dict, configuration: str) -> None:
-        self._store_adapter_plans(plans, configuration)
-
     def initialize(self):
         super().initialize()
         self._load_teachers()
         names = self.label_availability.label_names
-        organs = [s.organ for s in self._teacher_specs()]
+        organs = [s.organ for s in self.teacher_specs]
         missing = [o for o in organs if o not in names]
         if missing:
             raise TeacherError(f"teacher organs {missing} are not labels of the student's dataset ({names})")
@@ -273,40 +289,12 @@ class nnUNetTrainerMSKD(_MSKDMixin, nnUNetTrainerMarginal):
 
     config_defaults = {**nnUNetTrainerMarginal.config_defaults, **_MSKDMixin.config_extra}
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        self.fedkd_config, self.fedkd_config_file = self.read_config(plans)
-        self._setup_mskd(plans, configuration)
-        super().__init__(plans, configuration, fold, dataset_json, device)
-
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                   enable_deep_supervision: bool = True) -> nn.Module:
-        net = nnUNetTrainerMarginal.build_network_architecture(plans_manager, configuration_manager,
-                                                               num_input_channels, num_output_channels,
-                                                               enable_deep_supervision)
-        return attach_feature_adapters(net, configuration_manager)
-
 
 class nnUNetTrainerMSKDMultiHead(_MSKDMixin, nnUNetTrainerMultiHead):
     """MS-KD with the multi-head sigmoid student: masked BCE+Dice on the labels that exist, binary KL per organ head
     inside its teacher's region and on the common background, region-based feature KD."""
 
     config_defaults = {**nnUNetTrainerMultiHead.config_defaults, **_MSKDMixin.config_extra}
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        self.fedkd_config, self.fedkd_config_file = self.read_config(plans)
-        self._setup_mskd(plans, configuration)
-        super().__init__(plans, configuration, fold, dataset_json, device)
-
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                   enable_deep_supervision: bool = True) -> nn.Module:
-        net = nnUNetTrainerMultiHead.build_network_architecture(plans_manager, configuration_manager,
-                                                                num_input_channels, num_output_channels,
-                                                                enable_deep_supervision)
-        return attach_feature_adapters(net, configuration_manager)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -370,24 +358,9 @@ class nnUNetTrainerDualKD(_DistillationMixin, nnUNetTrainerMarginal):
 
     teacher_config_key = "public_model"
     uses_features = True
+    single_teacher = True
     config_defaults = {**nnUNetTrainerMarginal.config_defaults, "public_model": {}, **KD_DEFAULTS,
                        **FEATURE_DEFAULTS}
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        self.fedkd_config, self.fedkd_config_file = self.read_config(plans)
-        if len(self._teacher_specs()) != 1:
-            raise TeacherError("nnUNetTrainerDualKD takes exactly one public_model")
-        self._store_adapter_plans(plans, configuration)
-        super().__init__(plans, configuration, fold, dataset_json, device)
-
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                   enable_deep_supervision: bool = True) -> nn.Module:
-        net = nnUNetTrainerMarginal.build_network_architecture(plans_manager, configuration_manager,
-                                                               num_input_channels, num_output_channels,
-                                                               enable_deep_supervision)
-        return attach_feature_adapters(net, configuration_manager)
 
     def initialize(self):
         super().initialize()
