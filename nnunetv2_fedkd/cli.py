@@ -8,6 +8,7 @@ environment that lets nnU-Net find the plugin's trainers.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -95,6 +96,34 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _cmd_federate(args) -> int:
+    from nnunetv2_fedkd.federated.planning import PlansMismatch
+    from nnunetv2_fedkd.federated.round_core import FederationStateError
+    from nnunetv2_fedkd.federated.runner import FederateError, federate
+    from nnunetv2_fedkd.spec import load_spec
+
+    options = {}
+    for item in args.strategy_option or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"nnunetv2_fedkd federate: error: --strategy-option needs KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    try:
+        federate(load_spec(args.spec), args.rounds, local_epochs=args.local_epochs,
+                 local_iterations=args.local_iterations, strategy=args.strategy, strategy_options=options,
+                 trainer=args.trainer, plans=args.plans, settings_file=args.config, device=args.device,
+                 min_sites=args.min_sites, evaluate=not args.no_evaluate, resume=not args.restart_refused,
+                 seed=args.seed)
+    except (FederateError, FederationStateError, PlansMismatch, ValueError) as e:
+        print(f"nnunetv2_fedkd federate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from nnunetv2_fedkd.demo import run_demo
 
@@ -178,6 +207,27 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--overwrite", action="store_true",
                     help="rebuild existing view datasets, the plans dataset and the plans")
     pl.set_defaults(func=_cmd_plan)
+
+    f = sub.add_parser("federate", help="federated training on this machine: every site in-process, one after the "
+                                        "other, through the round core; resumes after the last completed round")
+    f.add_argument("spec", type=Path)
+    f.add_argument("--rounds", type=int, required=True)
+    g = f.add_mutually_exclusive_group(required=True)
+    g.add_argument("--local-epochs", type=int, help="local epochs per round (num_iterations_per_epoch from --config)")
+    g.add_argument("--local-iterations", type=int, help="local iterations per round (one local epoch)")
+    f.add_argument("--strategy", default="fedavg", help="fedavg | fedprox | fedbn | fedopt | fedavgm | fedadam")
+    f.add_argument("--strategy-option", action="append", metavar="KEY=VALUE",
+                   help="strategy option, e.g. mu=0.01 (fedprox), weighting=equal; repeatable")
+    f.add_argument("-tr", dest="trainer", default="nnUNetTrainerFedKD", help="site trainer (default: nnUNetTrainerFedKD)")
+    f.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    f.add_argument("--config", type=Path, default=None, help="trainer settings (JSON) sent to every site")
+    f.add_argument("-device", dest="device", default="cuda", choices=["cuda", "cpu", "mps"])
+    f.add_argument("--min-sites", type=int, default=1, help="least valid updates for a round to be aggregated")
+    f.add_argument("--no-evaluate", action="store_true", help="skip the sites' validation of each global model")
+    f.add_argument("--seed", type=int, default=0, help="seed of the initial global weights")
+    f.add_argument("--no-resume", dest="restart_refused", action="store_true",
+                   help="refuse to continue an existing run folder instead of resuming it")
+    f.set_defaults(func=_cmd_federate)
 
     k = sub.add_parser("check-spec", help="validate a federation spec (and, with --datasets, the sites' datasets)")
     k.add_argument("spec", type=Path)

@@ -359,6 +359,11 @@ class Strategy:
         new = self._server_step(global_weights, averaged, kept, round_idx)
         return new, AggregationInfo(frozenset(kept), tuple(sorted(heads_kept)))
 
+    def site_settings(self) -> Dict[str, Any]:
+        """What a site's local training must know of the strategy (sent with every round's instructions):
+        ``fedprox_mu`` (FedProx proximal coefficient, 0 = none) and ``local_keys`` (``"norm"``: FedBN)."""
+        return {"fedprox_mu": self.proximal_mu, "local_keys": "none"}
+
     def state_dict(self) -> Weights:
         """Server-side state to checkpoint (flat dict of tensors; empty for stateless strategies)."""
         return {}
@@ -488,6 +493,9 @@ class FedBN(FedAvg):
             self._norm_keys = None
             source = "names"
         self._hparams["norm_keys_from"] = source
+
+    def site_settings(self) -> Dict[str, Any]:
+        return {**super().site_settings(), "local_keys": "norm"}
 
     def local_keys(self, weights: Mapping[str, torch.Tensor]) -> FrozenSet[str]:
         if self._norm_keys is not None:

@@ -7,8 +7,10 @@ from nnunetv2_fedkd.trainers.distillation import (
     nnUNetTrainerMSKD,
     nnUNetTrainerMSKDMultiHead,
 )
+from nnunetv2_fedkd.trainers.fedkd import nnUNetTrainerFedKD, nnUNetTrainerFedKDMultiHead, nnUNetTrainerFedNaive
 from nnunetv2_fedkd.trainers.naive_partial import nnUNetTrainerNaivePartial
 from nnunetv2_fedkd.trainers.partial_label import nnUNetTrainerMarginal, nnUNetTrainerMultiHead
 
 __all__ = ["nnUNetTrainerFedKDBase", "nnUNetTrainerNaivePartial", "nnUNetTrainerMarginal", "nnUNetTrainerMultiHead",
-           "nnUNetTrainerMSKD", "nnUNetTrainerMSKDMultiHead", "nnUNetTrainerEnsembleKD", "nnUNetTrainerDualKD"]
+           "nnUNetTrainerMSKD", "nnUNetTrainerMSKDMultiHead", "nnUNetTrainerEnsembleKD", "nnUNetTrainerDualKD",
+           "nnUNetTrainerFedKD", "nnUNetTrainerFedKDMultiHead", "nnUNetTrainerFedNaive"]

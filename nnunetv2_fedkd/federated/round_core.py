@@ -1,0 +1,318 @@
+"""The engine-neutral round core: global state, round instructions, aggregation, checkpoints and resume.
+
+No Flower and no nnU-Net import here. The in-process runner (:mod:`nnunetv2_fedkd.federated.runner`) and the Flower
+ServerApp (:mod:`nnunetv2_fedkd.flower`) both drive a federation through :class:`RoundCore`:
+
+1. ``instructions = core.fit_instructions()`` - what every selected site receives with the global weights: the round
+   index, the number of rounds, the federation's plans digest and the local-training settings (JSON-serialisable).
+2. each site trains locally and returns a :class:`~nnunetv2_fedkd.federated.aggregation.SiteUpdate`; a site that
+   fails or does not answer is reported as a failure ``(site, reason)``.
+3. ``pending = core.aggregate(updates, failures)`` validates the updates (keys, shapes, dtypes, finite values,
+   positive case counts), drops and logs bad ones, and aggregates the rest with the strategy. With fewer accepted
+   updates than ``min_sites`` the global weights are kept and the round is recorded as not aggregated: the
+   federation goes on, and a failed site can rejoin in the next round.
+4. the sites evaluate the new global weights on their own validation cases (optional).
+5. ``core.commit(pending, evaluations)`` writes the round's checkpoint and its record, atomically: the round counts as
+   completed exactly when ``state.json`` names it. :meth:`RoundCore.resume` restarts after the last completed round,
+   so after a crash no round is lost and none is repeated.
+
+Checkpoint folder layout (``<run>/``)::
+
+    state.json                 completed_rounds, files of the current global weights and strategy state, history
+    global_round_0000.fedkd    the initial weights; global_round_NNNN.fedkd after round NNNN (1-based)
+    strategy_round_NNNN.fedkd  the strategy's server state (FedOpt moments)
+    metrics.json / metrics.csv per-round records (written at every commit)
+
+Weight files are :func:`~nnunetv2_fedkd.federated.weights_io.save_weights` files (``weights_only`` loading, digest).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from nnunetv2_fedkd.federated.aggregation import (
+    RoundResult,
+    SiteUpdate,
+    Strategy,
+    Weights,
+    aggregate_round,
+)
+from nnunetv2_fedkd.federated.weights_io import CorruptCheckpoint, load_weights, save_weights
+from nnunetv2_fedkd.utils import atomic_write, atomic_write_json, atomic_write_text
+
+STATE_FORMAT = "nnunetv2_fedkd.federation_state"
+STATE_VERSION = 1
+
+
+class FederationStateError(RuntimeError):
+    """The run folder cannot be resumed (names the file and why)."""
+
+
+@dataclass
+class PendingRound:
+    """An aggregated but not yet committed round."""
+
+    round_idx: int  # 0-based
+    result: RoundResult
+    failures: List[Tuple[str, str]]
+    site_metrics: Dict[str, Dict[str, Any]]
+    started: float
+
+
+@dataclass
+class FederationState:
+    completed_rounds: int
+    weights: Weights
+    history: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def _global_file(run: Path, completed: int) -> Path:
+    return run / f"global_round_{completed:04d}.fedkd"
+
+
+def _strategy_file(run: Path, completed: int) -> Path:
+    return run / f"strategy_round_{completed:04d}.fedkd"
+
+
+class RoundCore:
+    """Server side of a federation, engine-neutral.
+
+    Args:
+        run_dir: checkpoint folder (created).
+        strategy: an aggregation :class:`~nnunetv2_fedkd.federated.aggregation.Strategy`.
+        total_rounds: R.
+        plans_digest: the federation's plans digest; travels with every round (sites refuse other plans).
+        settings: JSON-serialisable local-training settings sent to every site each round.
+        min_sites: the least number of accepted updates a round needs to be aggregated.
+        log: callable taking one line (progress and warnings).
+    """
+
+    def __init__(self, run_dir: Path, strategy: Strategy, total_rounds: int, plans_digest: str,
+                 settings: Optional[Mapping[str, Any]] = None, min_sites: int = 1,
+                 log: Callable[[str], Any] = print):
+        if total_rounds < 1:
+            raise ValueError(f"total_rounds must be >= 1, got {total_rounds}")
+        if min_sites < 1:
+            raise ValueError(f"min_sites must be >= 1, got {min_sites}")
+        self.run_dir = Path(run_dir)
+        self.strategy = strategy
+        self.total_rounds = int(total_rounds)
+        self.plans_digest = plans_digest
+        self.settings = dict(settings or {})
+        self.min_sites = int(min_sites)
+        self.log = log
+        self.state: Optional[FederationState] = None
+        json.dumps(self.settings)  # must travel as JSON
+
+    # -- state --------------------------------------------------------------------------------------------------------
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / "state.json"
+
+    def start(self, initial_weights: Mapping[str, torch.Tensor], resume: bool = True) -> FederationState:
+        """Resume from ``state.json`` when it exists (and ``resume``), else start at round 0 from
+        ``initial_weights`` (written as ``global_round_0000.fedkd``)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.state_file.exists():
+            if not resume:
+                raise FederationStateError(f"{self.state_file} exists: resume it, or use a new run folder")
+            return self.resume()
+        weights = {k: v.detach().cpu().clone() for k, v in initial_weights.items()}
+        save_weights(_global_file(self.run_dir, 0), weights, self._meta(0))
+        self.state = FederationState(0, weights, [])
+        self._write_state()
+        return self.state
+
+    def resume(self) -> FederationState:
+        f = self.state_file
+        try:
+            raw = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise FederationStateError(f"cannot read {f}: {e}") from e
+        if raw.get("format") != STATE_FORMAT:
+            raise FederationStateError(f"{f} is not a federation state file")
+        if raw.get("plans_digest") != self.plans_digest:
+            raise FederationStateError(f"{f} belongs to a federation with other plans (digest "
+                                       f"{str(raw.get('plans_digest'))[:12]}..., now {self.plans_digest[:12]}...)")
+        if raw.get("total_rounds") != self.total_rounds or raw.get("strategy") != self.strategy.name:
+            raise FederationStateError(
+                f"{f} was started with {raw.get('total_rounds')} rounds of {raw.get('strategy')!r}; resume it with "
+                f"the same settings (asked: {self.total_rounds} rounds of {self.strategy.name!r})")
+        done = int(raw["completed_rounds"])
+        weights, meta = load_weights(self.run_dir / raw["global_weights"])
+        if meta.get("completed_rounds") != done:
+            raise CorruptCheckpoint(self.run_dir / raw["global_weights"],
+                                    f"holds round {meta.get('completed_rounds')}, state.json says {done}")
+        if raw.get("strategy_state"):
+            sstate, _ = load_weights(self.run_dir / raw["strategy_state"])
+            self.strategy.load_state_dict(sstate)
+        self.state = FederationState(done, weights, list(raw.get("history", [])))
+        self.log(f"resuming {self.run_dir} after round {done}/{self.total_rounds}")
+        return self.state
+
+    def _meta(self, completed: int) -> Dict[str, Any]:
+        return {"completed_rounds": completed, "plans_digest": self.plans_digest, "strategy": self.strategy.name}
+
+    def _write_state(self) -> None:
+        s = self.state
+        sstate = self.strategy.state_dict()
+        sfile = None
+        if sstate:
+            sfile = _strategy_file(self.run_dir, s.completed_rounds).name
+            save_weights(self.run_dir / sfile, sstate, self._meta(s.completed_rounds))
+        atomic_write_json(self.run_dir / "metrics.json", s.history)
+        atomic_write_text(self.run_dir / "metrics.csv", metrics_csv(s.history))
+        atomic_write_json(self.state_file, {
+            "format": STATE_FORMAT, "version": STATE_VERSION, "completed_rounds": s.completed_rounds,
+            "total_rounds": self.total_rounds, "strategy": self.strategy.name,
+            "strategy_hyperparameters": self.strategy.hyperparameters(), "plans_digest": self.plans_digest,
+            "settings": self.settings, "min_sites": self.min_sites,
+            "global_weights": _global_file(self.run_dir, s.completed_rounds).name, "strategy_state": sfile,
+            "history": s.history,
+        })
+        # older checkpoints are no longer needed once state.json names the new ones
+        for old in range(0, s.completed_rounds):
+            for p in (_global_file(self.run_dir, old), _strategy_file(self.run_dir, old)):
+                if p.exists():
+                    p.unlink()
+
+    # -- rounds -------------------------------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.state is not None and self.state.completed_rounds >= self.total_rounds
+
+    @property
+    def global_weights_file(self) -> Path:
+        return _global_file(self.run_dir, self._need_state().completed_rounds)
+
+    def _need_state(self) -> FederationState:
+        if self.state is None:
+            raise RuntimeError("call start() first")
+        return self.state
+
+    def fit_instructions(self) -> Dict[str, Any]:
+        """What every site receives for the next round (besides the global weights)."""
+        s = self._need_state()
+        return {"round": s.completed_rounds, "total_rounds": self.total_rounds, "plans_digest": self.plans_digest,
+                "strategy": self.strategy.name, **self.strategy.site_settings(), **self.settings}
+
+    def aggregate(self, updates: Sequence[SiteUpdate], failures: Sequence[Tuple[str, str]] = (),
+                  started: Optional[float] = None) -> PendingRound:
+        s = self._need_state()
+        r = s.completed_rounds
+        for site, reason in failures:
+            self.log(f"round {r + 1}: site {site!r} failed and is left out of this round: {reason}")
+        result = aggregate_round(self.strategy, s.weights, updates, r + 1, log=self.log)
+        if result.aggregated and len(result.accepted) < self.min_sites:
+            self.log(f"round {r + 1}: only {len(result.accepted)} valid update(s), fewer than min_sites="
+                     f"{self.min_sites}: the global weights are kept")
+            result = RoundResult({k: v.clone() for k, v in s.weights.items()}, r, result.strategy, [],
+                                 result.dropped + [(u, "fewer valid updates than min_sites") for u in result.accepted],
+                                 aggregated=False)
+        metrics = {u.site: {"num_examples": u.num_examples, **_jsonable(u.metrics)} for u in updates}
+        return PendingRound(r, result, list(failures), metrics, started if started is not None else time.time())
+
+    def commit(self, pending: PendingRound, evaluations: Optional[Mapping[str, Mapping[str, Any]]] = None,
+               extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+        """Checkpoint the round and append its record; returns the record."""
+        s = self._need_state()
+        if pending.round_idx != s.completed_rounds:
+            raise RuntimeError(f"round {pending.round_idx + 1} cannot be committed after round {s.completed_rounds}")
+        done = s.completed_rounds + 1
+        evaluations = {k: _jsonable(v) for k, v in (evaluations or {}).items()}
+        record = {**pending.result.record(), "round": done, "failed": [{"site": a, "reason": b}
+                                                                       for a, b in pending.failures],
+                  "sites": pending.site_metrics, "evaluation": evaluations,
+                  "organ_dice": organ_dice(evaluations), "seconds": round(time.time() - pending.started, 1),
+                  **_jsonable(extra or {})}
+        save_weights(_global_file(self.run_dir, done), pending.result.weights, self._meta(done))
+        self.state = FederationState(done, pending.result.weights, s.history + [record])
+        self._write_state()
+        return record
+
+
+def _jsonable(d: Mapping[str, Any]) -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out[k] = _jsonable(v)
+        elif isinstance(v, float) and not math.isfinite(v):
+            out[k] = None
+        elif isinstance(v, (str, int, float, bool, list)) or v is None:
+            out[k] = v
+        else:
+            out[k] = float(v)
+    return out
+
+
+def organ_dice(evaluations: Mapping[str, Mapping[str, Any]]) -> Dict[str, Optional[float]]:
+    """Per-organ Dice of the global model over the sites that evaluated it: the case-weighted mean of each site's
+    Dice for the organs it labels (``{"dice": {organ: value}, "num_cases": n}`` per site)."""
+    sums: Dict[str, float] = {}
+    counts: Dict[str, int] = {}
+    for ev in evaluations.values():
+        n = int(ev.get("num_cases", 1) or 0)
+        for organ, d in (ev.get("dice") or {}).items():
+            if d is None or n == 0:
+                continue
+            sums[organ] = sums.get(organ, 0.0) + float(d) * n
+            counts[organ] = counts.get(organ, 0) + n
+    return {o: round(sums[o] / counts[o], 4) for o in sums}
+
+
+def metrics_csv(history: Sequence[Mapping[str, Any]]) -> str:
+    """One row per round: round, aggregated, accepted/dropped/failed sites, seconds, mean train loss, organ Dice."""
+    organs = sorted({o for r in history for o in (r.get("organ_dice") or {})})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["round", "aggregated", "accepted", "dropped", "failed", "seconds", "mean_train_loss",
+                *[f"dice_{o}" for o in organs]])
+    for r in history:
+        losses = [m.get("train_loss") for m in (r.get("sites") or {}).values() if m.get("train_loss") is not None]
+        w.writerow([r["round"], r["aggregated"], " ".join(r["accepted"]),
+                    " ".join(d["site"] for d in r["dropped"]), " ".join(d["site"] for d in r.get("failed", [])),
+                    r.get("seconds"), round(sum(losses) / len(losses), 4) if losses else "",
+                    *[(r.get("organ_dice") or {}).get(o, "") for o in organs]])
+    return buf.getvalue()
+
+
+def plot_progress(history: Sequence[Mapping[str, Any]], path: Path) -> Optional[Path]:
+    """PNG of per-organ validation Dice and mean local training loss per round (like nnU-Net's progress.png)."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in history]
+    organs = sorted({o for r in history for o in (r.get("organ_dice") or {})})
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for o in organs:
+        a1.plot(rounds, [(r.get("organ_dice") or {}).get(o, float("nan")) for r in history], marker="o", label=o)
+    a1.set_xlabel("round")
+    a1.set_ylabel("validation Dice (sites' own organs)")
+    a1.set_ylim(0, 1)
+    if organs:
+        a1.legend()
+    losses = []
+    for r in history:
+        ls = [m.get("train_loss") for m in (r.get("sites") or {}).values() if m.get("train_loss") is not None]
+        losses.append(sum(ls) / len(ls) if ls else float("nan"))
+    a2.plot(rounds, losses, marker="o", color="k")
+    a2.set_xlabel("round")
+    a2.set_ylabel("mean local train loss")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    data = buf.getvalue()
+    return atomic_write(path, lambda f: f.write(data), binary=True)

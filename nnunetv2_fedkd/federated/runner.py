@@ -1,0 +1,204 @@
+"""``nnunetv2_fedkd federate SPEC``: the whole federation on one machine, every site in-process, one after the other.
+
+Per round: every site trains locally from the global weights (:class:`~nnunetv2_fedkd.federated.nnunet_site.
+NnUNetSite`, i.e. stock ``nnUNetv2_train <view> 3d_fullres 0 -tr nnUNetTrainerFedKD``), the round core
+(:class:`~nnunetv2_fedkd.federated.round_core.RoundCore`) validates and aggregates the updates, every site evaluates
+the new global model on its own validation cases, and the round is checkpointed. A crash loses at most the round in
+progress; the next call resumes after the last completed round.
+
+Output (the model folder is an ordinary nnU-Net results folder)::
+
+    $nnUNet_results/<plans dataset>/<trainer>__<plans>__3d_fullres/
+        plans.json, dataset.json, dataset_fingerprint.json
+        fold_all/checkpoint_final.pth      the final global model (nnUNetv2_predict -d <plans dataset> -f all ...)
+        federation/                        state.json, global_round_NNNN.fedkd, metrics.json/csv, progress.png,
+                                           run.json (settings), sites/<site>/ (local training logs and files)
+
+The plans dataset is the coordinator dataset ``nnunetv2_fedkd plan`` wrote (it holds no images).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from nnunetv2_fedkd.federated.aggregation import make_strategy
+from nnunetv2_fedkd.federated.nnunet_site import NnUNetSite, _env
+from nnunetv2_fedkd.federated.round_core import RoundCore, plot_progress
+from nnunetv2_fedkd.spec import FederationSpec
+from nnunetv2_fedkd.utils import atomic_write_json
+
+
+class FederateError(RuntimeError):
+    pass
+
+
+def _fmt_dice(d: Mapping[str, Any]) -> str:
+    return " ".join(f"{k} {v:.3f}" for k, v in d.items() if v is not None) or "-"
+
+
+def load_settings(path: Optional[os.PathLike]) -> Dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise FederateError(f"cannot read trainer settings {path}: {e}") from e
+    if not isinstance(raw, dict):
+        raise FederateError(f"trainer settings {path} must hold a JSON object")
+    return raw
+
+
+class ServerModel:
+    """The global model's definition: the trainer class instantiated (not initialised: the plans dataset has no
+    data) on the image-free plans dataset. It builds the network and writes the final nnU-Net results folder with
+    nnU-Net's own ``save_checkpoint``."""
+
+    def __init__(self, plans_dataset: str, trainer: str, plans: str, config_file: Path, device: str = "cpu"):
+        from nnunetv2.run.run_training import get_trainer_from_args
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+        with _env(nnUNet_fedkd_config=str(config_file)), contextlib.redirect_stdout(open(os.devnull, "w")):
+            self.trainer = get_trainer_from_args(plans_dataset, "3d_fullres", "all", trainer, plans,
+                                                 device=torch.device(device))
+        t = self.trainer
+        self.num_input_channels = determine_num_input_channels(t.plans_manager, t.configuration_manager,
+                                                               t.dataset_json)
+
+    def build_network(self) -> torch.nn.Module:
+        t = self.trainer
+        return type(t).build_network_architecture(t.plans_manager, t.configuration_manager, self.num_input_channels,
+                                                  t.label_manager.num_segmentation_heads, True)
+
+    def initial_weights(self, seed: int) -> Dict[str, torch.Tensor]:
+        torch.manual_seed(seed)
+        return {k: v.detach().cpu().clone() for k, v in self.build_network().state_dict().items()}
+
+    def write_results_folder(self, weights: Mapping[str, torch.Tensor], completed_rounds: int) -> Path:
+        """plans.json, dataset.json, dataset_fingerprint.json and fold_all/checkpoint_final.pth (atomic rename)."""
+        import shutil
+
+        from batchgenerators.utilities.file_and_folder_operations import save_json
+
+        t = self.trainer
+        t.network = self.build_network().to(t.device)
+        t.network.load_state_dict(dict(weights))
+        t.optimizer, _ = t.configure_optimizers()
+        with contextlib.redirect_stdout(open(os.devnull, "w")):
+            t.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets the inference mirroring axes
+        t.current_epoch = completed_rounds - 1  # nnU-Net stores current_epoch + 1
+        base = Path(t.output_folder_base)
+        base.mkdir(parents=True, exist_ok=True)
+        save_json(t.plans_manager.plans, str(base / "plans.json"), sort_keys=False)
+        save_json(t.dataset_json, str(base / "dataset.json"), sort_keys=False)
+        fp = Path(t.preprocessed_dataset_folder_base) / "dataset_fingerprint.json"
+        if fp.is_file():
+            shutil.copyfile(fp, base / "dataset_fingerprint.json")
+        final = Path(t.output_folder) / "checkpoint_final.pth"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(".checkpoint_final.pth.tmp")
+        t.save_checkpoint(str(tmp))
+        os.replace(tmp, final)
+        return final
+
+
+def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] = None,
+             local_iterations: Optional[int] = None, strategy: str = "fedavg",
+             strategy_options: Optional[Mapping[str, Any]] = None, trainer: str = "nnUNetTrainerFedKD",
+             plans: str = "nnUNetPlansSmall", settings_file: Optional[os.PathLike] = None,
+             settings: Optional[Mapping[str, Any]] = None, device: str = "cpu", min_sites: int = 1,
+             evaluate: bool = True, resume: bool = True, seed: int = 0, sites: Optional[Sequence[str]] = None,
+             workdir: Optional[Path] = None, log=print) -> Dict[str, Any]:
+    """Run (or resume) the federation; returns a summary (model folder, metrics files, last round's record).
+
+    ``local_iterations`` N: one local epoch of N iterations per round; ``local_epochs`` E: E local epochs of
+    ``num_iterations_per_epoch`` (settings, default nnU-Net's 250). The learning rate follows nnU-Net's poly schedule
+    over all rounds. ``settings``/``settings_file``: trainer settings (JSON) sent to every site."""
+    from nnunetv2_fedkd.federated.planning import (check_site_plans, federation_plans_digest, resolve_layout)
+
+    if (local_epochs is None) == (local_iterations is None):
+        raise FederateError("give exactly one of local_epochs and local_iterations")
+    layout = resolve_layout(spec, workdir)
+    pre = Path(os.environ["nnUNet_preprocessed"]) if workdir is None else Path(workdir) / "nnUNet_preprocessed"
+    res = Path(os.environ["nnUNet_results"]) if workdir is None else Path(workdir) / "nnUNet_results"
+    coord_plans = pre / layout.coordinator / f"{plans}.json"
+    if not coord_plans.is_file():
+        raise FederateError(f"{coord_plans} does not exist: run `nnunetv2_fedkd plan` (and derive {plans} for every "
+                            f"site and the plans dataset) first")
+    digest = federation_plans_digest(json.loads(coord_plans.read_text()))
+    chosen = [s for s in spec.sites if sites is None or s.name in sites]
+    if not chosen:
+        raise FederateError(f"no site of {spec.path} is selected ({sites})")
+    for s in chosen:
+        f = pre / layout.views[s.name] / f"{plans}.json"
+        if not f.is_file():
+            raise FederateError(f"site {s.name!r}: {f} does not exist")
+        check_site_plans(s.name, json.loads(f.read_text()), digest)
+
+    trainer_settings = {**load_settings(settings_file), **dict(settings or {})}
+    if local_iterations is not None:
+        trainer_settings.update(num_epochs=1, num_iterations_per_epoch=int(local_iterations))
+    else:
+        trainer_settings["num_epochs"] = int(local_epochs)
+    trainer_settings.setdefault("final_validation", False)
+
+    model_dir = res / layout.coordinator / f"{trainer}__{plans}__3d_fullres"
+    run_dir = model_dir / "federation"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    server_cfg = atomic_write_json(run_dir / "server_trainer.json", {**trainer_settings, "global_model": None})
+    server = ServerModel(layout.coordinator, trainer, plans, server_cfg, device)
+    strat = make_strategy(strategy, **dict(strategy_options or {}))
+    core = RoundCore(run_dir, strat, rounds, digest, trainer_settings, min_sites=min_sites, log=log)
+    state = core.start(server.initial_weights(seed), resume=resume)
+    atomic_write_json(run_dir / "run.json", {
+        "spec": str(spec.path) if spec.path else None, "plans_dataset": layout.coordinator, "trainer": trainer,
+        "plans": plans, "rounds": rounds, "strategy": strat.hyperparameters(), "settings": trainer_settings,
+        "sites": {s.name: layout.views[s.name] for s in chosen}, "min_sites": min_sites, "seed": seed})
+
+    site_objs = [NnUNetSite(s.name, layout.views[s.name], s.organs, run_dir / "sites" / s.name, trainer, plans,
+                            device=device, log=log) for s in chosen]
+    log(f"federation {spec.name}: {len(site_objs)} sites, {rounds} rounds of {strat.name}, trainer {trainer}, "
+        f"plans {plans}; run folder {run_dir}")
+    while not core.done:
+        r = state.completed_rounds
+        t0 = time.time()
+        instructions = core.fit_instructions()
+        updates, failures = [], []
+        for site in site_objs:
+            ts = time.time()
+            log(f"round {r + 1}/{rounds} site {site.name}: local training ({site.dataset}) ...")
+            try:
+                u = site.fit(core.global_weights_file, instructions)
+            except Exception as e:  # a failing site must not end the federation
+                failures.append((site.name, f"{type(e).__name__}: {e}"))
+                continue
+            updates.append(u)
+            loss = u.metrics.get("train_loss")
+            log(f"round {r + 1}/{rounds} site {site.name}: done in {time.time() - ts:.0f} s, {u.num_examples} cases"
+                + (f", train loss {loss:.4f}" if loss is not None else ""))
+        pending = core.aggregate(updates, failures, started=t0)
+        evaluations = {}
+        if evaluate:
+            for site in site_objs:
+                if site.name in dict(failures):
+                    continue
+                try:
+                    evaluations[site.name] = site.evaluate(pending.result.weights, instructions)
+                except Exception as e:
+                    log(f"round {r + 1}: site {site.name!r} could not evaluate: {type(e).__name__}: {e}")
+        record = core.commit(pending, evaluations)
+        state = core.state
+        plot_progress(state.history, run_dir / "progress.png")
+        log(f"round {r + 1}/{rounds}: {'aggregated ' + str(len(record['accepted'])) + ' site(s)' if record['aggregated'] else 'NOT aggregated'}"
+            f" in {record['seconds']:.0f} s; validation Dice {_fmt_dice(record['organ_dice'])}")
+    final = server.write_results_folder(state.weights, state.completed_rounds)
+    plot_progress(state.history, run_dir / "progress.png")
+    log(f"final global model: {final}")
+    log(f"metrics: {run_dir / 'metrics.json'}, {run_dir / 'metrics.csv'}, {run_dir / 'progress.png'}")
+    return {"model_folder": str(model_dir), "checkpoint": str(final), "run_dir": str(run_dir),
+            "plans_dataset": layout.coordinator, "history": state.history}

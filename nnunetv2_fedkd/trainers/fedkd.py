@@ -1,0 +1,224 @@
+"""``nnUNetTrainerFedKD``: one site's local training in one federated round (Kim et al. 2024; ConDistFL).
+
+``nnUNetv2_train SITE_VIEW_DATASET 3d_fullres 0 -tr nnUNetTrainerFedKD -p PLANS`` with ``nnUNet_fedkd_config``
+naming a settings file is one site's local training in one round. The loss is
+
+    gt_weight * partial-label loss on the site's own organs          (marginal + exclusion; sigmoid: masked BCE+Dice)
+  + global_kd_weight * KD from the round's global model on the organs the case does NOT annotate
+                                                                    (:func:`~nnunetv2_fedkd.losses.partial_kd_softmax`)
+  + kd_weight * region-based logit KD from the organ teachers        (MS-KD, optional: ``teachers``)
+  + fedprox_mu / 2 * ||w - w_global||^2                              (FedProx, optional)
+
+The federation settings (the runner writes them; all optional):
+
+* ``global_model``: the round's global weights (a :func:`~nnunetv2_fedkd.federated.save_weights` file, read with
+  ``weights_only=True``); the network starts from them and a frozen copy is the global-model teacher. None: the
+  trainer is a normal single-site trainer (partial-label loss + teacher KD).
+* ``plans_digest``: the federation's plans digest; a site whose plans differ is refused (``PlansMismatch``).
+* ``round`` / ``total_rounds``: the learning rate follows nnU-Net's poly schedule over the WHOLE federation
+  (:func:`~nnunetv2_fedkd.federated.federated_poly_lr`, global epoch = round * num_epochs + local epoch).
+* ``local_state_file``: the site's own parameters kept out of aggregation (FedBN: normalisation layers), restored
+  over the global weights before training; ``local_state_out``: where the new local state is written.
+* ``update_file``: where the site's update is written after training (weights + number of training cases +
+  metrics, :func:`~nnunetv2_fedkd.federated.save_weights`): the only thing that leaves the site.
+* ``local_keys``: ``"none"`` or ``"norm"`` (FedBN).
+
+Feature KD is off by default here (``feature_kd_weight`` 0), so the global model is the plain nnU-Net network.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from typing import Any, Dict, List
+
+import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+from nnunetv2_fedkd.federated.aggregation import (
+    merge_local_state,
+    norm_keys,
+    proximal_term,
+    federated_poly_lr,
+)
+from nnunetv2_fedkd.federated.weights_io import load_weights, save_weights
+from nnunetv2_fedkd.label_availability import LabelAvailability
+from nnunetv2_fedkd.losses.distillation import partial_kd_sigmoid, partial_kd_softmax
+from nnunetv2_fedkd.teachers import TeacherSpec
+from nnunetv2_fedkd.trainers.distillation import _MSKDMixin, _full_res
+from nnunetv2_fedkd.trainers.naive_partial import nnUNetTrainerNaivePartial
+from nnunetv2_fedkd.trainers.partial_label import nnUNetTrainerMarginal, nnUNetTrainerMultiHead
+
+FEDERATION_DEFAULTS: Dict[str, Any] = {
+    "global_model": None,
+    "plans_digest": None,
+    "round": 0,
+    "total_rounds": 1,
+    "local_state_file": None,
+    "local_state_out": None,
+    "update_file": None,
+    "local_keys": "none",
+    "site_name": None,
+    "fedprox_mu": 0.0,
+    "global_kd_weight": 1.0,
+    "global_kd_temperature": 2.0,
+}
+
+
+class FederationError(RuntimeError):
+    """A federated round cannot run at this site (message names the site and the file)."""
+
+
+class _FederatedPolyLR(PolyLRScheduler):
+    """nnU-Net's PolyLR, with the epoch counted over the whole federation (round * local epochs + local epoch)."""
+
+    def __init__(self, optimizer, initial_lr: float, round_idx: int, total_rounds: int, local_epochs: int):
+        self.round_idx, self.total_rounds, self.local_epochs = round_idx, total_rounds, local_epochs
+        super().__init__(optimizer, initial_lr, local_epochs)
+
+    def step(self, current_step=None):
+        if current_step is None or current_step == -1:
+            current_step = self.ctr
+            self.ctr += 1
+        lr = federated_poly_lr(self.initial_lr, self.round_idx, min(int(current_step), self.local_epochs - 1),
+                               self.total_rounds, self.local_epochs, self.exponent)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
+class _FedKDMixin(_MSKDMixin):
+    config_extra = {**_MSKDMixin.config_extra, **FEDERATION_DEFAULTS, "feature_kd_weight": 0.0}
+
+    # teachers are optional here (global-model KD alone is Kim et al.'s base setting)
+    def _parse_teacher_specs(self) -> List[TeacherSpec]:
+        if not self.fedkd_config["teachers"]:
+            return []
+        return super()._parse_teacher_specs()
+
+    def _site(self) -> str:
+        return self.fedkd_config["site_name"] or self.plans_manager.dataset_name
+
+    def initialize(self):
+        if not hasattr(self, "label_availability"):  # the naive trainer does not read it itself
+            self.label_availability = LabelAvailability(self.dataset_json)
+        super().initialize()
+        c = self.fedkd_config
+        self._global_net = None
+        self._global_weights_dev = None
+        self._local_keys = frozenset()
+        if c["local_keys"] not in ("none", "norm"):
+            raise FederationError(f"local_keys must be 'none' or 'norm', got {c['local_keys']!r}")
+        if not c["global_model"]:
+            return
+        from nnunetv2_fedkd.federated.planning import PlansMismatch, federation_plans_digest
+
+        weights, meta = load_weights(c["global_model"])
+        mine = federation_plans_digest(self.plans_manager.plans)
+        expected = c["plans_digest"] or meta.get("plans_digest")
+        if expected and expected != mine:
+            raise PlansMismatch(f"site {self._site()!r}: plans {self.plans_manager.plans_name!r} of "
+                                f"{self.plans_manager.dataset_name!r} (digest {mine[:12]}...) are not the federation's "
+                                f"plans (digest {expected[:12]}...) named by {c['global_model']}")
+        net = self._student_module()
+        own = net.state_dict()
+        if set(own) != set(weights) or any(own[k].shape != weights[k].shape for k in own):
+            raise FederationError(f"site {self._site()!r}: global model {c['global_model']} does not fit this "
+                                  f"site's network (different keys or shapes)")
+        if c["local_keys"] == "norm":
+            self._local_keys = norm_keys(own, net)
+        if c["local_state_file"] and os.path.isfile(c["local_state_file"]):
+            local, _ = load_weights(c["local_state_file"])
+            weights = merge_local_state(weights, local)
+        net.load_state_dict(weights)
+        self._global_net = copy.deepcopy(net).eval()
+        for p in self._global_net.parameters():
+            p.requires_grad_(False)
+        if float(c["fedprox_mu"]) > 0:
+            self._global_weights_dev = {k: v.to(self.device) for k, v in net.state_dict().items()}
+        self.print_to_log_file(f"federated round {c['round'] + 1}/{c['total_rounds']} of site {self._site()!r}: "
+                               f"starts from {c['global_model']}; local keys: {len(self._local_keys)}; "
+                               f"teachers: {len(self.teachers)}; fedprox mu {c['fedprox_mu']}")
+
+    def configure_optimizers(self):
+        optimizer, _ = super().configure_optimizers()
+        c = self.fedkd_config
+        scheduler = _FederatedPolyLR(optimizer, self.initial_lr, int(c["round"]), int(c["total_rounds"]),
+                                     self.num_epochs)
+        return optimizer, scheduler
+
+    def _kd_terms(self, batch: dict):
+        c = self.fedkd_config
+        teacher_terms = super()._kd_terms(batch) if self.teachers else None
+        global_logits = None
+        if self._global_net is not None and float(c["global_kd_weight"]) > 0:
+            x = batch["data"].to(self.device, non_blocking=True)
+            with torch.no_grad(), self._autocast():
+                global_logits = _full_res(self._global_net(x)).float()
+        sigmoid = self.label_manager.has_regions
+        annotated = (self.label_availability.foreground_mask(batch["keys"]) if sigmoid
+                     else self.label_availability.softmax_mask(batch["keys"])).to(self.device)
+        w_global, T, mu = float(c["global_kd_weight"]), float(c["global_kd_temperature"]), float(c["fedprox_mu"])
+        net = self._student_module()
+
+        def terms(output):
+            out = _full_res(output)
+            loss = out.new_zeros((), dtype=torch.float32)
+            if teacher_terms is not None:
+                loss = loss + teacher_terms(output)
+            if global_logits is not None:
+                kd = partial_kd_sigmoid if sigmoid else partial_kd_softmax
+                loss = loss + w_global * kd(out, global_logits, annotated, T)
+            if mu > 0 and self._global_weights_dev is not None:
+                loss = loss + proximal_term(net.named_parameters(), self._global_weights_dev, mu,
+                                            exclude=self._local_keys)
+            return loss
+
+        return terms
+
+    def on_train_end(self):
+        super().on_train_end()
+        if self.local_rank != 0:
+            return
+        c = self.fedkd_config
+        weights = {k: v.detach().cpu() for k, v in self._student_module().state_dict().items()}
+        if c["local_state_out"] and self._local_keys:
+            save_weights(c["local_state_out"], {k: weights[k] for k in self._local_keys},
+                         {"site": self._site(), "round": int(c["round"])})
+        if c["update_file"]:
+            from nnunetv2_fedkd.federated.planning import federation_plans_digest
+
+            tr_keys, _ = self.do_split()
+            loss = float(self.logger.get_value("train_losses", -1))
+            ema = float(self.logger.get_value("ema_fg_dice", -1))
+            metrics = {"train_loss": loss if math.isfinite(loss) else None,
+                       "ema_pseudo_dice": ema if math.isfinite(ema) else None,
+                       "iterations": int(self.num_epochs * self.num_iterations_per_epoch)}
+            save_weights(c["update_file"], weights,
+                         {"site": self._site(), "round": int(c["round"]), "num_examples": len(tr_keys),
+                          "organs": list((self.dataset_json.get("fedkd") or {}).get(
+                              "annotated", self.label_availability.label_names)),
+                          "plans_digest": federation_plans_digest(self.plans_manager.plans), "metrics": metrics})
+
+
+class nnUNetTrainerFedKD(_FedKDMixin, nnUNetTrainerMarginal):
+    """Federated local training, softmax student: marginal(+exclusion) loss on the site's organs, KD from the round's
+    global model on the organs it does not label, optional MS-KD from organ teachers and FedProx term. Without a
+    ``global_model`` setting it is a normal single-site trainer."""
+
+    config_defaults = {**nnUNetTrainerMarginal.config_defaults, **_FedKDMixin.config_extra}
+
+
+class nnUNetTrainerFedKDMultiHead(_FedKDMixin, nnUNetTrainerMultiHead):
+    """As :class:`nnUNetTrainerFedKD` with the multi-head sigmoid student (Kim et al. 2024's multi-head U-Net)."""
+
+    config_defaults = {**nnUNetTrainerMultiHead.config_defaults, **_FedKDMixin.config_extra}
+
+
+class nnUNetTrainerFedNaive(_FedKDMixin, nnUNetTrainerNaivePartial):
+    """The federated baseline users would run today: plain local training that treats every unlabelled organ as
+    background (nnU-Net's DC+CE), with the federation plumbing and no distillation (``global_kd_weight`` 0). With
+    ``--strategy fedavg`` this is naive FedAvg."""
+
+    config_defaults = {**nnUNetTrainerNaivePartial.config_defaults, **_FedKDMixin.config_extra,
+                       "global_kd_weight": 0.0}

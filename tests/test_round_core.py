@@ -1,0 +1,157 @@
+"""The engine-neutral round core with tiny in-memory sites: rounds, failures, validation, min_sites, checkpoints,
+resume and corrupt checkpoints."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nnunetv2_fedkd.federated import CorruptCheckpoint, SiteUpdate, load_weights, make_strategy
+from nnunetv2_fedkd.federated.round_core import FederationStateError, RoundCore, metrics_csv, organ_dice
+
+DIGEST = "ab" * 32
+
+
+def init_weights():
+    return {"w": torch.zeros(3), "b": torch.zeros(1)}
+
+
+class ToySite:
+    """Moves every weight half-way towards its own target; reports a fake Dice."""
+
+    def __init__(self, name, target, cases=2, fail_rounds=(), nan_rounds=()):
+        self.name, self.target, self.cases = name, float(target), cases
+        self.fail_rounds, self.nan_rounds = set(fail_rounds), set(nan_rounds)
+        self.seen = []
+
+    def fit(self, global_file, instructions):
+        r = instructions["round"]
+        self.seen.append(r)
+        if r in self.fail_rounds:
+            raise RuntimeError(f"{self.name} lost its connection")
+        weights, meta = load_weights(global_file)
+        assert meta["completed_rounds"] == r
+        new = {k: v + 0.5 * (self.target - v) for k, v in weights.items()}
+        if r in self.nan_rounds:
+            new["w"][0] = float("nan")
+        return SiteUpdate(self.name, new, self.cases, {"train_loss": 1.0 / (r + 1)}, organs={self.name})
+
+    def evaluate(self, weights, instructions):
+        return {"dice": {self.name: float(weights["b"][0]) / 10}, "num_cases": 1}
+
+
+def run(core, sites, stop_after=None):
+    while not core.done:
+        r = core.state.completed_rounds
+        if stop_after is not None and r >= stop_after:
+            return
+        instr = core.fit_instructions()
+        ups, fails = [], []
+        for s in sites:
+            try:
+                ups.append(s.fit(core.global_weights_file, instr))
+            except Exception as e:
+                fails.append((s.name, str(e)))
+        pending = core.aggregate(ups, fails)
+        core.commit(pending, {s.name: s.evaluate(pending.result.weights, instr) for s in sites})
+
+
+def make_core(tmp_path, rounds=3, min_sites=1, strategy="fedavg", digest=DIGEST, log=None):
+    return RoundCore(tmp_path / "run", make_strategy(strategy), rounds, digest, {"num_epochs": 1},
+                     min_sites=min_sites, log=log or (lambda s: None))
+
+
+def test_rounds_average_and_record(tmp_path):
+    core = make_core(tmp_path)
+    core.start(init_weights())
+    a, b = ToySite("liver", 2.0, cases=1), ToySite("kidney", 6.0, cases=3)
+    run(core, [a, b])
+    assert core.state.completed_rounds == 3 and a.seen == [0, 1, 2]
+    # case-weighted FedAvg of half-steps: the fixed point is the weighted mean of the targets (5.0)
+    w = 0.0
+    for _ in range(3):
+        w = 0.25 * (w + 0.5 * (2 - w)) + 0.75 * (w + 0.5 * (6 - w))
+    assert torch.allclose(core.state.weights["w"], torch.full((3,), w))
+    hist = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [h["round"] for h in hist] == [1, 2, 3]
+    assert hist[0]["accepted"] == ["liver", "kidney"] and hist[0]["sites"]["kidney"]["num_examples"] == 3
+    csv_rows = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
+    assert len(csv_rows) == 4 and csv_rows[0].startswith("round,aggregated")
+    # only the latest global checkpoint is kept, and state.json names it
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["global_weights"] == "global_round_0003.fedkd"
+    assert sorted(p.name for p in (tmp_path / "run").glob("global_round_*")) == ["global_round_0003.fedkd"]
+    assert core.fit_instructions()["plans_digest"] == DIGEST
+
+
+def test_failed_and_nonfinite_sites_are_dropped_and_rejoin(tmp_path):
+    lines = []
+    core = make_core(tmp_path, log=lines.append)
+    core.start(init_weights())
+    a = ToySite("liver", 2.0, fail_rounds={1})
+    b = ToySite("kidney", 6.0, nan_rounds={2})
+    run(core, [a, b])
+    hist = core.state.history
+    assert hist[0]["accepted"] == ["liver", "kidney"]
+    assert hist[1]["accepted"] == ["kidney"] and hist[1]["failed"][0]["site"] == "liver"
+    assert hist[2]["accepted"] == ["liver"] and hist[2]["dropped"][0]["site"] == "kidney"
+    assert "not finite" in hist[2]["dropped"][0]["reason"] or "finite" in hist[2]["dropped"][0]["reason"]
+    assert a.seen == [0, 1, 2]  # the failed site rejoined in the next round
+    assert torch.isfinite(core.state.weights["w"]).all()
+    assert any("liver" in l and "lost its connection" in l for l in lines)
+
+
+def test_min_sites_keeps_global_weights(tmp_path):
+    core = make_core(tmp_path, rounds=1, min_sites=2)
+    core.start(init_weights())
+    run(core, [ToySite("liver", 2.0), ToySite("kidney", 6.0, fail_rounds={0})])
+    rec = core.state.history[0]
+    assert rec["aggregated"] is False and rec["accepted"] == []
+    assert torch.equal(core.state.weights["w"], torch.zeros(3))
+
+
+def test_resume_after_crash_loses_and_repeats_no_round(tmp_path):
+    core = make_core(tmp_path, rounds=4, strategy="fedadam")
+    core.start(init_weights())
+    sites = [ToySite("liver", 2.0), ToySite("kidney", 6.0)]
+    run(core, sites, stop_after=2)
+    # a crash in round 3: an update was computed but never committed
+    core.aggregate([s.fit(core.global_weights_file, core.fit_instructions()) for s in sites])
+    resumed = make_core(tmp_path, rounds=4, strategy="fedadam")
+    st = resumed.start(init_weights())  # initial weights are ignored on resume
+    assert st.completed_rounds == 2 and torch.equal(st.weights["w"], core.state.weights["w"])
+    assert set(resumed.strategy.state_dict()) == set(core.strategy.state_dict())  # FedAdam moments restored
+    run(resumed, sites)
+    assert [h["round"] for h in resumed.state.history] == [1, 2, 3, 4]
+
+    # the same run done without a crash gives the same weights
+    ref = make_core(tmp_path / "ref", rounds=4, strategy="fedadam")
+    ref.start(init_weights())
+    run(ref, [ToySite("liver", 2.0), ToySite("kidney", 6.0)])
+    assert torch.allclose(ref.state.weights["w"], resumed.state.weights["w"])
+
+
+def test_resume_refuses_other_plans_settings_and_corrupt_checkpoints(tmp_path):
+    core = make_core(tmp_path)
+    core.start(init_weights())
+    run(core, [ToySite("liver", 2.0)], stop_after=1)
+    with pytest.raises(FederationStateError, match="other plans"):
+        make_core(tmp_path, digest="cd" * 32).start(init_weights())
+    with pytest.raises(FederationStateError, match="5 rounds"):
+        make_core(tmp_path, rounds=5).start(init_weights())
+    with pytest.raises(FederationStateError, match="exists"):
+        make_core(tmp_path).start(init_weights(), resume=False)
+    g = tmp_path / "run" / "global_round_0001.fedkd"
+    g.write_bytes(g.read_bytes()[: g.stat().st_size // 2])  # truncated on disk
+    with pytest.raises(CorruptCheckpoint, match="global_round_0001.fedkd"):
+        make_core(tmp_path).start(init_weights())
+
+
+def test_organ_dice_is_case_weighted_and_csv_has_organs():
+    ev = {"a": {"dice": {"liver": 0.5}, "num_cases": 1}, "b": {"dice": {"liver": 1.0, "kidney": None},
+                                                                 "num_cases": 3}}
+    assert organ_dice(ev) == {"liver": 0.875}
+    text = metrics_csv([{"round": 1, "aggregated": True, "accepted": ["a"], "dropped": [], "failed": [],
+                         "seconds": 1.0, "sites": {"a": {"train_loss": 0.5}}, "organ_dice": {"liver": 0.875}}])
+    assert text.splitlines()[1] == "1,True,a,,,1.0,0.5,0.875"
