@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["nnunetv2_fedkd", "nnunetv2_fedkd.*"]),
     # the shim folder that nnU-Net's nnUNet_extTrainer points at is plain .py files, not a package
-    package_data={"nnunetv2_fedkd": ["nnunet_ext_trainers/*.py"]},
+    package_data={"nnunetv2_fedkd": ["nnunet_ext_trainers/*.py", "flower/app/pyproject.toml"]},
     include_package_data=True,
     install_requires=[
         "nnunetv2>=2.6,<2.9",
@@ -25,7 +25,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "flwr==1.41.0"],  # the Flower deployment test runs in CI
         "flower": ["flwr==1.41.0"],
     },
     entry_points={"console_scripts": ["nnunetv2_fedkd = nnunetv2_fedkd.cli:main"]},

@@ -117,7 +117,7 @@ def _cmd_federate(args) -> int:
                  local_iterations=args.local_iterations, strategy=args.strategy, strategy_options=options,
                  trainer=args.trainer, plans=args.plans, settings_file=args.config, device=args.device,
                  min_sites=args.min_sites, evaluate=not args.no_evaluate, resume=not args.restart_refused,
-                 seed=args.seed)
+                 seed=args.seed, sites=args.sites)
     except (FederateError, FederationStateError, PlansMismatch, ValueError) as e:
         print(f"nnunetv2_fedkd federate: error: {e}", file=sys.stderr)
         return 2
@@ -225,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--min-sites", type=int, default=1, help="least valid updates for a round to be aggregated")
     f.add_argument("--no-evaluate", action="store_true", help="skip the sites' validation of each global model")
     f.add_argument("--seed", type=int, default=0, help="seed of the initial global weights")
+    f.add_argument("--sites", nargs="+", default=None, help="only these sites of the spec (default: all)")
     f.add_argument("--no-resume", dest="restart_refused", action="store_true",
                    help="refuse to continue an existing run folder instead of resuming it")
     f.set_defaults(func=_cmd_federate)

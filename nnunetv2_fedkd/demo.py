@@ -4,8 +4,14 @@ Stages (each prints the commands it runs and where its output is):
 1. synthesise the federation (4 hospitals, one organ each, in the LiTS / KiTS23 / MSD layouts, plus a fully
    labelled BTCV-layout test set) and its ``federation.toml``;
 2. convert every site with ``nnunetv2_fedkd convert`` (to the organ registry) and check them against the spec;
-3. plan and preprocess every site with stock ``nnUNetv2_plan_and_preprocess --verify_dataset_integrity``;
-4. derive small CPU-sized plans (``nnUNetPlansSmall``) from nnU-Net's plans.
+3. plan the federation once from the sites' merged fingerprints (``nnunetv2_fedkd plan``; every site preprocesses
+   locally with stock nnU-Net) and derive small CPU-sized plans (``nnUNetPlansSmall``);
+4. federated training with FedKD (``nnunetv2_fedkd federate ... -tr nnUNetTrainerFedKD``), in-process;
+5. the baseline users would run today, naive FedAvg (``-tr nnUNetTrainerFedNaive``), same rounds and budget;
+6. predict the external test set with stock ``nnUNetv2_predict``, evaluate with ``nnUNetv2_evaluate_folder`` and
+   print the per-organ Dice table (also ``demo_results.json`` and ``demo_dice.png``).
+
+Single-organ teachers are not part of the demo yet.
 """
 from __future__ import annotations
 
@@ -17,9 +23,12 @@ from nnunetv2_fedkd.env import apply_env, nnunet_env, shell_exports
 
 MARKER = ".nnunetv2_fedkd_demo"
 
-# (size, cases per site, test cases) of the generated federation
-FULL = ((64, 64, 48), 8, 6)
-QUICK = ((48, 48, 32), 5, 3)  # nnU-Net's 5-fold split needs at least 5 cases per dataset
+# (size, cases per site, test cases, field-of-view scale, rounds, local iterations) of the demo. 40x40x32 voxels with a
+# 0.7x field of view is the size the CI tests measure (tests/test_federated_training.py). nnU-Net's 5-fold split needs
+# at least 5 cases per dataset.
+FULL = ((40, 40, 32), 5, 4, 0.7, 4, 60)
+QUICK = ((40, 40, 32), 5, 2, 0.7, 2, 20)
+METHODS = (("FedKD", "nnUNetTrainerFedKD"), ("naive FedAvg", "nnUNetTrainerFedNaive"))
 
 
 def prepare_workdir(workdir: Path) -> None:
@@ -35,22 +44,30 @@ def prepare_workdir(workdir: Path) -> None:
 
 
 def run_demo(workdir: Path, quick: bool = False, seed: int = 0) -> int:
-    from nnunetv2_fedkd.pipeline import convert_federation, plan_and_preprocess, small_plans
+    import sys
+
+    from nnunetv2_fedkd.env import subprocess_env
+    from nnunetv2_fedkd.federated.planning import plan_federation, resolve_layout
+    from nnunetv2_fedkd.pipeline import (convert_federation, evaluate, nnunet_script, predict, run_command,
+                                         small_plans)
     from nnunetv2_fedkd.spec import load_spec
     from nnunetv2_fedkd.synthetic import make_federation
+    from nnunetv2_fedkd.utils import atomic_write_json
 
     t_start = time.perf_counter()
     workdir = Path(workdir).absolute()
     prepare_workdir(workdir)
     apply_env(workdir, cpu=True)
     logs = workdir / "logs"
-    size, n_cases, n_test = QUICK if quick else FULL
+    size, n_cases, n_test, fov, rounds, iterations = QUICK if quick else FULL
+    n_stages = 6
 
     def stage(i: int, text: str) -> None:
-        print(f"\n[{i}/4] {text}  ({time.perf_counter() - t_start:.0f} s)", flush=True)
+        print(f"\n[{i}/{n_stages}] {text}  ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
     stage(1, f"synthesising the federation: 4 sites x {n_cases} cases, {n_test} test cases, {size} voxels")
-    spec_path = make_federation(workdir, seed=seed, size=size, cases_per_site=n_cases, test_cases=n_test)
+    spec_path = make_federation(workdir, seed=seed, size=size, cases_per_site=n_cases, test_cases=n_test,
+                                fov_scale=fov)
     spec = load_spec(spec_path)
     for s in spec.sites:
         print(f"  {s.name:<14} labels {s.organs} as {s.source_format} in {s.source_dir}")
@@ -59,16 +76,74 @@ def run_demo(workdir: Path, quick: bool = False, seed: int = 0) -> int:
     for out in convert_federation(spec, workdir / "nnUNet_raw"):
         print(f"  wrote {out}")
 
-    stage(3, "planning and preprocessing every site with stock nnU-Net")
-    plan_and_preprocess([s.dataset_id for s in spec.sites], workdir, log_dir=logs)
-
-    stage(4, "deriving small CPU plans (nnUNetPlansSmall)")
-    for p in small_plans([s.dataset for s in spec.sites], workdir):
+    stage(3, "planning the federation once from merged fingerprints; every site preprocesses locally")
+    print(f"$ nnunetv2_fedkd plan {spec_path}")
+    plan_federation(spec, workdir, log_dir=logs)
+    layout = resolve_layout(spec, workdir)
+    for p in small_plans([layout.coordinator] + [layout.views[s.name] for s in spec.sites], workdir):
         print(f"  wrote {p}")
+
+    settings = atomic_write_json(workdir / "fedkd_settings.json",
+                                 {"num_val_iterations_per_epoch": 1, "initial_lr": 0.03})
+    train_env = subprocess_env(workdir, cpu=True, training=True)
+    for i, (label, trainer) in enumerate(METHODS):
+        stage(4 + i, f"federated training, {label}: {rounds} rounds x {iterations} local iterations per site")
+        cmd = [nnunet_script("nnunetv2_fedkd"), "federate", str(spec_path), "--rounds", str(rounds),
+               "--local-iterations", str(iterations), "--strategy", "fedavg", "-tr", trainer,
+               "-p", "nnUNetPlansSmall", "--config", str(settings), "-device", "cpu"]
+        if trainer != "nnUNetTrainerFedKD":
+            cmd.append("--no-evaluate")
+        run_command(cmd, train_env)
+
+    stage(6, "predicting the external test set with stock nnUNetv2_predict; evaluating with nnUNetv2_evaluate_folder")
+    test = workdir / "nnUNet_raw" / spec.test_set.dataset
+    dice = {}
+    for label, trainer in METHODS:
+        pred = predict(test / "imagesTr", workdir / "predictions" / trainer, layout.coordinator, trainer, workdir,
+                       fold="all", log_dir=logs)
+        dice[label] = evaluate(test / "labelsTr", pred, test / "dataset.json", workdir, log_dir=logs)
+    organs = list(spec.labels)
+    header = f"  {'method':<14}" + "".join(f"{o:>10}" for o in organs) + f"{'mean':>10}"
+    print("\nPer-organ Dice on the external test set (every organ is unlabelled at 3 of the 4 sites):")
+    print(header)
+    for label, d in dice.items():
+        vals = [d.get(o, float("nan")) for o in organs]
+        mean = sum(0.0 if v != v else v for v in vals) / len(vals)
+        print(f"  {label:<14}" + "".join(f"{v:>10.3f}" for v in vals) + f"{mean:>10.3f}")
+    results = {"dice": dice, "rounds": rounds, "local_iterations": iterations, "size": list(size),
+               "cases_per_site": n_cases, "test_cases": n_test, "seconds": round(time.perf_counter() - t_start)}
+    atomic_write_json(workdir / "demo_results.json", results)
+    plot = _plot(dice, organs, workdir / "demo_dice.png")
+    run_dir = (workdir / "nnUNet_results" / layout.coordinator / "nnUNetTrainerFedKD__nnUNetPlansSmall__3d_fullres")
 
     print(f"\nDone in {time.perf_counter() - t_start:.0f} s. Outputs are in {workdir}:")
     print(f"  federation spec   {spec_path}")
+    print(f"  Dice table/plot   {workdir / 'demo_results.json'}, {plot}")
+    print(f"  FedKD model       {run_dir} (per-round metrics and progress.png in federation/)")
     print(f"  nnU-Net folders   {workdir / 'nnUNet_raw'}, nnUNet_preprocessed, nnUNet_results; logs in {logs}")
     print("To use stock nnU-Net commands on them, set the environment first:")
     print("  " + shell_exports(nnunet_env(workdir, cpu=True)).replace("\n", "\n  "))
+    sys.stdout.flush()
     return 0
+
+
+def _plot(dice, organs, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / max(1, len(dice))
+    x = np.arange(len(organs))
+    for i, (label, d) in enumerate(dice.items()):
+        ax.bar(x + i * width, [np.nan_to_num(d.get(o, np.nan)) for o in organs], width, label=label)
+    ax.set_xticks(x + width * (len(dice) - 1) / 2, organs)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("Dice, external test set")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

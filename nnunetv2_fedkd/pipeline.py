@@ -88,9 +88,12 @@ def small_plans(datasets: Sequence[str], workdir: Path, **kwargs) -> List[Path]:
 
 
 def train(dataset: str, trainer: str, workdir: Path, config_file: Optional[Path] = None, fold: str = "0",
-          plans: str = "nnUNetPlansSmall", cpu: bool = True, log_dir: Optional[Path] = None) -> Path:
-    """Stock ``nnUNetv2_train DATASET 3d_fullres FOLD -tr TRAINER -p PLANS``; returns the fold folder."""
+          plans: str = "nnUNetPlansSmall", cpu: bool = True, log_dir: Optional[Path] = None,
+          extra_env: Optional[Dict[str, str]] = None) -> Path:
+    """Stock ``nnUNetv2_train DATASET 3d_fullres FOLD -tr TRAINER -p PLANS``; returns the fold folder.
+    ``extra_env``: variables to override (e.g. another ``nnUNet_results``)."""
     extra = {"nnUNet_fedkd_config": str(config_file)} if config_file else {}
+    extra.update(extra_env or {})
     env = subprocess_env(workdir, cpu=cpu, training=True, extra=extra)
     cmd = [nnunet_script("nnUNetv2_train"), dataset, "3d_fullres", fold, "-tr", trainer, "-p", plans]
     if cpu:
@@ -101,9 +104,9 @@ def train(dataset: str, trainer: str, workdir: Path, config_file: Optional[Path]
 
 def predict(images: Path, output: Path, dataset: str, trainer: str, workdir: Path, fold: str = "0",
             plans: str = "nnUNetPlansSmall", cpu: bool = True, tta: bool = False,
-            log_dir: Optional[Path] = None) -> Path:
+            log_dir: Optional[Path] = None, extra_env: Optional[Dict[str, str]] = None) -> Path:
     """Stock ``nnUNetv2_predict``."""
-    env = subprocess_env(workdir, cpu=cpu)
+    env = subprocess_env(workdir, cpu=cpu, extra=extra_env)
     cmd = [nnunet_script("nnUNetv2_predict"), "-i", str(images), "-o", str(output), "-d", dataset, "-c",
            "3d_fullres", "-f", fold, "-tr", trainer, "-p", plans, "-npp", "1", "-nps", "1"]
     if cpu:

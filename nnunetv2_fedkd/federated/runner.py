@@ -22,15 +22,16 @@ import contextlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from nnunetv2_fedkd.federated.aggregation import make_strategy
+from nnunetv2_fedkd.federated.aggregation import SiteUpdate, make_strategy
 from nnunetv2_fedkd.federated.nnunet_site import NnUNetSite, _env
-from nnunetv2_fedkd.federated.round_core import RoundCore, plot_progress
-from nnunetv2_fedkd.spec import FederationSpec
+from nnunetv2_fedkd.federated.round_core import PendingRound, RoundCore, plot_progress
+from nnunetv2_fedkd.spec import FederationSpec, Site
 from nnunetv2_fedkd.utils import atomic_write_json
 
 
@@ -107,19 +108,72 @@ class ServerModel:
         return final
 
 
-def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] = None,
-             local_iterations: Optional[int] = None, strategy: str = "fedavg",
-             strategy_options: Optional[Mapping[str, Any]] = None, trainer: str = "nnUNetTrainerFedKD",
-             plans: str = "nnUNetPlansSmall", settings_file: Optional[os.PathLike] = None,
-             settings: Optional[Mapping[str, Any]] = None, device: str = "cpu", min_sites: int = 1,
-             evaluate: bool = True, resume: bool = True, seed: int = 0, sites: Optional[Sequence[str]] = None,
-             workdir: Optional[Path] = None, log=print) -> Dict[str, Any]:
-    """Run (or resume) the federation; returns a summary (model folder, metrics files, last round's record).
+@dataclass
+class FederationServer:
+    """The server side of a federation, set up by :func:`prepare_federation`: what :func:`federate` (sites
+    in-process) and the Flower ServerApp (:mod:`nnunetv2_fedkd.flower.server_app`, sites behind messages) share.
+    Both drive ``core`` (:class:`~nnunetv2_fedkd.federated.round_core.RoundCore`) and end with
+    :meth:`finish_round` per round and :meth:`finish`."""
 
-    ``local_iterations`` N: one local epoch of N iterations per round; ``local_epochs`` E: E local epochs of
-    ``num_iterations_per_epoch`` (settings, default nnU-Net's 250). The learning rate follows nnU-Net's poly schedule
-    over all rounds. ``settings``/``settings_file``: trainer settings (JSON) sent to every site."""
-    from nnunetv2_fedkd.federated.planning import (check_site_plans, federation_plans_digest, resolve_layout)
+    spec: FederationSpec
+    layout: Any  # FederationLayout
+    sites: List[Site]  # the spec's selected sites
+    trainer: str
+    plans: str
+    settings: Dict[str, Any]  # the trainer settings every site receives
+    model_dir: Path
+    run_dir: Path
+    model: ServerModel
+    core: RoundCore
+    log: Callable[[str], Any] = print
+
+    def site_dir(self, site: str) -> Path:
+        """Where :func:`federate` keeps a site's files (training logs, FedBN state)."""
+        return self.run_dir / "sites" / site
+
+    def log_update(self, update: SiteUpdate, seconds: float) -> None:
+        r, rounds = self.core.state.completed_rounds, self.core.total_rounds
+        loss = update.metrics.get("train_loss")
+        self.log(f"round {r + 1}/{rounds} site {update.site}: done in {seconds:.0f} s, {update.num_examples} cases"
+                 + (f", train loss {loss:.4f}" if loss is not None else ""))
+
+    def finish_round(self, pending: PendingRound, evaluations: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
+        """Commit the round (checkpoint + record), redraw progress.png, log the round's summary."""
+        record = self.core.commit(pending, evaluations)
+        plot_progress(self.core.state.history, self.run_dir / "progress.png")
+        n = len(record["accepted"])
+        self.log(f"round {record['round']}/{self.core.total_rounds}: "
+                 f"{'aggregated ' + str(n) + ' site(s)' if record['aggregated'] else 'NOT aggregated'}"
+                 f" in {record['seconds']:.0f} s; validation Dice {_fmt_dice(record['organ_dice'])}")
+        return record
+
+    def finish(self) -> Dict[str, Any]:
+        """Write the final nnU-Net results folder; returns the summary :func:`federate` returns."""
+        state = self.core.state
+        final = self.model.write_results_folder(state.weights, state.completed_rounds)
+        plot_progress(state.history, self.run_dir / "progress.png")
+        self.log(f"final global model: {final}")
+        self.log(f"metrics: {self.run_dir / 'metrics.json'}, {self.run_dir / 'metrics.csv'}, "
+                 f"{self.run_dir / 'progress.png'}")
+        return {"model_folder": str(self.model_dir), "checkpoint": str(final), "run_dir": str(self.run_dir),
+                "plans_dataset": self.layout.coordinator, "history": state.history}
+
+
+def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] = None,
+                       local_iterations: Optional[int] = None, strategy: str = "fedavg",
+                       strategy_options: Optional[Mapping[str, Any]] = None, trainer: str = "nnUNetTrainerFedKD",
+                       plans: str = "nnUNetPlansSmall", settings_file: Optional[os.PathLike] = None,
+                       settings: Optional[Mapping[str, Any]] = None, device: str = "cpu", min_sites: int = 1,
+                       resume: bool = True, seed: int = 0, sites: Optional[Sequence[str]] = None,
+                       workdir: Optional[Path] = None, check_site_plans: bool = True,
+                       log=print) -> FederationServer:
+    """Everything before the first round (arguments as :func:`federate`): the federation's plans and digest, the
+    trainer settings, the global model's definition, the strategy and the round core, started (or resumed) in
+    ``$nnUNet_results/<plans dataset>/<trainer>__<plans>__3d_fullres/federation``, and ``run.json``.
+    ``check_site_plans``: also check every selected site's plans file here (possible only where the sites' data is
+    visible, as in :func:`federate`; a site refuses other plans itself anyway)."""
+    from nnunetv2_fedkd.federated.planning import check_site_plans as check_plans
+    from nnunetv2_fedkd.federated.planning import federation_plans_digest, resolve_layout
 
     if (local_epochs is None) == (local_iterations is None):
         raise FederateError("give exactly one of local_epochs and local_iterations")
@@ -131,14 +185,17 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
         raise FederateError(f"{coord_plans} does not exist: run `nnunetv2_fedkd plan` (and derive {plans} for every "
                             f"site and the plans dataset) first")
     digest = federation_plans_digest(json.loads(coord_plans.read_text()))
+    unknown = sorted(set(sites or ()) - {s.name for s in spec.sites})
+    if unknown:
+        raise FederateError(f"sites {unknown} are not in {spec.path} (its sites: {[s.name for s in spec.sites]})")
     chosen = [s for s in spec.sites if sites is None or s.name in sites]
     if not chosen:
         raise FederateError(f"no site of {spec.path} is selected ({sites})")
-    for s in chosen:
+    for s in chosen if check_site_plans else ():
         f = pre / layout.views[s.name] / f"{plans}.json"
         if not f.is_file():
             raise FederateError(f"site {s.name!r}: {f} does not exist")
-        check_site_plans(s.name, json.loads(f.read_text()), digest)
+        check_plans(s.name, json.loads(f.read_text()), digest)
 
     trainer_settings = {**load_settings(settings_file), **dict(settings or {})}
     if local_iterations is not None:
@@ -154,18 +211,38 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
     server = ServerModel(layout.coordinator, trainer, plans, server_cfg, device)
     strat = make_strategy(strategy, **dict(strategy_options or {}))
     core = RoundCore(run_dir, strat, rounds, digest, trainer_settings, min_sites=min_sites, log=log)
-    state = core.start(server.initial_weights(seed), resume=resume)
+    core.start(server.initial_weights(seed), resume=resume)
     atomic_write_json(run_dir / "run.json", {
         "spec": str(spec.path) if spec.path else None, "plans_dataset": layout.coordinator, "trainer": trainer,
         "plans": plans, "rounds": rounds, "strategy": strat.hyperparameters(), "settings": trainer_settings,
         "sites": {s.name: layout.views[s.name] for s in chosen}, "min_sites": min_sites, "seed": seed})
-
-    site_objs = [NnUNetSite(s.name, layout.views[s.name], s.organs, run_dir / "sites" / s.name, trainer, plans,
-                            device=device, log=log) for s in chosen]
-    log(f"federation {spec.name}: {len(site_objs)} sites, {rounds} rounds of {strat.name}, trainer {trainer}, "
+    log(f"federation {spec.name}: {len(chosen)} sites, {rounds} rounds of {strat.name}, trainer {trainer}, "
         f"plans {plans}; run folder {run_dir}")
+    return FederationServer(spec, layout, chosen, trainer, plans, trainer_settings, model_dir, run_dir, server, core,
+                            log)
+
+
+def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] = None,
+             local_iterations: Optional[int] = None, strategy: str = "fedavg",
+             strategy_options: Optional[Mapping[str, Any]] = None, trainer: str = "nnUNetTrainerFedKD",
+             plans: str = "nnUNetPlansSmall", settings_file: Optional[os.PathLike] = None,
+             settings: Optional[Mapping[str, Any]] = None, device: str = "cpu", min_sites: int = 1,
+             evaluate: bool = True, resume: bool = True, seed: int = 0, sites: Optional[Sequence[str]] = None,
+             workdir: Optional[Path] = None, log=print) -> Dict[str, Any]:
+    """Run (or resume) the federation; returns a summary (model folder, metrics files, last round's record).
+
+    ``local_iterations`` N: one local epoch of N iterations per round; ``local_epochs`` E: E local epochs of
+    ``num_iterations_per_epoch`` (settings, default nnU-Net's 250). The learning rate follows nnU-Net's poly schedule
+    over all rounds. ``settings``/``settings_file``: trainer settings (JSON) sent to every site."""
+    fs = prepare_federation(spec, rounds, local_epochs=local_epochs, local_iterations=local_iterations,
+                            strategy=strategy, strategy_options=strategy_options, trainer=trainer, plans=plans,
+                            settings_file=settings_file, settings=settings, device=device, min_sites=min_sites,
+                            resume=resume, seed=seed, sites=sites, workdir=workdir, log=log)
+    core = fs.core
+    site_objs = [NnUNetSite(s.name, fs.layout.views[s.name], s.organs, fs.site_dir(s.name), trainer, plans,
+                            device=device, log=log) for s in fs.sites]
     while not core.done:
-        r = state.completed_rounds
+        r = core.state.completed_rounds
         t0 = time.time()
         instructions = core.fit_instructions()
         updates, failures = [], []
@@ -178,9 +255,7 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
                 failures.append((site.name, f"{type(e).__name__}: {e}"))
                 continue
             updates.append(u)
-            loss = u.metrics.get("train_loss")
-            log(f"round {r + 1}/{rounds} site {site.name}: done in {time.time() - ts:.0f} s, {u.num_examples} cases"
-                + (f", train loss {loss:.4f}" if loss is not None else ""))
+            fs.log_update(u, time.time() - ts)
         pending = core.aggregate(updates, failures, started=t0)
         evaluations = {}
         if evaluate:
@@ -191,14 +266,11 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
                     evaluations[site.name] = site.evaluate(pending.result.weights, instructions)
                 except Exception as e:
                     log(f"round {r + 1}: site {site.name!r} could not evaluate: {type(e).__name__}: {e}")
-        record = core.commit(pending, evaluations)
-        state = core.state
-        plot_progress(state.history, run_dir / "progress.png")
-        log(f"round {r + 1}/{rounds}: {'aggregated ' + str(len(record['accepted'])) + ' site(s)' if record['aggregated'] else 'NOT aggregated'}"
-            f" in {record['seconds']:.0f} s; validation Dice {_fmt_dice(record['organ_dice'])}")
-    final = server.write_results_folder(state.weights, state.completed_rounds)
-    plot_progress(state.history, run_dir / "progress.png")
-    log(f"final global model: {final}")
-    log(f"metrics: {run_dir / 'metrics.json'}, {run_dir / 'metrics.csv'}, {run_dir / 'progress.png'}")
-    return {"model_folder": str(model_dir), "checkpoint": str(final), "run_dir": str(run_dir),
-            "plans_dataset": layout.coordinator, "history": state.history}
+        fs.finish_round(pending, evaluations)
+    history = core.state.history
+    if history and not any(h["aggregated"] for h in history):
+        # every site failed in every round: the "global model" was never trained; say so instead of exiting 0
+        reasons = [f"{f['site']}: {f['reason']}" for h in history for f in h.get("failed", [])][:3]
+        raise FederateError(f"no round of {fs.run_dir} aggregated any update (site logs: {fs.run_dir / 'sites'}); "
+                            f"first failures: {reasons}")
+    return fs.finish()

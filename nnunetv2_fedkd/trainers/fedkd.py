@@ -111,10 +111,10 @@ class _FedKDMixin(_MSKDMixin):
             raise FederationError(f"local_keys must be 'none' or 'norm', got {c['local_keys']!r}")
         if not c["global_model"]:
             return
-        from nnunetv2_fedkd.federated.planning import PlansMismatch, federation_plans_digest
+        from nnunetv2_fedkd.federated.planning import PlansMismatch
 
         weights, meta = load_weights(c["global_model"])
-        mine = federation_plans_digest(self.plans_manager.plans)
+        mine = self._plans_file_digest()
         expected = c["plans_digest"] or meta.get("plans_digest")
         if expected and expected != mine:
             raise PlansMismatch(f"site {self._site()!r}: plans {self.plans_manager.plans_name!r} of "
@@ -139,6 +139,17 @@ class _FedKDMixin(_MSKDMixin):
         self.print_to_log_file(f"federated round {c['round'] + 1}/{c['total_rounds']} of site {self._site()!r}: "
                                f"starts from {c['global_model']}; local keys: {len(self._local_keys)}; "
                                f"teachers: {len(self.teachers)}; fedprox mu {c['fedprox_mu']}")
+
+    def _plans_file_digest(self) -> str:
+        """Digest of the plans file this site trains with (as on disk: trainers such as the multi-head one add
+        entries to the plans in memory)."""
+        import json
+
+        from nnunetv2_fedkd.federated.planning import federation_plans_digest
+
+        path = os.path.join(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name + ".json")
+        with open(path) as f:
+            return federation_plans_digest(json.load(f))
 
     def configure_optimizers(self):
         optimizer, _ = super().configure_optimizers()
@@ -186,8 +197,6 @@ class _FedKDMixin(_MSKDMixin):
             save_weights(c["local_state_out"], {k: weights[k] for k in self._local_keys},
                          {"site": self._site(), "round": int(c["round"])})
         if c["update_file"]:
-            from nnunetv2_fedkd.federated.planning import federation_plans_digest
-
             tr_keys, _ = self.do_split()
             loss = float(self.logger.get_value("train_losses", -1))
             ema = float(self.logger.get_value("ema_fg_dice", -1))
@@ -198,7 +207,7 @@ class _FedKDMixin(_MSKDMixin):
                          {"site": self._site(), "round": int(c["round"]), "num_examples": len(tr_keys),
                           "organs": list((self.dataset_json.get("fedkd") or {}).get(
                               "annotated", self.label_availability.label_names)),
-                          "plans_digest": federation_plans_digest(self.plans_manager.plans), "metrics": metrics})
+                          "plans_digest": self._plans_file_digest(), "metrics": metrics})
 
 
 class nnUNetTrainerFedKD(_FedKDMixin, nnUNetTrainerMarginal):

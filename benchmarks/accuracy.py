@@ -1,0 +1,218 @@
+"""Accuracy benchmark: the methods users would run, on the synthetic federation, same small plans and same budget.
+
+    python benchmarks/accuracy.py --out benchmarks/results/accuracy [--seeds 0 1 2] [--rounds 4]
+        [--local-iterations 60] [--methods fedkd naive_fedavg ...] [--workdir DIR] [--prepared]
+
+Per seed it synthesises the federation (4 sites x 5 cases, one organ each, 40x40x32, 0.7x field of view, plus a fully
+labelled external test set), converts it, plans it with ``nnunetv2_fedkd plan``, derives ``nnUNetPlansSmall`` and, for
+the central methods, pools it with ``nnunetv2_fedkd merge`` (stock ``nnUNetv2_plan_and_preprocess``). Every method is
+the command a user runs; federated methods get ``rounds x local_iterations`` iterations per site, central methods the
+same total (``rounds x local_iterations x sites``). Every model predicts the test set with stock ``nnUNetv2_predict``
+and is scored with ``nnUNetv2_evaluate_folder``. Writes ``results.json`` (every number, the command, versions, machine),
+``results.md`` (mean +- sd over seeds) and ``dice.png`` into ``--out``.
+
+``--prepared`` with ``--workdir``: use an existing planned workdir (one seed; what the smoke test does).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+# method -> (kind, trainer, extra federate args / None, trainer settings)
+METHODS: Dict[str, tuple] = {
+    "central_naive": ("central", "nnUNetTrainerNaivePartial", None, {}),
+    "central_marginal": ("central", "nnUNetTrainerMarginal", None, {}),
+    "central_multihead": ("central", "nnUNetTrainerMultiHead", None, {}),
+    "naive_fedavg": ("federated", "nnUNetTrainerFedNaive", ["--strategy", "fedavg"], {}),
+    "fedavg_marginal": ("federated", "nnUNetTrainerFedKD", ["--strategy", "fedavg"], {"global_kd_weight": 0.0}),
+    "fedprox_marginal": ("federated", "nnUNetTrainerFedKD", ["--strategy", "fedprox", "--strategy-option", "mu=0.01"],
+                         {"global_kd_weight": 0.0}),
+    "fedbn_marginal": ("federated", "nnUNetTrainerFedKD", ["--strategy", "fedbn"], {"global_kd_weight": 0.0}),
+    "fedkd": ("federated", "nnUNetTrainerFedKD", ["--strategy", "fedavg"], {}),
+}
+BASE_SETTINGS = {"num_val_iterations_per_epoch": 1, "initial_lr": 0.03, "final_validation": False}
+POOLED_ID = 510
+
+
+def prepare(workdir: Path, seed: int, central: bool):
+    from nnunetv2_fedkd.federated.planning import plan_federation, resolve_layout
+    from nnunetv2_fedkd.pipeline import convert_federation, plan_and_preprocess, small_plans
+    from nnunetv2_fedkd.pooled_dataset import merge_sites
+    from nnunetv2_fedkd.spec import load_spec
+    from nnunetv2_fedkd.synthetic import make_federation
+
+    spec = load_spec(make_federation(workdir, seed=seed, size=(40, 40, 32), cases_per_site=5, test_cases=4,
+                                     fov_scale=0.7))
+    convert_federation(spec, workdir / "nnUNet_raw")
+    plan_federation(spec, workdir, log_dir=workdir / "logs")
+    layout = resolve_layout(spec, workdir)
+    small_plans([layout.coordinator] + [layout.views[s.name] for s in spec.sites], workdir, patch_size=(32, 32, 32))
+    if central:
+        pooled = merge_sites(spec, POOLED_ID, nnunet_raw=workdir / "nnUNet_raw", overwrite=True)
+        plan_and_preprocess([POOLED_ID], workdir, log_dir=workdir / "logs")
+        small_plans([pooled.name], workdir, patch_size=(32, 32, 32))
+
+
+def run_method(name: str, workdir: Path, rounds: int, iters: int, out: Path) -> Dict[str, float]:
+    from nnunetv2_fedkd.env import subprocess_env
+    from nnunetv2_fedkd.federated.planning import resolve_layout
+    from nnunetv2_fedkd.pipeline import evaluate, nnunet_script, predict, run_command, train
+    from nnunetv2_fedkd.spec import load_spec
+
+    kind, trainer, fed_args, extra = METHODS[name]
+    spec = load_spec(workdir / "federation.toml")
+    settings = out / f"settings_{name}.json"
+    logs = workdir / "logs"
+    # every method trains into its own nnUNet_results, so methods sharing a trainer class do not collide
+    results_env = {"nnUNet_results": str(workdir / "bench_results" / name)}
+    if (workdir / "bench_results" / name).exists():
+        import shutil
+
+        shutil.rmtree(workdir / "bench_results" / name)
+    if kind == "federated":
+        settings.write_text(json.dumps({**BASE_SETTINGS, **extra}))
+        cmd = [nnunet_script("nnunetv2_fedkd"), "federate", str(spec.path), "--rounds", str(rounds),
+               "--local-iterations", str(iters), "-tr", trainer, "-p", "nnUNetPlansSmall", "--config", str(settings),
+               "-device", "cpu", "--no-evaluate", *fed_args]
+        run_command(cmd, subprocess_env(workdir, cpu=True, training=True, extra=results_env),
+                    logs / f"bench_{name}.log")
+        dataset, fold = resolve_layout(spec, workdir).coordinator, "all"
+    else:
+        total = rounds * iters * len(spec.sites)
+        epochs = max(1, total // 100)
+        settings.write_text(json.dumps({**BASE_SETTINGS, **extra, "num_epochs": epochs,
+                                        "num_iterations_per_epoch": max(1, total // epochs)}))
+        dataset = next(p.name for p in (workdir / "nnUNet_raw").glob(f"Dataset{POOLED_ID}_*"))
+        fold = "all"
+        train(dataset, trainer, workdir, settings, fold=fold, log_dir=logs, extra_env=results_env)
+    test = workdir / "nnUNet_raw" / spec.test_set.dataset
+    pred = predict(test / "imagesTr", workdir / "bench_predictions" / name, dataset, trainer, workdir, fold=fold,
+                   log_dir=logs, extra_env=results_env)
+    return evaluate(test / "labelsTr", pred, test / "dataset.json", workdir, log_dir=logs)
+
+
+def versions() -> Dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("nnunetv2", "torch", "flwr", "nnunetv2_fedkd"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def machine() -> Dict[str, object]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count()}
+
+
+def summarise(results: Dict[str, Dict[str, Dict[str, float]]], organs: List[str]) -> Dict[str, Dict[str, list]]:
+    """method -> organ (and 'mean') -> [mean, sd, n] over seeds (NaN Dice counts as 0: an organ that is present in
+    every test case and missing from the prediction)."""
+    table = {}
+    for method in {m for per_seed in results.values() for m in per_seed}:
+        rows = [per_seed[method] for per_seed in results.values() if method in per_seed]
+        cols = {o: [float(np.nan_to_num(r.get(o, np.nan))) for r in rows] for o in organs}
+        cols["mean"] = [float(np.mean([np.nan_to_num(r.get(o, np.nan)) for o in organs])) for r in rows]
+        table[method] = {k: [float(np.mean(v)), float(np.std(v)), len(v)] for k, v in cols.items()}
+    return table
+
+
+def write_outputs(out: Path, record: dict, organs: List[str]) -> None:
+    from nnunetv2_fedkd.utils import atomic_write_json, atomic_write_text
+
+    atomic_write_json(out / "results.json", record)
+    lines = [f"Command: `{record['command']}`", "",
+             f"Seeds: {record['seeds']}; {record['rounds']} rounds x {record['local_iterations']} local iterations "
+             f"per site (central: the same total). Dice on the external test set, mean +- sd over seeds.", "",
+             "| method | " + " | ".join(organs) + " | mean |", "|---" * (len(organs) + 2) + "|"]
+    order = [m for m in METHODS if m in record["summary"]]
+    for m in order:
+        cells = [f"{record['summary'][m][o][0]:.3f} +- {record['summary'][m][o][1]:.3f}" for o in organs + ["mean"]]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", f"Versions: {record['versions']}; machine: {record['machine']}; {record['seconds']} s"]
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(order)), 3.8))
+    x = np.arange(len(order))
+    width = 0.8 / (len(organs) + 1)
+    for i, o in enumerate(organs + ["mean"]):
+        ax.bar(x + i * width, [record["summary"][m][o][0] for m in order], width,
+               yerr=[record["summary"][m][o][1] for m in order], label=o)
+    ax.set_xticks(x + width * len(organs) / 2, order, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("Dice (external test set)")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(out / "dice.png", dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--workdir", type=Path, default=None, help="default: <out>/work")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--local-iterations", type=int, default=60)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--prepared", action="store_true", help="--workdir is already planned (one seed only)")
+    args = p.parse_args(argv)
+    out = args.out.absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    base = (args.workdir or out / "work").absolute()
+    if args.prepared and len(args.seeds) != 1:
+        p.error("--prepared runs one seed")
+    t0 = time.time()
+    results: Dict[str, Dict[str, Dict[str, float]]] = {}
+    organs: List[str] = []
+    central = any(METHODS[m][0] == "central" for m in args.methods)
+    for seed in args.seeds:
+        wd = base if args.prepared else base / f"seed_{seed}"
+        if not args.prepared:
+            if wd.exists():
+                import shutil
+
+                shutil.rmtree(wd)
+            wd.mkdir(parents=True)
+            print(f"== seed {seed}: preparing {wd}", flush=True)
+            prepare(wd, seed, central)
+        from nnunetv2_fedkd.spec import load_spec
+
+        organs = list(load_spec(wd / "federation.toml").labels)
+        results[str(seed)] = {}
+        for m in args.methods:
+            ts = time.time()
+            print(f"== seed {seed}: {m}", flush=True)
+            results[str(seed)][m] = run_method(m, wd, args.rounds, args.local_iterations, out)
+            print(f"   {m}: {json.dumps({k: round(v, 3) for k, v in results[str(seed)][m].items()})} "
+                  f"({time.time() - ts:.0f} s)", flush=True)
+    record = {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+              "seeds": args.seeds, "rounds": args.rounds, "local_iterations": args.local_iterations,
+              "methods": {m: {"kind": METHODS[m][0], "trainer": METHODS[m][1], "federate_args": METHODS[m][2],
+                              "settings": {**BASE_SETTINGS, **METHODS[m][3]}} for m in args.methods},
+              "per_seed": results, "summary": summarise(results, organs), "versions": versions(),
+              "machine": machine(), "seconds": round(time.time() - t0)}
+    write_outputs(out, record, organs)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'dice.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The Flower ServerApp: the same federation as ``nnunetv2_fedkd federate``, with the sites behind SuperNodes.
+
+Set-up, checkpoints, resume, aggregation, records and the final nnU-Net results folder are the in-process runner's
+(:func:`~nnunetv2_fedkd.federated.runner.prepare_federation`, :class:`~nnunetv2_fedkd.federated.runner.
+FederationServer`, :class:`~nnunetv2_fedkd.federated.round_core.RoundCore`); only the way the sites are reached
+differs. Per round:
+
+1. wait (bounded: ``wait-for-nodes`` s) until at least ``min-sites`` SuperNodes are connected;
+2. ``train`` message with the global weights and the round's instructions to every connected SuperNode
+   (``grid.send_and_receive``, ``round-timeout``); error replies and missing replies are failed sites;
+3. ``core.aggregate`` (validation, strategy, ``min_sites``);
+4. ``evaluate`` message with the new global weights to every site that sent an update;
+5. ``core.commit`` (checkpoint + record), ``progress.png``.
+
+Then ``$nnUNet_results/<plans dataset>/<trainer>__<plans>__3d_fullres/fold_all/checkpoint_final.pth``. The server
+needs the plans dataset (``nnUNet_preprocessed``/``nnUNet_raw`` of the coordinator) and ``nnUNet_results`` in the
+SuperLink's environment (it reaches the ServerApp), and the spec file; no site data. Run config: the app's
+``pyproject.toml`` (``[tool.flwr.app.config]``).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, Mapping
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from nnunetv2_fedkd.env import apply_env
+from nnunetv2_fedkd.flower.strategy import SiteDirectory, evaluate_round, train_round, wait_for_nodes
+from nnunetv2_fedkd.flower.task import weights_to_record
+
+app = ServerApp()
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def _json_object(rc: Mapping[str, Any], key: str) -> Dict[str, Any]:
+    text = str(rc.get(key, "") or "").strip()
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError as e:
+        raise ValueError(f"run config {key} must be a JSON object: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"run config {key} must be a JSON object, got {text!r}")
+    return value
+
+
+def federation_arguments(rc: Mapping[str, Any]) -> Dict[str, Any]:
+    """Keyword arguments of :func:`~nnunetv2_fedkd.federated.runner.prepare_federation` from the run config.
+    ``local-epochs`` > 0 means E local epochs per round, else ``local-iterations`` N (one local epoch of N)."""
+    epochs, iterations = int(rc.get("local-epochs", 0)), int(rc.get("local-iterations", 0))
+    if epochs <= 0 and iterations <= 0:
+        raise ValueError("set local-iterations (or local-epochs) > 0 in the run config")
+    sites = [s.strip() for s in str(rc.get("sites", "")).split(",") if s.strip()]
+    return dict(local_epochs=epochs if epochs > 0 else None, local_iterations=None if epochs > 0 else iterations,
+                strategy=str(rc.get("strategy", "fedavg")), strategy_options=_json_object(rc, "strategy-options"),
+                trainer=str(rc.get("trainer", "nnUNetTrainerFedKD")), plans=str(rc.get("plans", "nnUNetPlans")),
+                settings_file=str(rc["settings-file"]) if rc.get("settings-file") else None,
+                settings=_json_object(rc, "settings"),
+                device=str(rc.get("device", "cpu")), min_sites=int(rc.get("min-sites", 1)),
+                resume=bool(rc.get("resume", True)), seed=int(rc.get("seed", 0)), sites=sites or None)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from nnunetv2_fedkd.federated.runner import prepare_federation
+    from nnunetv2_fedkd.spec import load_spec
+
+    rc = context.run_config
+    if not rc.get("spec"):
+        raise ValueError("set the federation spec in the run config: --run-config 'spec=\"/path/federation.toml\"'")
+    apply_env()  # nnUNet_extTrainer: the plugin trainers
+    fs = prepare_federation(load_spec(Path(str(rc["spec"]))), int(rc["rounds"]), check_site_plans=False, log=_log,
+                            **federation_arguments(rc))
+    core = fs.core
+    directory = SiteDirectory(s.name for s in fs.sites)
+    wait_s, timeout = float(rc.get("wait-for-nodes", 300)), float(rc.get("round-timeout", 3600))
+    while not core.done:
+        r = core.state.completed_rounds
+        nodes = wait_for_nodes(grid, core.min_sites, wait_s, _log, select=directory.select)
+        t0 = time.time()
+        instructions = core.fit_instructions()
+        _log(f"round {r + 1}/{core.total_rounds}: train messages to {len(nodes)} SuperNode(s)")
+        updates, failures, trained = train_round(
+            grid, nodes, weights_to_record(core.state.weights), instructions, directory, timeout,
+            on_update=lambda u: fs.log_update(u, time.time() - t0))
+        pending = core.aggregate(updates, failures, started=t0)
+        evaluations = {}
+        if bool(rc.get("evaluate", True)) and trained:
+            evaluations = evaluate_round(grid, trained, weights_to_record(pending.result.weights), instructions,
+                                         directory, timeout, _log)
+        fs.finish_round(pending, evaluations)
+    fs.finish()

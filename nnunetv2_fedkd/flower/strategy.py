@@ -1,0 +1,143 @@
+"""The server's side of a round over Flower messages: wait for SuperNodes, send ``train``/``evaluate`` messages, turn
+the replies into what the round core takes (:class:`~nnunetv2_fedkd.federated.aggregation.SiteUpdate` s and
+``(site, reason)`` failures, evaluations by site).
+
+No aggregation here: the round core validates and aggregates (the ServerApp does not use Flower's strategies).
+
+Sites are identified by the name their SuperNode declares (``--node-config site=...``), bound to the SuperNode's node
+id at its first reply: a node that later declares another name, a name another connected node holds, or a site that
+is not in the federation's spec is refused (the reply counts as a failure). With SuperNode authentication
+(``--enable-supernode-auth``) node ids belong to registered keys.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from flwr.app import ArrayRecord, Message, MessageType
+from flwr.serverapp import Grid
+
+from nnunetv2_fedkd.federated.aggregation import SiteUpdate
+from nnunetv2_fedkd.flower.task import MessageContentError, read_evaluation, read_update, round_content
+
+
+class NoSitesError(RuntimeError):
+    """No SuperNode connected within the waiting time."""
+
+
+def wait_for_nodes(grid: Grid, least: int, timeout: float, log: Callable[[str], Any] = print,
+                   select: Callable[[Iterable[int]], List[int]] = list, poll: float = 2.0) -> List[int]:
+    """The connected node ids (those ``select`` keeps), once at least ``least`` are connected or after ``timeout``
+    seconds (then whatever is connected; :class:`NoSitesError` if none)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(select(grid.get_node_ids()))
+        if len(nodes) >= least:
+            return nodes
+        if time.monotonic() >= deadline:
+            if not nodes:
+                raise NoSitesError(f"no SuperNode connected within {timeout:.0f} s")
+            log(f"only {len(nodes)} SuperNode(s) connected after {timeout:.0f} s (min-sites {least}); going on")
+            return nodes
+        time.sleep(poll)
+
+
+class SiteDirectory:
+    """Node id <-> site name, learnt from replies and checked against the spec's (selected) sites. A node that
+    declares a site outside them gets no further messages in this run."""
+
+    def __init__(self, sites: Iterable[str]):
+        self.allowed = set(sites)
+        self.by_node: Dict[int, str] = {}
+        self.excluded: Dict[int, str] = {}
+
+    def name(self, node: int) -> str:
+        return self.by_node.get(node, f"node {node}")
+
+    def select(self, nodes: Iterable[int]) -> List[int]:
+        """The connected ``nodes`` to send messages to; forgets the names of nodes no longer connected (a site whose
+        SuperNode restarted under a new node id can rejoin)."""
+        nodes = list(nodes)
+        for gone in set(self.by_node) - set(nodes):
+            del self.by_node[gone]
+        return [n for n in nodes if n not in self.excluded]
+
+    def bind(self, node: int, site: str) -> None:
+        if site not in self.allowed:
+            self.excluded[node] = site
+            raise MessageContentError(f"node {node} declares site {site!r}, which is not a site of this federation "
+                                      f"({', '.join(sorted(self.allowed))}); it gets no further messages")
+        known = self.by_node.get(node)
+        if known is not None and known != site:
+            raise MessageContentError(f"node {node} was site {known!r} and now declares {site!r}")
+        holder = next((n for n, s in self.by_node.items() if s == site and n != node), None)
+        if holder is not None:
+            raise MessageContentError(f"node {node} declares site {site!r}, which node {holder} already is")
+        self.by_node[node] = site
+
+
+def _exchange(grid: Grid, nodes: Sequence[int], kind: str, weights: ArrayRecord, instructions: Mapping[str, Any],
+              timeout: float) -> Tuple[Dict[int, Message], Dict[int, str]]:
+    """Send one message per node; returns (replies with content by node, failure reason by node)."""
+    group = str(int(instructions["round"]) + 1)
+    messages = [Message(round_content(weights, instructions), dst_node_id=n, message_type=kind, group_id=group,
+                        ttl=timeout) for n in nodes]
+    replies: Dict[int, Message] = {}
+    failed: Dict[int, str] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if node not in nodes:
+            continue
+        if reply.has_error():
+            failed[node] = f"error reply (code {reply.error.code}): {reply.error.reason}"
+        else:
+            replies[node] = reply
+    for n in nodes:
+        if n not in replies and n not in failed:
+            failed[n] = f"no {kind} reply within {timeout:.0f} s"
+    return replies, failed
+
+
+def train_round(grid: Grid, nodes: Sequence[int], weights: ArrayRecord, instructions: Mapping[str, Any],
+                sites: SiteDirectory, timeout: float, on_update: Optional[Callable[[SiteUpdate], Any]] = None
+                ) -> Tuple[List[SiteUpdate], List[Tuple[str, str]], List[int]]:
+    """One ``train`` message per node; returns (updates, failures, nodes that sent an update)."""
+    replies, failed = _exchange(grid, nodes, MessageType.TRAIN, weights, instructions, timeout)
+    updates, ok = [], []
+    for node, reply in replies.items():
+        try:
+            u = read_update(reply.content)
+            sites.bind(node, u.site)
+        except MessageContentError as e:
+            failed[node] = f"unusable train reply: {e}"
+            continue
+        updates.append(u)
+        ok.append(node)
+        if on_update is not None:
+            on_update(u)
+    return updates, [(sites.name(n), why) for n, why in sorted(failed.items())], ok
+
+
+def evaluate_round(grid: Grid, nodes: Sequence[int], weights: ArrayRecord, instructions: Mapping[str, Any],
+                   sites: SiteDirectory, timeout: float, log: Callable[[str], Any] = print
+                   ) -> Dict[str, Dict[str, Any]]:
+    """One ``evaluate`` message per node with the new global weights; returns the evaluations by site (a site that
+    fails is logged and left out, as in the in-process runner)."""
+    replies, failed = _exchange(grid, nodes, MessageType.EVALUATE, weights, instructions, timeout)
+    out: Dict[str, Dict[str, Any]] = {}
+    for node, reply in replies.items():
+        try:
+            site, evaluation = read_evaluation(reply.content)
+            if site != sites.name(node):
+                raise MessageContentError(f"node {node} ({sites.name(node)!r}) answered as {site!r}")
+        except MessageContentError as e:
+            failed[node] = f"unusable evaluate reply: {e}"
+            continue
+        out[site] = evaluation
+    r = int(instructions["round"]) + 1
+    for node, why in sorted(failed.items()):
+        log(f"round {r}: site {sites.name(node)!r} could not evaluate: {why}")
+    return out
+
+
+__all__ = ["NoSitesError", "SiteDirectory", "evaluate_round", "train_round", "wait_for_nodes"]

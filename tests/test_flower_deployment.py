@@ -1,0 +1,271 @@
+"""The Flower deployment (:mod:`nnunetv2_fedkd.flower`).
+
+Fast: what travels in the messages (weights without pickle, instructions, replies), the node -> site binding, the run
+config. Slow, on loopback: ``flower-superlink`` and two ``flower-supernode`` processes (one site each), ``flwr run``
+of the package's Flower app, the run polled with ``flwr ls`` until it has finished. Checks the run's status
+(``flwr run`` exits 0 even when the ServerApp fails), the round records the ServerApp's round core wrote (both sites
+aggregated in rounds 1 and 2), that what the sites sent is what was aggregated, that training went on from the global
+model (the mean local training loss drops from round 1 to round 2), and the final nnU-Net checkpoint."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import Array, ArrayRecord  # noqa: E402
+
+from nnunetv2_fedkd.federated import SiteUpdate, load_weights  # noqa: E402
+from nnunetv2_fedkd.flower import task  # noqa: E402
+from nnunetv2_fedkd.flower.server_app import federation_arguments  # noqa: E402
+from nnunetv2_fedkd.flower.strategy import SiteDirectory  # noqa: E402
+
+ROUNDS = 2
+ITERATIONS = 10
+BIN = Path(sys.executable).parent
+CONNECTION = "loopback"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(1)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"{proc.args[0]} does not listen on 127.0.0.1:{port} after {timeout} s:\n"
+                       f"{log.read_text()[-3000:]}")
+
+
+def _descendants(pid: int) -> List[int]:
+    """pid and every process below it (the SuperExec that SuperLink/SuperNode start runs in a session of its own,
+    and it starts the ServerApp/ClientApp processes)."""
+    children: Dict[int, List[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def stop(procs: Sequence[subprocess.Popen]) -> None:
+    """SIGTERM the processes this test started and everything below them, then SIGKILL what is left."""
+    tree = [p for proc in procs if proc.poll() is None for p in _descendants(proc.pid)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in tree:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 15
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+        tree = [pid for pid in tree if _alive(pid)]
+        if not tree:
+            return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def flwr(args: Sequence[str], env: Dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_status(run_id: str, env: Dict[str, str]) -> str:
+    out = flwr(["ls", CONNECTION, "--run-id", run_id, "--format", "json"], env)
+    if out.returncode != 0:
+        return f"unknown ({out.stdout[-500:]} {out.stderr[-500:]})"
+    runs = json.loads(out.stdout)["runs"]
+    return runs[0]["status"] if runs else "unknown (no such run)"
+
+
+def run_deployment(spec: Path, sites: Sequence, views: Dict[str, str], env: Dict[str, str], tmp: Path,
+                   timeout: float = 480, min_sites: Optional[int] = None) -> Dict[str, object]:
+    """Start SuperLink + one SuperNode per site, ``flwr run`` the app, poll until the run finishes; returns the run's
+    final status, the run id and the log files. All processes are stopped on the way out."""
+    from nnunetv2_fedkd.flower.task import APP_DIR
+
+    home = tmp / "flwr_home"
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
+        f'insecure = true\n')
+    env = {**env, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}  # the sites train at the same time: one core each on this machine
+    logs: Dict[str, Path] = {}
+    procs: List[subprocess.Popen] = []
+
+    def start(name: str, cmd: List[str]) -> subprocess.Popen:
+        logs[name] = tmp / f"{name}.log"
+        with open(logs[name], "w") as f:
+            p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(p)
+        return p
+
+    with ExitStack() as stack:
+        stack.callback(stop, procs)
+        link = start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
+                                   str(port), "--disable-runtime-dependency-installation"])
+        wait_for_port(port, link, logs["superlink"])
+        for s in sites:
+            node_port = free_port()
+            node_config = (f'site="{s.name}" dataset="{views[s.name]}" organs="{",".join(s.organs)}" '
+                           f'site-dir="{tmp / "sites" / s.name}" device="cpu"')
+            node = start(s.name, [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                                  "--port", str(node_port), "--node-config", node_config])
+            wait_for_port(node_port, node, logs[s.name])
+        run_config = (f'spec="{spec}" rounds={ROUNDS} local-iterations={ITERATIONS} plans="nnUNetPlansSmall" '
+                      f'min-sites={min_sites or len(sites)} sites="{",".join(s.name for s in sites)}" device="cpu" '
+                      f'wait-for-nodes=120 round-timeout=300 settings=\'{{"num_val_iterations_per_epoch": 1}}\'')
+        t0 = time.time()
+        out = flwr(["run", str(APP_DIR), CONNECTION, "--run-config", run_config, "--format", "json"], env)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        run_id = json.loads(out.stdout)["run-id"]
+        status = run_status(run_id, env)
+        while not status.startswith("finished") and time.time() - t0 < timeout:
+            time.sleep(5)
+            status = run_status(run_id, env)
+        seconds = time.time() - t0
+        log = flwr(["log", run_id, CONNECTION, "--show"], env, timeout=60)
+    return {"status": status, "run_id": run_id, "seconds": seconds, "logs": logs,
+            "server_log": log.stdout + log.stderr}
+
+
+# -- fast --------------------------------------------------------------------------------------------------------------
+def test_weights_travel_as_numpy_never_pickle():
+    w = {"conv.weight": torch.randn(4, 2, 3), "conv.bias": torch.zeros(4), "steps": torch.tensor(3)}
+    back = task.record_to_weights(task.weights_to_record(w))
+    assert list(back) == list(w) and all(torch.equal(back[k], w[k]) and back[k].dtype == w[k].dtype for k in w)
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"evil": 1}], dtype=object), allow_pickle=True)  # what a pickle payload would look like
+    record = ArrayRecord({"conv.weight": Array(dtype="object", shape=(1,), stype="numpy.ndarray", data=buf.getvalue())})
+    with pytest.raises(task.MessageContentError, match="conv.weight|pickle"):
+        task.record_to_weights(record)
+
+
+def test_round_content_and_replies_round_trip():
+    instructions = {"round": 1, "total_rounds": 3, "plans_digest": "ab" * 32,
+                    "teachers": [{"checkpoint": "/t.pth", "organs": ["liver"]}]}
+    weights, back = task.read_round_content(task.round_content(task.weights_to_record({"w": torch.ones(2)}),
+                                                               instructions))
+    assert back == instructions and torch.equal(weights["w"], torch.ones(2))
+    u = SiteUpdate("liver_site", {"w": torch.full((2,), 2.0)}, 4, {"train_loss": 0.5, "ema_pseudo_dice": None,
+                                                                  "iterations": 10}, organs={"liver"})
+    r = task.read_update(task.update_content(u))
+    assert (r.site, r.num_examples, r.metrics, r.organs) == ("liver_site", 4, {"train_loss": 0.5, "iterations": 10},
+                                                            frozenset({"liver"}))
+    assert torch.equal(r.weights["w"], u.weights["w"])
+    site, ev = task.read_evaluation(task.evaluation_content("liver_site", ["liver"],
+                                                            {"dice": {"liver": 0.75, "kidney": None}, "num_cases": 2}))
+    assert site == "liver_site" and ev == {"dice": {"liver": 0.75, "kidney": None}, "num_cases": 2}
+    with pytest.raises(task.MessageContentError):
+        task.read_update(task.evaluation_content("liver_site", ["liver"], {"dice": {}, "num_cases": 1}))
+
+
+def test_nodes_are_bound_to_one_site_of_the_federation():
+    d = SiteDirectory(["liver_site", "kidney_site"])
+    d.bind(1, "liver_site")
+    for node, name in [(2, "liver_site"), (1, "kidney_site"), (3, "lung_site")]:
+        with pytest.raises(task.MessageContentError):
+            d.bind(node, name)
+    assert d.select([1, 2, 3]) == [1, 2]  # node 3 named a site outside the federation
+    assert d.select([2]) == [2] and d.name(1) == "node 1"  # node 1 left: its site may come back under a new id
+    d.bind(2, "liver_site")
+
+
+def test_run_config():
+    args = federation_arguments({"local-iterations": 10, "local-epochs": 0, "strategy": "fedprox",
+                                 "strategy-options": '{"mu": 0.01}', "settings": '{"initial_lr": 0.02}',
+                                 "sites": "a, b", "min-sites": 2, "evaluate": True})
+    assert (args["local_iterations"], args["local_epochs"], args["strategy_options"], args["settings"],
+            args["sites"], args["min_sites"]) == (10, None, {"mu": 0.01}, {"initial_lr": 0.02}, ["a", "b"], 2)
+    assert federation_arguments({"local-iterations": 10, "local-epochs": 2})["local_epochs"] == 2
+    with pytest.raises(ValueError):
+        federation_arguments({"local-iterations": 0, "local-epochs": 0})
+    with pytest.raises(ValueError, match="JSON object"):
+        federation_arguments({"local-iterations": 1, "strategy-options": "[1]"})
+
+
+# -- slow: the deployment on loopback -------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_flower_deployment_two_sites(tiny_federation, planned_federation, tmp_path):
+    fed, layout = tiny_federation, planned_federation
+    sites = fed.spec.sites[:2]
+    results = tmp_path / "nnUNet_results"  # not the session's results folder: the in-process runner's test uses it
+    env = fed.env(training=True, nnUNet_results=str(results))
+    out = run_deployment(fed.spec.path, sites, layout.views, env, tmp_path)
+
+    def tail(n=4000):
+        return "\n".join(f"--- {k}\n{p.read_text()[-n:]}" for k, p in out["logs"].items()) + \
+            f"\n--- server log\n{out['server_log'][-n:]}"
+
+    assert out["status"] == "finished:completed", f"run {out['run_id']}: {out['status']}\n{tail()}"
+    model = results / layout.coordinator / "nnUNetTrainerFedKD__nnUNetPlansSmall__3d_fullres"
+    history = json.loads((model / "federation" / "metrics.json").read_text())
+    assert [h["round"] for h in history] == [1, 2], tail()
+    names = sorted(s.name for s in sites)
+    for h in history:
+        assert h["aggregated"] and sorted(h["accepted"]) == names and not h["failed"] and not h["dropped"], h
+        assert sorted(h["evaluation"]) == names, h
+        assert all(m["num_examples"] > 0 and m["iterations"] == ITERATIONS for m in h["sites"].values()), h
+    # local training continued from the global model: round 2's local loss is below round 1's
+    mean_loss = [sum(m["train_loss"] for m in h["sites"].values()) / len(names) for h in history]
+    assert mean_loss[1] < mean_loss[0], (mean_loss, history)
+    # what went through Flower is what was aggregated: the global model is the case-weighted mean (FedAvg) of the
+    # updates the sites wrote in round 2, and every site received round 1's global model for round 2
+    state = json.loads((model / "federation" / "state.json").read_text())
+    glob, meta = load_weights(model / "federation" / state["global_weights"])
+    assert meta["completed_rounds"] == ROUNDS
+    updates = [load_weights(tmp_path / "sites" / s / "update.fedkd") for s in names]
+    total = sum(m["num_examples"] for _, m in updates)
+    for key, value in glob.items():
+        if value.is_floating_point():
+            mean = sum(w[key].double() * m["num_examples"] for w, m in updates) / total
+            assert torch.allclose(value.double(), mean, atol=1e-6), key
+    for s in names:
+        _, received = load_weights(tmp_path / "sites" / s / "received_global.fedkd")
+        assert received == {"completed_rounds": ROUNDS - 1, "plans_digest": state["plans_digest"]}, received
+    assert (model / "fold_all" / "checkpoint_final.pth").is_file()
+    assert (model / "federation" / "progress.png").is_file()
+    print(f"flower deployment: {ROUNDS} rounds in {out['seconds']:.0f} s; rounds "
+          f"{[h['seconds'] for h in history]} s; mean local loss {mean_loss}; organ Dice "
+          f"{[h['organ_dice'] for h in history]}")
