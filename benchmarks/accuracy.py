@@ -149,6 +149,7 @@ def write_outputs(out: Path, record: dict, organs: List[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.style.use("default")  # not the global seaborn style nnU-Net sets on import
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(order)), 3.8))
     x = np.arange(len(order))
     width = 0.8 / (len(organs) + 1)

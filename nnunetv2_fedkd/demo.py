@@ -134,16 +134,17 @@ def _plot(dice, organs, path: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.8 / max(1, len(dice))
-    x = np.arange(len(organs))
-    for i, (label, d) in enumerate(dice.items()):
-        ax.bar(x + i * width, [np.nan_to_num(d.get(o, np.nan)) for o in organs], width, label=label)
-    ax.set_xticks(x + width * (len(dice) - 1) / 2, organs)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("Dice, external test set")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    with plt.style.context("default"):  # not the global seaborn style nnU-Net sets on import
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        width = 0.8 / max(1, len(dice))
+        x = np.arange(len(organs))
+        for i, (label, d) in enumerate(dice.items()):
+            ax.bar(x + i * width, [np.nan_to_num(d.get(o, np.nan)) for o in organs], width, label=label)
+        ax.set_xticks(x + width * (len(dice) - 1) / 2, organs)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("Dice, external test set")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
     return path

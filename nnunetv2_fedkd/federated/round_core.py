@@ -295,24 +295,26 @@ def plot_progress(history: Sequence[Mapping[str, Any]], path: Path) -> Optional[
 
     rounds = [r["round"] for r in history]
     organs = sorted({o for r in history for o in (r.get("organ_dice") or {})})
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for o in organs:
-        a1.plot(rounds, [(r.get("organ_dice") or {}).get(o, float("nan")) for r in history], marker="o", label=o)
-    a1.set_xlabel("round")
-    a1.set_ylabel("validation Dice (sites' own organs)")
-    a1.set_ylim(0, 1)
-    if organs:
-        a1.legend()
     losses = []
     for r in history:
         ls = [m.get("train_loss") for m in (r.get("sites") or {}).values() if m.get("train_loss") is not None]
         losses.append(sum(ls) / len(ls) if ls else float("nan"))
-    a2.plot(rounds, losses, marker="o", color="k")
-    a2.set_xlabel("round")
-    a2.set_ylabel("mean local train loss")
-    fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
+    # nnU-Net's logger sets a global seaborn style with a large font scale when imported: plot in matplotlib's own
+    with plt.style.context("default"):
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        for o in organs:
+            a1.plot(rounds, [(r.get("organ_dice") or {}).get(o, float("nan")) for r in history], marker="o", label=o)
+        a1.set_xlabel("round")
+        a1.set_ylabel("validation Dice (sites' own organs)")
+        a1.set_ylim(0, 1)
+        if organs:
+            a1.legend()
+        a2.plot(rounds, losses, marker="o", color="k")
+        a2.set_xlabel("round")
+        a2.set_ylabel("mean local train loss")
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
     data = buf.getvalue()
     return atomic_write(path, lambda f: f.write(data), binary=True)
