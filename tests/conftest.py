@@ -2,7 +2,6 @@
 command builds: a synthetic federation, converted, planned and preprocessed with stock nnU-Net, with small plans."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict
@@ -78,14 +77,21 @@ def pooled_federation(tiny_federation) -> Path:
 
 @pytest.fixture(scope="session")
 def planned_federation(tiny_federation):
-    """The tiny federation planned with ``nnunetv2_fedkd plan`` (site views 601-604, plans dataset 600, preprocessed at
-    every site), plus small plans derived for the plans dataset and every view. Returns the
+    """The tiny federation planned with the CLI ``nnunetv2_fedkd plan SPEC`` (site views 601-604, plans dataset 600,
+    preprocessed at every site), plus small plans derived for the plans dataset and every view. Returns the
     :class:`~nnunetv2_fedkd.federated.planning.FederationLayout`."""
-    from nnunetv2_fedkd.federated.planning import plan_federation, resolve_layout
-    from nnunetv2_fedkd.pipeline import small_plans
+    import subprocess
+    import time
+
+    from nnunetv2_fedkd.federated.planning import resolve_layout
+    from nnunetv2_fedkd.pipeline import nnunet_script, small_plans
 
     fed = tiny_federation
-    plan_federation(fed.spec, fed.workdir)
+    t0 = time.perf_counter()
+    proc = subprocess.run([nnunet_script("nnunetv2_fedkd"), "plan", str(fed.spec.path)], env=fed.env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(f"nnunetv2_fedkd plan took {time.perf_counter() - t0:.0f} s")
     layout = resolve_layout(fed.spec, fed.workdir)
     small_plans([layout.coordinator] + [layout.views[s.name] for s in fed.spec.sites], fed.workdir,
                 patch_size=(32, 32, 32))

@@ -99,3 +99,28 @@ def test_missing_teacher_is_a_clear_error(tiny_federation, pooled_federation, tm
         train(pooled_federation.name, "nnUNetTrainerMSKD", tiny_federation.workdir, cfg,
               log_dir=tiny_federation.workdir / "logs")
     assert "teacher folder" in str(e.value) and "nope" in str(e.value)
+
+
+@pytest.mark.slow
+def test_fedkd_round_distils_from_organ_teachers(tiny_federation, planned_federation, teachers, tmp_path):
+    """A federated round of nnUNetTrainerFedKD with organ teachers (planned with the sites' own plans, so their
+    patches are mapped into the teachers' preprocessing) next to the global-model KD: every site trains, logs its
+    teachers, and the round aggregates."""
+    import subprocess
+    import sys
+
+    fed = tiny_federation
+    cfg = _config(tmp_path, "fedkd", teachers=_teacher_entries(teachers))
+    env = fed.env(training=True, nnUNet_results=str(tmp_path / "results"))
+    cmd = [sys.executable, "-m", "nnunetv2_fedkd.cli", "federate", str(fed.spec.path), "--rounds", "1",
+           "--local-iterations", "2", "-tr", "nnUNetTrainerFedKD", "-p", "nnUNetPlansSmall", "-device", "cpu",
+           "--config", str(cfg), "--no-evaluate", "--sites", "liver_site", "spleen_site"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = (tmp_path / "results" / planned_federation.coordinator / "nnUNetTrainerFedKD__nnUNetPlansSmall__3d_fullres"
+           / "federation")
+    rec = json.loads((run / "metrics.json").read_text())[0]
+    assert rec["aggregated"] and sorted(rec["accepted"]) == ["liver_site", "spleen_site"], rec
+    for site in ("liver_site", "spleen_site"):
+        log = (run / "sites" / site / "round_0001" / "train.log").read_text()
+        assert "organ liver" in log and "organ kidney" in log and "teachers: 2" in log
