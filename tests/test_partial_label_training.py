@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from nnunetv2_fedkd.pipeline import evaluate, predict, train
 
@@ -32,9 +33,16 @@ def test_partial_label_trainers_beat_naive_on_unlabelled_organs(tiny_federation,
         json.loads((pooled / "dataset.json").read_text())["labels"]
     dice = {}
     for trainer in TRAINERS:
-        train(pooled.name, trainer, fed.workdir, cfg, fold="all", log_dir=fed.workdir / "logs")
+        fold = train(pooled.name, trainer, fed.workdir, cfg, fold="all", log_dir=fed.workdir / "logs")
+        used = json.loads((fold / "fedkd_trainer_config.json").read_text())
+        assert used["trainer"] == trainer and used["config_file"] == str(cfg)
+        assert used["settings"]["num_iterations_per_epoch"] == 100
         pred = predict(test / "imagesTr", tmp_path / trainer, pooled.name, trainer, fed.workdir, fold="all",
                        log_dir=fed.workdir / "logs")
+        for img in sorted((test / "imagesTr").glob("*_0000.nii.gz")):  # label maps on the images' own grids
+            ref = sitk.ReadImage(str(img))
+            seg = sitk.ReadImage(str(pred / img.name.replace("_0000.nii.gz", ".nii.gz")))
+            assert seg.GetSize() == ref.GetSize() and np.allclose(seg.GetSpacing(), ref.GetSpacing())
         dice[trainer] = evaluate(test / "labelsTr", pred, test / "dataset.json", fed.workdir)
     report = {t: {o: round(v, 3) for o, v in d.items()} for t, d in dice.items()}
     print("per-organ Dice on the fully labelled test set:", json.dumps(report, indent=1))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,9 @@ from nnunetv2_fedkd.env import EXT_TRAINER_DIR
 from nnunetv2_fedkd.pipeline import nnunet_script
 
 TRAINER = "nnUNetTrainerNaivePartial"
-PLUGIN_TRAINERS = ("nnUNetTrainerNaivePartial", "nnUNetTrainerMarginal", "nnUNetTrainerMultiHead")
+# one plugin trainer on a single-organ site dataset here; Marginal and MultiHead (and NaivePartial again) run through
+# stock nnUNetv2_train / nnUNetv2_predict / nnUNetv2_evaluate_folder in tests/test_partial_label_training.py
+PLUGIN_TRAINERS = ("nnUNetTrainerNaivePartial",)
 
 
 def test_env_command_prints_shim_folder_exports(tmp_path):
