@@ -46,6 +46,13 @@ def _env(**values: str):
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def quiet():
+    """Send stdout (nnU-Net's chatter) to /dev/null, closing it afterwards."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
 class SiteError(RuntimeError):
     pass
 
@@ -120,7 +127,7 @@ class NnUNetSite:
 
         completed = int(instructions["round"]) + 1
         cfg = self._round_config(None, instructions, "fedkd_evaluate.json")
-        with contextlib.redirect_stdout(open(os.devnull, "w")), _env(nnUNet_fedkd_config=str(cfg)):
+        with quiet(), _env(nnUNet_fedkd_config=str(cfg)):
             trainer = self._trainer(cfg)
             _, val_keys = trainer.do_split()
         weights = dict(weights)
@@ -141,7 +148,7 @@ class NnUNetSite:
         mine = [o for o in ((trainer.dataset_json.get("fedkd") or {}).get("annotated") or names)]
         inter = {o: 0 for o in mine}
         total = {o: 0 for o in mine}
-        with contextlib.redirect_stdout(open(os.devnull, "w")):
+        with quiet():
             for key in val_keys:
                 data, seg, _, _ = ds.load_case(key)
                 logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(np.asarray(data)).float())

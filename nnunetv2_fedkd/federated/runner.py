@@ -18,7 +18,6 @@ The plans dataset is the coordinator dataset ``nnunetv2_fedkd plan`` wrote (it h
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -29,7 +28,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from nnunetv2_fedkd.federated.aggregation import SiteUpdate, make_strategy
-from nnunetv2_fedkd.federated.nnunet_site import NnUNetSite, _env
+from nnunetv2_fedkd.federated.nnunet_site import NnUNetSite, _env, quiet
 from nnunetv2_fedkd.federated.round_core import PendingRound, RoundCore, plot_progress
 from nnunetv2_fedkd.spec import FederationSpec, Site
 from nnunetv2_fedkd.utils import atomic_write_json
@@ -64,7 +63,7 @@ class ServerModel:
         from nnunetv2.run.run_training import get_trainer_from_args
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
-        with _env(nnUNet_fedkd_config=str(config_file)), contextlib.redirect_stdout(open(os.devnull, "w")):
+        with _env(nnUNet_fedkd_config=str(config_file)), quiet():
             self.trainer = get_trainer_from_args(plans_dataset, "3d_fullres", "all", trainer, plans,
                                                  device=torch.device(device))
         t = self.trainer
@@ -90,7 +89,7 @@ class ServerModel:
         t.network = self.build_network().to(t.device)
         t.network.load_state_dict(dict(weights))
         t.optimizer, _ = t.configure_optimizers()
-        with contextlib.redirect_stdout(open(os.devnull, "w")):
+        with quiet():
             t.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets the inference mirroring axes
         t.current_epoch = completed_rounds - 1  # nnU-Net stores current_epoch + 1
         base = Path(t.output_folder_base)
