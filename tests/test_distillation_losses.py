@@ -219,6 +219,35 @@ def test_region_sigmoid_zero_when_equal_and_region_selection():
     assert abs(region_logit_kd_sigmoid(s3, t).item() - region_logit_kd_sigmoid(s.detach(), t).item()) > 1e-2
 
 
+def test_region_kd_valid_mask_drops_voxels_from_every_region():
+    """Cached teacher outputs are unknown where augmentation moved the patch outside the case: those voxels belong to
+    no region. Hand values on the 3-voxel example: dropping voxel 1 empties R_2 (its term becomes 0, the organ mean
+    still divides by K = 2); dropping voxel 2 empties R_bg."""
+    s = _logits(P_STUDENT)
+    k1 = _bkl(0.75, 0.5)
+    k2 = _bkl(0.8, 0.6)
+    bg = _bkl(0.6, 0.5)
+    every = torch.ones(1, 3, dtype=torch.bool)
+    assert region_logit_kd_softmax(s, T_FG, [1, 2], valid=every).item() == \
+        pytest.approx(region_logit_kd_softmax(s, T_FG, [1, 2]).item(), abs=1e-7)
+    no_v1 = torch.tensor([[True, False, True]])
+    assert region_logit_kd_softmax(s, T_FG, [1, 2], valid=no_v1).item() == pytest.approx(k1 / 2 + bg, abs=1e-6)
+    no_v2 = torch.tensor([[[1.0, 1.0, 0.0]]])  # [B, 1, S], non-bool: non-zero = valid
+    assert region_logit_kd_softmax(s, T_FG, [1, 2], valid=no_v2).item() == pytest.approx((k1 + k2) / 2, abs=1e-6)
+    # sigmoid student: same regions
+    ss = torch.tensor([[[0.0, 0.0, 0.0], [LN3, LN3, LN3]]])
+    bg_sig = (_bkl(0.25, 0.5) + _bkl(0.2, 0.75)) / 2
+    assert region_logit_kd_sigmoid(ss, T_FG, valid=no_v1).item() == \
+        pytest.approx(_bkl(0.75, 0.5) / 2 + bg_sig, abs=1e-6)
+    assert region_logit_kd_sigmoid(ss, T_FG, valid=torch.zeros(1, 3, dtype=torch.bool)).item() == 0.0
+    # invalid voxels get no gradient
+    sg = s.clone().requires_grad_(True)
+    region_logit_kd_softmax(sg, T_FG, [1, 2], valid=no_v1).backward()
+    assert torch.all(sg.grad[..., 1] == 0) and torch.any(sg.grad[..., 0] != 0)
+    with pytest.raises(ValueError, match="valid mask shape"):
+        region_logit_kd_softmax(s, T_FG, [1, 2], valid=torch.ones(1, 4, dtype=torch.bool))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # feature_kd_loss
 # ----------------------------------------------------------------------------------------------------------------------

@@ -152,6 +152,19 @@ def _region_mean(values: torch.Tensor, mask: torch.Tensor, dims) -> torch.Tensor
     return torch.where(mask, values, zero).sum(dims) / mask.sum(dims).clamp_min(1)
 
 
+def _valid_mask(valid: Optional[torch.Tensor], t: torch.Tensor, name: str) -> torch.Tensor:
+    """``valid`` as a ``[B, 1, *S]`` bool tensor on ``t``'s device (all True when None)."""
+    b, spatial = t.shape[0], tuple(t.shape[2:])
+    if valid is None:
+        return torch.ones((b, 1) + spatial, dtype=torch.bool, device=t.device)
+    v = valid.to(device=t.device)
+    if v.ndim == t.ndim - 1:
+        v = v.unsqueeze(1)
+    if tuple(v.shape) != (b, 1) + spatial:
+        raise ValueError(f"{name}: valid mask shape {tuple(valid.shape)} does not fit teacher shape {tuple(t.shape)}")
+    return v if v.dtype == torch.bool else v != 0
+
+
 def _class_indices(teacher_classes, k: int, c: int, device, name: str) -> torch.Tensor:
     idx = torch.as_tensor(teacher_classes, dtype=torch.long).reshape(-1)
     if idx.numel() != k:
@@ -167,7 +180,7 @@ def _class_indices(teacher_classes, k: int, c: int, device, name: str) -> torch.
 # ----------------------------------------------------------------------------------------------------------------------
 def region_logit_kd_softmax(student_logits: torch.Tensor, teacher_fg_logits: torch.Tensor,
                             teacher_classes: Union[Sequence[int], torch.Tensor], temperature: float = 1.0,
-                            weight_background: float = 1.0) -> torch.Tensor:
+                            weight_background: float = 1.0, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     r"""Region-based logit KD from ``K`` binary single-organ teachers into a multi-class softmax student (MS-KD).
 
     After Zhao et al., "MS-KD: multi-organ segmentation with multiple binary-labeled datasets" (2022/2023). Teacher
@@ -203,6 +216,9 @@ def region_logit_kd_softmax(student_logits: torch.Tensor, teacher_fg_logits: tor
             repeated classes are allowed and then simply both distil into the same class).
         temperature: ``T > 0``.
         weight_background: :math:`w_{bg}` (0 disables the background term).
+        valid: optional ``[B, 1, *spatial]`` or ``[B, *spatial]`` bool mask of the voxels where the teachers' output
+            is known (cached teacher outputs: not where augmentation moved the patch outside the case); voxels
+            outside it belong to no region. None: every voxel.
 
     Returns:
         scalar float32 tensor (>= 0 up to rounding).
@@ -224,7 +240,8 @@ def region_logit_kd_softmax(student_logits: torch.Tensor, teacher_fg_logits: tor
     s_logp = x - lse  # log p_c for every class
     s_log1mp = _log_one_minus_softmax(x, lse, torch.exp(s_logp))  # log(1 - p_c), finite
     with torch.no_grad():
-        organ = t > 0  # R_k, [B, K, *S]
+        ok = _valid_mask(valid, t, name)
+        organ = (t > 0) & ok  # R_k, [B, K, *S]
         t_logp, t_log1mp = F.logsigmoid(t / tau), F.logsigmoid(-t / tau)
 
     kl_org = _binary_kl(t_logp, t_log1mp, s_logp.index_select(1, idx), s_log1mp.index_select(1, idx))
@@ -232,7 +249,7 @@ def region_logit_kd_softmax(student_logits: torch.Tensor, teacher_fg_logits: tor
 
     if weight_background != 0:
         with torch.no_grad():
-            bg = ~organ.any(1)  # R_bg, [B, *S]
+            bg = ~(t > 0).any(1) & ok[:, 0]  # R_bg, [B, *S]
             log_qbg = t_log1mp.sum(1)  # log prod_k (1 - sigma(t_k / T))
             log_1m_qbg = _log1mexp(log_qbg)  # may be -inf when q_bg rounds to 1 (handled in _binary_kl)
         kl_bg = _binary_kl(log_qbg, log_1m_qbg, s_logp[:, 0], s_log1mp[:, 0])
@@ -241,7 +258,8 @@ def region_logit_kd_softmax(student_logits: torch.Tensor, teacher_fg_logits: tor
 
 
 def region_logit_kd_sigmoid(student_logits: torch.Tensor, teacher_fg_logits: torch.Tensor,
-                            temperature: float = 1.0, weight_background: float = 1.0) -> torch.Tensor:
+                            temperature: float = 1.0, weight_background: float = 1.0,
+                            valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     r"""Region-based logit KD from ``K`` binary single-organ teachers into a multi-head sigmoid student (MS-KD).
 
     The multi-head counterpart of :func:`region_logit_kd_softmax`: student channel ``k`` (one sigmoid per organ, no
@@ -266,6 +284,8 @@ def region_logit_kd_sigmoid(student_logits: torch.Tensor, teacher_fg_logits: tor
         teacher_fg_logits: ``[B, K, *spatial]`` teacher foreground logits (detached inside).
         temperature: ``T > 0``.
         weight_background: :math:`w_{bg}`.
+        valid: optional mask of the voxels where the teachers' output is known, as in
+            :func:`region_logit_kd_softmax`.
 
     Returns:
         scalar float32 tensor (>= 0 up to rounding).
@@ -275,12 +295,13 @@ def region_logit_kd_sigmoid(student_logits: torch.Tensor, teacher_fg_logits: tor
     s, t = _check_pair(student_logits, teacher_fg_logits, name)
     spatial_dims = (0,) + tuple(range(2, s.ndim))
     with torch.no_grad():
-        organ = t > 0
+        ok = _valid_mask(valid, t, name)
+        organ = (t > 0) & ok
         t_logp, t_log1mp = F.logsigmoid(t / tau), F.logsigmoid(-t / tau)
     kl = _binary_kl(t_logp, t_log1mp, F.logsigmoid(s / tau), F.logsigmoid(-s / tau))  # [B, K, *S]
     loss = _region_mean(kl, organ, spatial_dims).mean()
     if weight_background != 0:
-        bg = ~organ.any(1)
+        bg = ~(t > 0).any(1) & ok[:, 0]
         loss = loss + weight_background * _region_mean(kl.mean(1), bg, tuple(range(s.ndim - 1)))
     return (tau ** 2) * loss
 

@@ -124,6 +124,7 @@ class _DistillationMixin:
         # the settings are needed before nnU-Net's __init__: the adapters' shape goes into the plans it keeps
         self.fedkd_config, self.fedkd_config_file = self.read_config(plans)
         self.teacher_specs = self._parse_teacher_specs()
+        self._check_settings()
         self._store_adapter_plans(plans, configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
 
@@ -134,6 +135,9 @@ class _DistillationMixin:
         net = super().build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                  num_output_channels, enable_deep_supervision)
         return attach_feature_adapters(net, configuration_manager)
+
+    def _check_settings(self) -> None:
+        """Refuse inconsistent settings before nnU-Net starts (subclasses add their checks)."""
 
     def _parse_teacher_specs(self) -> List[TeacherSpec]:
         entries = self.fedkd_config[self.teacher_config_key]
@@ -236,10 +240,73 @@ class _DistillationMixin:
 # MS-KD: multi-teacher single-student
 # ----------------------------------------------------------------------------------------------------------------------
 class _MSKDMixin(_DistillationMixin):
+    """MS-KD wiring. ``teacher_outputs``: ``"online"`` (the teachers run on every augmented training patch) or
+    ``"cached"`` (each teacher predicts every training case once; the stored probabilities follow the patch through
+    nnU-Net's crop and augmentation, see :mod:`nnunetv2_fedkd.teacher_cache`; responses only, so
+    ``feature_kd_weight`` must be 0)."""
+
     teacher_config_key = "teachers"
     needs_organ = True
     uses_features = True
-    config_extra = {"teachers": [], "kd_background_weight": 1.0, **KD_DEFAULTS, **FEATURE_DEFAULTS}
+    config_extra = {"teachers": [], "kd_background_weight": 1.0, "teacher_outputs": "online", **KD_DEFAULTS,
+                    **FEATURE_DEFAULTS}
+
+    def _check_settings(self) -> None:
+        c = self.fedkd_config
+        if c["teacher_outputs"] not in ("online", "cached"):
+            raise TeacherError(f"teacher_outputs must be 'online' or 'cached', got {c['teacher_outputs']!r} "
+                               f"(file: {self.fedkd_config_file})")
+        if self._cached() and float(c["feature_kd_weight"]) != 0:
+            raise TeacherError(f"teacher_outputs 'cached' stores the teachers' responses only; feature KD needs them "
+                               f"online: set feature_kd_weight to 0 or teacher_outputs to 'online' "
+                               f"(file: {self.fedkd_config_file})")
+
+    def _cached(self) -> bool:
+        return self.fedkd_config["teacher_outputs"] == "cached" and bool(self.teacher_specs)
+
+    # -- cached teacher outputs ---------------------------------------------------------------------------------------
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        if not self._cached():
+            return dataset_tr, dataset_val
+        from nnunetv2_fedkd import teacher_cache as tc
+
+        key = tc.cache_key({"configuration": self.configuration_manager.configuration,
+                            "intensity": self.plans_manager.plans.get("foreground_intensity_properties_per_channel")},
+                           self.teacher_specs)
+        folder = tc.cache_folder(self.preprocessed_dataset_folder, key)
+        describe = {"student": {"plans": self.plans_manager.plans_name, "configuration": self.configuration_name,
+                                "data_identifier": self.configuration_manager.data_identifier},
+                    "teachers": [{"results_folder": str(s.results_folder), "folds": s.folds,
+                                  "checkpoint": s.checkpoint, "organ": s.organ} for s in self.teacher_specs]}
+        ids = list(dataset_tr.identifiers)
+        build = lambda share: tc.build_teacher_cache(  # noqa: E731
+            folder, dataset_tr, share, self.teachers, self._teacher_channel, self.plans_manager,
+            self.configuration_manager, self.device, describe, self.print_to_log_file)
+        if self.is_ddp:  # every rank predicts its share, rank 0 writes the manifest
+            import torch.distributed as dist
+
+            build(ids[dist.get_rank()::dist.get_world_size()])
+            dist.barrier()
+            info = build(ids) if self.local_rank == 0 else {"predicted_cases": 0, "seconds": 0.0}
+            dist.barrier()
+        else:
+            info = build(ids)
+        self.print_to_log_file(f"teacher outputs cached in {folder}: {info['predicted_cases']} cases predicted now "
+                               f"in {info['seconds']:.1f} s, {len(ids) - info['predicted_cases']} reused")
+        self.teacher_cache_folder = folder
+        self.teachers = []  # the networks are not needed any more: training reads the cache
+        return tc.TeacherCachedDataset(dataset_tr, folder, len(self.teacher_specs)), dataset_val
+
+    def get_training_transforms(self, *args, **kwargs):
+        stock = super().get_training_transforms(*args, **kwargs)
+        if not self._cached():
+            return stock
+        from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+
+        from nnunetv2_fedkd.teacher_cache import AppendTeacherTarget, SplitTeacherChannels
+
+        return ComposeTransforms([SplitTeacherChannels(self.num_input_channels), stock, AppendTeacherTarget()])
 
     def initialize(self):
         super().initialize()
@@ -253,14 +320,22 @@ class _MSKDMixin(_DistillationMixin):
         self._teacher_channel = [t.channel_of(o) for t, o in zip(self.teachers, organs)]
 
     def _kd_terms(self, batch: dict):
-        x = batch["data"].to(self.device, non_blocking=True)
-        fg, feats = [], []
-        with self._autocast():
-            for t, ch in zip(self.teachers, self._teacher_channel):
-                p, f = t(x)
-                fg.append(probs_to_logit(p[:, ch:ch + 1]))
-                feats.append(f)
-        t_fg = torch.cat(fg, 1)
+        valid = None
+        if self._cached():
+            from nnunetv2_fedkd.teacher_cache import decode_teacher_target, split_target
+
+            batch["target"], stored = split_target(batch["target"], self.enable_deep_supervision)
+            t_fg, valid = decode_teacher_target(stored.to(self.device, non_blocking=True))
+            feats = []
+        else:
+            x = batch["data"].to(self.device, non_blocking=True)
+            fg, feats = [], []
+            with self._autocast():
+                for t, ch in zip(self.teachers, self._teacher_channel):
+                    p, f = t(x)
+                    fg.append(probs_to_logit(p[:, ch:ch + 1]))
+                    feats.append(f)
+            t_fg = torch.cat(fg, 1)
         c = self.fedkd_config
         ramp, T, w_feat = self._ramp(), float(c["kd_temperature"]), self._feature_weight()
         sigmoid = self.label_manager.has_regions
@@ -269,10 +344,10 @@ class _MSKDMixin(_DistillationMixin):
             out = _full_res(output)
             if sigmoid:
                 student = out[:, self._teacher_organ_index]
-                kd = region_logit_kd_sigmoid(student, t_fg, T, c["kd_background_weight"])
+                kd = region_logit_kd_sigmoid(student, t_fg, T, c["kd_background_weight"], valid)
             else:
                 kd = region_logit_kd_softmax(out, t_fg, [i + 1 for i in self._teacher_organ_index], T,
-                                             c["kd_background_weight"])
+                                             c["kd_background_weight"], valid)
             loss = ramp * float(c["kd_weight"]) * kd
             if w_feat > 0:
                 regions = [t_fg[:, k:k + 1] > 0 for k in range(t_fg.shape[1])]

@@ -160,7 +160,7 @@ class _FedKDMixin(_MSKDMixin):
 
     def _kd_terms(self, batch: dict):
         c = self.fedkd_config
-        teacher_terms = super()._kd_terms(batch) if self.teachers else None
+        teacher_terms = super()._kd_terms(batch) if self.teacher_specs else None
         global_logits = None
         if self._global_net is not None and float(c["global_kd_weight"]) > 0:
             x = batch["data"].to(self.device, non_blocking=True)
