@@ -14,7 +14,7 @@ import copy
 import json
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from nnunetv2_fedkd.utils import atomic_write_json
 

@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional
 
 import tomli_w
 
-from nnunetv2_fedkd.organs import RegistryError, SOURCE_FORMATS, check_organs
+from nnunetv2_fedkd.organs import RegistryError, check_organs
 from nnunetv2_fedkd.utils import atomic_write_text
 
 _DATASET_RE = re.compile(r"^Dataset(\d{3})_([A-Za-z0-9_\-]+)$")

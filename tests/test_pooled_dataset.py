@@ -4,7 +4,6 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from nnunetv2_fedkd.dataset_conversion import ConversionError
 from nnunetv2_fedkd.label_availability import LabelAvailability, LabelAvailabilityError

@@ -19,9 +19,7 @@ from nnunetv2_fedkd import organs as reg
 from nnunetv2_fedkd.spec import load_spec
 from nnunetv2_fedkd.synthetic import (
     LESION_HOSTS,
-    SITES,
     STRUCTURES,
-    TEST_SITE,
     Phantom,
     Scanner,
     make_federation,
