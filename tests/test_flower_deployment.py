@@ -10,15 +10,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from contextlib import ExitStack
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import pytest
@@ -29,143 +23,28 @@ pytest.importorskip("flwr")
 from flwr.app import Array, ArrayRecord  # noqa: E402
 
 from nnunetv2_fedkd.federated import SiteUpdate, load_weights  # noqa: E402
-from nnunetv2_fedkd.flower import task  # noqa: E402
+from nnunetv2_fedkd.flower import loopback, task  # noqa: E402
 from nnunetv2_fedkd.flower.server_app import federation_arguments  # noqa: E402
 from nnunetv2_fedkd.flower.strategy import SiteDirectory  # noqa: E402
 
 ROUNDS = 2
 ITERATIONS = 10
-BIN = Path(sys.executable).parent
-CONNECTION = "loopback"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(1)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"{proc.args[0]} does not listen on 127.0.0.1:{port} after {timeout} s:\n"
-                       f"{log.read_text()[-3000:]}")
-
-
-def _descendants(pid: int) -> List[int]:
-    """pid and every process below it (the SuperExec that SuperLink/SuperNode start runs in a session of its own,
-    and it starts the ServerApp/ClientApp processes)."""
-    children: Dict[int, List[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def stop(procs: Sequence[subprocess.Popen]) -> None:
-    """SIGTERM the processes this test started and everything below them, then SIGKILL what is left."""
-    tree = [p for proc in procs if proc.poll() is None for p in _descendants(proc.pid)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in tree:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 15
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                pass
-        tree = [pid for pid in tree if _alive(pid)]
-        if not tree:
-            return
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def flwr(args: Sequence[str], env: Dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def run_status(run_id: str, env: Dict[str, str]) -> str:
-    out = flwr(["ls", CONNECTION, "--run-id", run_id, "--format", "json"], env)
-    if out.returncode != 0:
-        return f"unknown ({out.stdout[-500:]} {out.stderr[-500:]})"
-    runs = json.loads(out.stdout)["runs"]
-    return runs[0]["status"] if runs else "unknown (no such run)"
 
 
 def run_deployment(spec: Path, sites: Sequence, views: Dict[str, str], env: Dict[str, str], tmp: Path,
                    timeout: float = 480, min_sites: Optional[int] = None) -> Dict[str, object]:
-    """Start SuperLink + one SuperNode per site, ``flwr run`` the app, poll until the run finishes; returns the run's
-    final status, the run id and the log files. All processes are stopped on the way out."""
-    from nnunetv2_fedkd.flower.task import APP_DIR
-
-    home = tmp / "flwr_home"
-    home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
-        f'insecure = true\n')
-    env = {**env, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": "1"}  # the sites train at the same time: one core each on this machine
-    logs: Dict[str, Path] = {}
-    procs: List[subprocess.Popen] = []
-
-    def start(name: str, cmd: List[str]) -> subprocess.Popen:
-        logs[name] = tmp / f"{name}.log"
-        with open(logs[name], "w") as f:
-            p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(p)
-        return p
-
-    with ExitStack() as stack:
-        stack.callback(stop, procs)
-        link = start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
-                                   str(port), "--disable-runtime-dependency-installation"])
-        wait_for_port(port, link, logs["superlink"])
-        for s in sites:
-            node_port = free_port()
-            node_config = (f'site="{s.name}" dataset="{views[s.name]}" organs="{",".join(s.organs)}" '
-                           f'site-dir="{tmp / "sites" / s.name}" device="cpu"')
-            node = start(s.name, [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                                  "--port", str(node_port), "--node-config", node_config])
-            wait_for_port(node_port, node, logs[s.name])
+    """Start SuperLink + one SuperNode per site (:func:`nnunetv2_fedkd.flower.loopback.deployment`), ``flwr run`` the
+    app, poll until the run finishes; returns the run's final status, the run id and the log files. All processes are
+    stopped on the way out."""
+    nodes = {s.name: loopback.node_config(s.name, views[s.name], s.organs, tmp / "sites" / s.name) for s in sites}
+    with loopback.deployment(tmp, env, nodes) as (run_env, logs):
         run_config = (f'spec="{spec}" rounds={ROUNDS} local-iterations={ITERATIONS} plans="nnUNetPlansSmall" '
                       f'min-sites={min_sites or len(sites)} sites="{",".join(s.name for s in sites)}" device="cpu" '
                       f'wait-for-nodes=120 round-timeout=300 settings=\'{{"num_val_iterations_per_epoch": 1}}\'')
         t0 = time.time()
-        out = flwr(["run", str(APP_DIR), CONNECTION, "--run-config", run_config, "--format", "json"], env)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        run_id = json.loads(out.stdout)["run-id"]
-        status = run_status(run_id, env)
-        while not status.startswith("finished") and time.time() - t0 < timeout:
-            time.sleep(5)
-            status = run_status(run_id, env)
+        run_id, status = loopback.run_app(run_config, run_env, timeout=timeout, poll=5)
         seconds = time.time() - t0
-        log = flwr(["log", run_id, CONNECTION, "--show"], env, timeout=60)
+        log = loopback.flwr(["log", run_id, loopback.CONNECTION, "--show"], run_env, timeout=60)
     return {"status": status, "run_id": run_id, "seconds": seconds, "logs": logs,
             "server_log": log.stdout + log.stderr}
 
