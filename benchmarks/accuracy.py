@@ -43,23 +43,26 @@ BASE_SETTINGS = {"num_val_iterations_per_epoch": 1, "initial_lr": 0.03, "final_v
 POOLED_ID = 510
 
 
-def prepare(workdir: Path, seed: int, central: bool):
+def prepare(workdir: Path, seed: int, central: bool, size=(40, 40, 32), patch_size=(32, 32, 32)):
+    """Synthesise, convert and plan the federation in ``workdir`` and derive ``nnUNetPlansSmall`` (``patch_size``,
+    capped at nnU-Net's planned patch); ``central``: also pool and plan it (dataset ``POOLED_ID``)."""
     from nnunetv2_fedkd.federated.planning import plan_federation, resolve_layout
     from nnunetv2_fedkd.pipeline import convert_federation, plan_and_preprocess, small_plans
     from nnunetv2_fedkd.pooled_dataset import merge_sites
     from nnunetv2_fedkd.spec import load_spec
     from nnunetv2_fedkd.synthetic import make_federation
 
-    spec = load_spec(make_federation(workdir, seed=seed, size=(40, 40, 32), cases_per_site=5, test_cases=4,
+    spec = load_spec(make_federation(workdir, seed=seed, size=tuple(size), cases_per_site=5, test_cases=4,
                                      fov_scale=0.7))
     convert_federation(spec, workdir / "nnUNet_raw")
     plan_federation(spec, workdir, log_dir=workdir / "logs")
     layout = resolve_layout(spec, workdir)
-    small_plans([layout.coordinator] + [layout.views[s.name] for s in spec.sites], workdir, patch_size=(32, 32, 32))
+    small_plans([layout.coordinator] + [layout.views[s.name] for s in spec.sites], workdir,
+                patch_size=tuple(patch_size))
     if central:
         pooled = merge_sites(spec, POOLED_ID, nnunet_raw=workdir / "nnUNet_raw", overwrite=True)
         plan_and_preprocess([POOLED_ID], workdir, log_dir=workdir / "logs")
-        small_plans([pooled.name], workdir, patch_size=(32, 32, 32))
+        small_plans([pooled.name], workdir, patch_size=tuple(patch_size))
 
 
 def run_method(name: str, workdir: Path, rounds: int, iters: int, out: Path) -> Dict[str, float]:
