@@ -147,25 +147,33 @@ def write_outputs(out: Path, record: dict, organs: List[str]) -> None:
     lines += ["", f"Versions: {record['versions']}; machine: {record['machine']}; {record['seconds']} s"]
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
 
+    dice_bar_plot(out / "dice.png", order, organs + ["mean"],
+                  {m: {o: record["summary"][m][o][0] for o in organs + ["mean"]} for m in order},
+                  {m: {o: record["summary"][m][o][1] for o in organs + ["mean"]} for m in order})
+
+
+def dice_bar_plot(path: Path, methods: List[str], columns: List[str], values: Dict[str, Dict[str, float]],
+                  errors: Dict[str, Dict[str, float]] = None) -> None:
+    """Grouped bars: one group per method, one bar per column (organ or 'mean'), optional error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.style.use("default")  # not the global seaborn style nnU-Net sets on import
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(order)), 3.8))
-    x = np.arange(len(order))
-    width = 0.8 / (len(organs) + 1)
-    for i, o in enumerate(organs + ["mean"]):
-        ax.bar(x + i * width, [record["summary"][m][o][0] for m in order], width,
-               yerr=[record["summary"][m][o][1] for m in order], label=o)
-    ax.set_xticks(x + width * len(organs) / 2, order, rotation=30, ha="right")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("Dice (external test set)")
-    ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    fig.savefig(out / "dice.png", dpi=90)
-    plt.close(fig)
+    with plt.style.context("default"):  # not the global seaborn style nnU-Net sets on import
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(methods)), 3.8))
+        x = np.arange(len(methods))
+        width = 0.8 / len(columns)
+        for i, c in enumerate(columns):
+            ax.bar(x + i * width, [values[m][c] for m in methods], width, label=c,
+                   yerr=None if errors is None else [errors[m][c] for m in methods])
+        ax.set_xticks(x + width * (len(columns) - 1) / 2, methods, rotation=30, ha="right")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("Dice (external test set)")
+        ax.legend(fontsize=7, ncol=3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
 
 
 def main(argv=None) -> int:

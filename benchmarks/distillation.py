@@ -33,7 +33,7 @@ from typing import Dict, List
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import machine, versions  # noqa: E402
+from accuracy import dice_bar_plot, machine, versions  # noqa: E402
 
 POOLED_ID = 510
 TEACHER_TRAINER = "nnUNetTrainerFedKDBase"
@@ -168,26 +168,10 @@ def write_outputs(out: Path, record: dict, organs: List[str]) -> None:
               f"Versions: {record['versions']}; machine: {record['machine']}; {record['seconds']} s in all."]
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with plt.style.context("default"):  # not the global seaborn style nnU-Net sets on import
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        x = np.arange(len(order))
-        width = 0.8 / (len(organs) + 1)
-        for i, o in enumerate(organs + ["mean"]):
-            vals = [float(np.nan_to_num(record["dice"][m].get(o, np.nan))) if o != "mean" else
-                    float(np.mean([np.nan_to_num(record["dice"][m].get(q, np.nan)) for q in organs])) for m in order]
-            ax.bar(x + i * width, vals, width, label=o)
-        ax.set_xticks(x + width * len(organs) / 2, order, rotation=20, ha="right")
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("Dice (external test set)")
-        ax.legend(fontsize=7, ncol=3)
-        fig.tight_layout()
-        fig.savefig(out / "dice.png", dpi=90)
-        plt.close(fig)
+    dice = {m: {o: float(np.nan_to_num(record["dice"][m].get(o, np.nan))) for o in organs} for m in order}
+    for m in order:
+        dice[m]["mean"] = float(np.mean([dice[m][o] for o in organs]))
+    dice_bar_plot(out / "dice.png", order, organs + ["mean"], dice)
 
 
 def main(argv=None) -> int:
