@@ -6,12 +6,13 @@ Stages (each prints the commands it runs and where its output is):
 2. convert every site with ``nnunetv2_fedkd convert`` (to the organ registry) and check them against the spec;
 3. plan the federation once from the sites' merged fingerprints (``nnunetv2_fedkd plan``; every site preprocesses
    locally with stock nnU-Net) and derive small CPU-sized plans (``nnUNetPlansSmall``);
-4. federated training with FedKD (``nnunetv2_fedkd federate ... -tr nnUNetTrainerFedKD``), in-process;
-5. the baseline users would run today, naive FedAvg (``-tr nnUNetTrainerFedNaive``), same rounds and budget;
-6. predict the external test set with stock ``nnUNetv2_predict``, evaluate with ``nnUNetv2_evaluate_folder`` and
-   print the per-organ Dice table (also ``demo_results.json`` and ``demo_dice.png``).
-
-Single-organ teachers are not part of the demo yet.
+4. one single-organ teacher per site, trained where its data is with stock ``nnUNetv2_train`` (nnU-Net's trainer);
+5. federated training with FedKD (``nnunetv2_fedkd federate ... -tr nnUNetTrainerFedKD``), in-process: each site
+   distils from the round's global model on the organs it does not label;
+6. the baseline users would run today, naive FedAvg (``-tr nnUNetTrainerFedNaive``), same rounds and budget;
+7. predict the external test set with stock ``nnUNetv2_predict`` (FedKD, naive FedAvg, and every teacher, whose label
+   maps are merged into one), evaluate with ``nnUNetv2_evaluate_folder`` and print the per-organ Dice table (also
+   ``demo_results.json`` and ``demo_dice.png``).
 """
 from __future__ import annotations
 
@@ -23,12 +24,13 @@ from nnunetv2_fedkd.env import apply_env, nnunet_env, shell_exports
 
 MARKER = ".nnunetv2_fedkd_demo"
 
-# (size, cases per site, test cases, field-of-view scale, rounds, local iterations) of the demo. 40x40x32 voxels with a
-# 0.7x field of view is the size the CI tests measure (tests/test_federated_training.py). nnU-Net's 5-fold split needs
-# at least 5 cases per dataset.
-FULL = ((40, 40, 32), 5, 4, 0.7, 4, 60)
-QUICK = ((40, 40, 32), 5, 2, 0.7, 2, 20)
+# (size, cases per site, test cases, field-of-view scale, rounds, local iterations, teacher iterations) of the demo.
+# 40x40x32 voxels with a 0.7x field of view is the size the CI tests measure (tests/test_federated_training.py,
+# tests/test_distillation_trainers.py). nnU-Net's 5-fold split needs at least 5 cases per dataset.
+FULL = ((40, 40, 32), 5, 4, 0.7, 4, 60, 150)
+QUICK = ((40, 40, 32), 5, 2, 0.7, 2, 20, 20)
 METHODS = (("FedKD", "nnUNetTrainerFedKD"), ("naive FedAvg", "nnUNetTrainerFedNaive"))
+TEACHER_TRAINER = "nnUNetTrainerFedKDBase"  # nnU-Net's own trainer, schedule from the settings file
 
 
 def prepare_workdir(workdir: Path) -> None:
@@ -49,7 +51,8 @@ def run_demo(workdir: Path, quick: bool = False, seed: int = 0) -> int:
     from nnunetv2_fedkd.env import subprocess_env
     from nnunetv2_fedkd.federated.planning import plan_federation, resolve_layout
     from nnunetv2_fedkd.pipeline import (convert_federation, evaluate, nnunet_script, predict, run_command,
-                                         small_plans)
+                                         small_plans, train)
+    from nnunetv2_fedkd.student_vs_teachers import Model, compare_student_with_teachers
     from nnunetv2_fedkd.spec import load_spec
     from nnunetv2_fedkd.synthetic import make_federation
     from nnunetv2_fedkd.utils import atomic_write_json
@@ -59,8 +62,8 @@ def run_demo(workdir: Path, quick: bool = False, seed: int = 0) -> int:
     prepare_workdir(workdir)
     apply_env(workdir, cpu=True)
     logs = workdir / "logs"
-    size, n_cases, n_test, fov, rounds, iterations = QUICK if quick else FULL
-    n_stages = 6
+    size, n_cases, n_test, fov, rounds, iterations, teacher_its = QUICK if quick else FULL
+    n_stages = 7
 
     def stage(i: int, text: str) -> None:
         print(f"\n[{i}/{n_stages}] {text}  ({time.perf_counter() - t_start:.0f} s)", flush=True)
@@ -83,35 +86,55 @@ def run_demo(workdir: Path, quick: bool = False, seed: int = 0) -> int:
     for p in small_plans([layout.coordinator] + [layout.views[s.name] for s in spec.sites], workdir):
         print(f"  wrote {p}")
 
-    settings = atomic_write_json(workdir / "fedkd_settings.json",
-                                 {"num_val_iterations_per_epoch": 1, "initial_lr": 0.03})
+    stage(4, f"one single-organ teacher per site: stock nnUNetv2_train -tr {TEACHER_TRAINER}, {teacher_its} iterations")
+    base = {"num_val_iterations_per_epoch": 1, "initial_lr": 0.03}
+    teacher_settings = atomic_write_json(workdir / "teacher_settings.json",
+                                         {**base, "num_epochs": 1, "num_iterations_per_epoch": teacher_its,
+                                          "final_validation": False})
+    teachers = []
+    for s in spec.sites:
+        fold = train(layout.views[s.name], TEACHER_TRAINER, workdir, teacher_settings, fold="all", log_dir=logs)
+        teachers.append(Model(layout.views[s.name], TEACHER_TRAINER, "all", organ=s.organs[0]))
+        print(f"  {s.organs[0]} teacher of {s.name}: {fold}")
+
+    # The teachers are the comparison users have today (K models, one per organ). FedKD here distils from the round's
+    # global model only: measured once with these 150-iteration teachers also in FedKD (cached outputs), a teacher
+    # that had not learned its organ (the kidney) taught the student background there (kidney Dice 0.78 -> 0).
+    settings = {t: atomic_write_json(workdir / f"{t}_settings.json", base) for _, t in METHODS}
     train_env = subprocess_env(workdir, cpu=True, training=True)
     for i, (label, trainer) in enumerate(METHODS):
-        stage(4 + i, f"federated training, {label}: {rounds} rounds x {iterations} local iterations per site")
+        stage(5 + i, f"federated training, {label}: {rounds} rounds x {iterations} local iterations per site")
         cmd = [nnunet_script("nnunetv2_fedkd"), "federate", str(spec_path), "--rounds", str(rounds),
                "--local-iterations", str(iterations), "--strategy", "fedavg", "-tr", trainer,
-               "-p", "nnUNetPlansSmall", "--config", str(settings), "-device", "cpu"]
+               "-p", "nnUNetPlansSmall", "--config", str(settings[trainer]), "-device", "cpu"]
         if trainer != "nnUNetTrainerFedKD":
             cmd.append("--no-evaluate")
         run_command(cmd, train_env)
 
-    stage(6, "predicting the external test set with stock nnUNetv2_predict; evaluating with nnUNetv2_evaluate_folder")
+    stage(7, "predicting the external test set with stock nnUNetv2_predict (FedKD, naive FedAvg, each teacher; the "
+             "teachers' label maps merged); evaluating with nnUNetv2_evaluate_folder")
     test = workdir / "nnUNet_raw" / spec.test_set.dataset
-    dice = {}
-    for label, trainer in METHODS:
-        pred = predict(test / "imagesTr", workdir / "predictions" / trainer, layout.coordinator, trainer, workdir,
-                       fold="all", log_dir=logs)
-        dice[label] = evaluate(test / "labelsTr", pred, test / "dataset.json", workdir, log_dir=logs)
+    cmp_ = compare_student_with_teachers(workdir, Model(layout.coordinator, "nnUNetTrainerFedKD", "all"), teachers,
+                                         test / "imagesTr", test / "labelsTr", test / "dataset.json",
+                                         workdir / "predictions", log_dir=logs)
+    dice = {"FedKD": cmp_["dice"]["student"]}
+    pred = predict(test / "imagesTr", workdir / "predictions" / "nnUNetTrainerFedNaive", layout.coordinator,
+                   "nnUNetTrainerFedNaive", workdir, fold="all", log_dir=logs)
+    dice["naive FedAvg"] = evaluate(test / "labelsTr", pred, test / "dataset.json", workdir, log_dir=logs)
+    dice["4 teachers merged"] = cmp_["dice"]["merged_teachers"]
     organs = list(spec.labels)
-    header = f"  {'method':<14}" + "".join(f"{o:>10}" for o in organs) + f"{'mean':>10}"
+    header = f"  {'method':<18}" + "".join(f"{o:>10}" for o in organs) + f"{'mean':>10}"
     print("\nPer-organ Dice on the external test set (every organ is unlabelled at 3 of the 4 sites):")
     print(header)
     for label, d in dice.items():
         vals = [d.get(o, float("nan")) for o in organs]
         mean = sum(0.0 if v != v else v for v in vals) / len(vals)
-        print(f"  {label:<14}" + "".join(f"{v:>10.3f}" for v in vals) + f"{mean:>10.3f}")
-    results = {"dice": dice, "rounds": rounds, "local_iterations": iterations, "size": list(size),
-               "cases_per_site": n_cases, "test_cases": n_test, "seconds": round(time.perf_counter() - t_start)}
+        print(f"  {label:<18}" + "".join(f"{v:>10.3f}" for v in vals) + f"{mean:>10.3f}")
+    print(f"  (FedKD is one network; the teachers are {len(teachers)}: inference "
+          f"{cmp_['inference_seconds']['student']:.1f} s vs {cmp_['inference_seconds_teachers_total']:.1f} s)")
+    results = {"dice": dice, "rounds": rounds, "local_iterations": iterations, "teacher_iterations": teacher_its,
+               "size": list(size), "cases_per_site": n_cases, "test_cases": n_test,
+               "inference_seconds": cmp_["inference_seconds"], "seconds": round(time.perf_counter() - t_start)}
     atomic_write_json(workdir / "demo_results.json", results)
     plot = _plot(dice, organs, workdir / "demo_dice.png")
     run_dir = (workdir / "nnUNet_results" / layout.coordinator / "nnUNetTrainerFedKD__nnUNetPlansSmall__3d_fullres")
