@@ -148,3 +148,23 @@ def test_cached_outputs_refuse_feature_kd_and_unknown_modes(tmp_path):
         t._check_settings()
     t.fedkd_config["teacher_outputs"] = "online"
     assert not t._cached()
+
+
+def test_cache_key_follows_the_teacher_files_and_the_student_plans(tmp_path):
+    import os
+
+    from nnunetv2_fedkd.teacher_cache import cache_key
+    from nnunetv2_fedkd.teachers import TeacherSpec
+
+    ckpt = tmp_path / "T" / "fold_0" / "checkpoint_final.pth"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"weights v1")
+    specs = [TeacherSpec(tmp_path / "T", ["0"], organ="liver")]
+    student = {"configuration": {"patch_size": [32, 32, 32]}, "intensity": {"0": {"mean": 1.0}}}
+    key = cache_key(student, specs)
+    assert key == cache_key(dict(student), [TeacherSpec(tmp_path / "T", ["0"], organ="liver")])  # a later run
+    assert key != cache_key({**student, "configuration": {"patch_size": [48, 48, 48]}}, specs)
+    assert key != cache_key(student, [TeacherSpec(tmp_path / "T", ["0"], organ="kidney")])
+    st = ckpt.stat()
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # retrained teacher
+    assert key != cache_key(student, specs)
