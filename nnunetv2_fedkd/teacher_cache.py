@@ -165,7 +165,6 @@ class TeacherCachedDataset:
     def __init__(self, inner, folder: Path, n_teachers: int):
         self.inner, self.folder, self.n_teachers = inner, Path(folder), int(n_teachers)
         self.identifiers = inner.identifiers
-        self.source_folder = getattr(inner, "source_folder", None)
 
     def __getitem__(self, identifier):
         return self.load_case(identifier)

@@ -152,17 +152,22 @@ def _region_mean(values: torch.Tensor, mask: torch.Tensor, dims) -> torch.Tensor
     return torch.where(mask, values, zero).sum(dims) / mask.sum(dims).clamp_min(1)
 
 
-def _valid_mask(valid: Optional[torch.Tensor], t: torch.Tensor, name: str) -> torch.Tensor:
-    """``valid`` as a ``[B, 1, *S]`` bool tensor on ``t``'s device (all True when None)."""
-    b, spatial = t.shape[0], tuple(t.shape[2:])
+def _kd_regions(t: torch.Tensor, valid: Optional[torch.Tensor], name: str):
+    """The MS-KD regions of teacher foreground logits ``t`` ``[B, K, *S]``: (organ regions :math:`R_k = \{t_k > 0\}`
+    ``[B, K, *S]``, background region :math:`R_{bg} = \{t_k \le 0\ \forall k\}` ``[B, *S]``), both restricted to
+    ``valid`` (``[B, 1, *S]`` or ``[B, *S]``; non-bool: non-zero = valid) when it is given."""
+    pos = t > 0
+    organ, bg = pos, ~pos.any(1)
     if valid is None:
-        return torch.ones((b, 1) + spatial, dtype=torch.bool, device=t.device)
+        return organ, bg
+    b, spatial = t.shape[0], tuple(t.shape[2:])
     v = valid.to(device=t.device)
     if v.ndim == t.ndim - 1:
         v = v.unsqueeze(1)
     if tuple(v.shape) != (b, 1) + spatial:
         raise ValueError(f"{name}: valid mask shape {tuple(valid.shape)} does not fit teacher shape {tuple(t.shape)}")
-    return v if v.dtype == torch.bool else v != 0
+    v = v if v.dtype == torch.bool else v != 0
+    return organ & v, bg & v[:, 0]
 
 
 def _class_indices(teacher_classes, k: int, c: int, device, name: str) -> torch.Tensor:
@@ -240,8 +245,7 @@ def region_logit_kd_softmax(student_logits: torch.Tensor, teacher_fg_logits: tor
     s_logp = x - lse  # log p_c for every class
     s_log1mp = _log_one_minus_softmax(x, lse, torch.exp(s_logp))  # log(1 - p_c), finite
     with torch.no_grad():
-        ok = _valid_mask(valid, t, name)
-        organ = (t > 0) & ok  # R_k, [B, K, *S]
+        organ, bg = _kd_regions(t, valid, name)  # R_k [B, K, *S], R_bg [B, *S]
         t_logp, t_log1mp = F.logsigmoid(t / tau), F.logsigmoid(-t / tau)
 
     kl_org = _binary_kl(t_logp, t_log1mp, s_logp.index_select(1, idx), s_log1mp.index_select(1, idx))
@@ -249,7 +253,6 @@ def region_logit_kd_softmax(student_logits: torch.Tensor, teacher_fg_logits: tor
 
     if weight_background != 0:
         with torch.no_grad():
-            bg = ~(t > 0).any(1) & ok[:, 0]  # R_bg, [B, *S]
             log_qbg = t_log1mp.sum(1)  # log prod_k (1 - sigma(t_k / T))
             log_1m_qbg = _log1mexp(log_qbg)  # may be -inf when q_bg rounds to 1 (handled in _binary_kl)
         kl_bg = _binary_kl(log_qbg, log_1m_qbg, s_logp[:, 0], s_log1mp[:, 0])
@@ -295,13 +298,11 @@ def region_logit_kd_sigmoid(student_logits: torch.Tensor, teacher_fg_logits: tor
     s, t = _check_pair(student_logits, teacher_fg_logits, name)
     spatial_dims = (0,) + tuple(range(2, s.ndim))
     with torch.no_grad():
-        ok = _valid_mask(valid, t, name)
-        organ = (t > 0) & ok
+        organ, bg = _kd_regions(t, valid, name)
         t_logp, t_log1mp = F.logsigmoid(t / tau), F.logsigmoid(-t / tau)
     kl = _binary_kl(t_logp, t_log1mp, F.logsigmoid(s / tau), F.logsigmoid(-s / tau))  # [B, K, *S]
     loss = _region_mean(kl, organ, spatial_dims).mean()
     if weight_background != 0:
-        bg = ~(t > 0).any(1) & ok[:, 0]
         loss = loss + weight_background * _region_mean(kl.mean(1), bg, tuple(range(s.ndim - 1)))
     return (tau ** 2) * loss
 
