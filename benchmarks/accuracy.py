@@ -8,7 +8,14 @@ labelled external test set), converts it, plans it with ``nnunetv2_fedkd plan``,
 the central methods, pools it with ``nnunetv2_fedkd merge`` (stock ``nnUNetv2_plan_and_preprocess``). Every method is
 the command a user runs; federated methods get ``rounds x local_iterations`` iterations per site, central methods the
 same total (``rounds x local_iterations x sites``). Every model predicts the test set with stock ``nnUNetv2_predict``
-and is scored with ``nnUNetv2_evaluate_folder``. Writes ``results.json`` (every number, the command, versions, machine),
+and is scored with ``nnUNetv2_evaluate_folder``.
+
+* ``teachers_merged``: one single-organ teacher per site (stock ``nnUNetv2_train -tr nnUNetTrainerFedKDBase`` on the
+  site's view of the federation plans, ``rounds x local_iterations`` iterations: the same total), each predicting the
+  test set, label maps merged. The methods that distil from teachers (``central_mskd``, ``fedkd_teachers``) use these
+  teachers, trained once per seed (cached outputs, logit KD).
+* ``oracle_central``: the pooled images with every organ labelled (the synthetic generator knows them:
+  :mod:`nnunetv2_fedkd.synthetic.oracle`), stock nnU-Net's trainer - the upper bound no real federation has. Writes ``results.json`` (every number, the command, versions, machine),
 ``results.md`` (mean +- sd over seeds) and ``dice.png`` into ``--out``.
 
 ``--prepared`` with ``--workdir``: use an existing planned workdir (one seed; what the smoke test does).
@@ -27,30 +34,40 @@ from typing import Dict, List
 
 import numpy as np
 
+TEACHERS = "<the seed's single-organ teachers>"  # placeholder in settings, replaced by the teacher entries
+KD_FROM_TEACHERS = {"teachers": TEACHERS, "teacher_outputs": "cached", "feature_kd_weight": 0.0}
+TEACHER_TRAINER = "nnUNetTrainerFedKDBase"  # nnU-Net's own trainer, schedule from the settings file
 # method -> (kind, trainer, extra federate args / None, trainer settings)
 METHODS: Dict[str, tuple] = {
+    "teachers_merged": ("teachers", TEACHER_TRAINER, None, {}),
     "central_naive": ("central", "nnUNetTrainerNaivePartial", None, {}),
     "central_marginal": ("central", "nnUNetTrainerMarginal", None, {}),
     "central_multihead": ("central", "nnUNetTrainerMultiHead", None, {}),
+    "central_mskd": ("central", "nnUNetTrainerMSKD", None, KD_FROM_TEACHERS),
     "naive_fedavg": ("federated", "nnUNetTrainerFedNaive", ["--strategy", "fedavg"], {}),
     "fedavg_marginal": ("federated", "nnUNetTrainerFedKD", ["--strategy", "fedavg"], {"global_kd_weight": 0.0}),
     "fedprox_marginal": ("federated", "nnUNetTrainerFedKD", ["--strategy", "fedprox", "--strategy-option", "mu=0.01"],
                          {"global_kd_weight": 0.0}),
     "fedbn_marginal": ("federated", "nnUNetTrainerFedKD", ["--strategy", "fedbn"], {"global_kd_weight": 0.0}),
     "fedkd": ("federated", "nnUNetTrainerFedKD", ["--strategy", "fedavg"], {}),
+    "fedkd_teachers": ("federated", "nnUNetTrainerFedKD", ["--strategy", "fedavg"], KD_FROM_TEACHERS),
+    "oracle_central": ("oracle", TEACHER_TRAINER, None, {}),
 }
 BASE_SETTINGS = {"num_val_iterations_per_epoch": 1, "initial_lr": 0.03, "final_validation": False}
 POOLED_ID = 510
+ORACLE_ID = 511
 
 
 def prepare(workdir: Path, seed: int, central: bool, size=(40, 40, 32), patch_size=(32, 32, 32)):
     """Synthesise, convert and plan the federation in ``workdir`` and derive ``nnUNetPlansSmall`` (``patch_size``,
-    capped at nnU-Net's planned patch); ``central``: also pool and plan it (dataset ``POOLED_ID``)."""
+    capped at nnU-Net's planned patch); ``central``: also pool and plan it (dataset ``POOLED_ID``) and its fully
+    labelled twin (``ORACLE_ID``)."""
     from nnunetv2_fedkd.federated.planning import plan_federation, resolve_layout
     from nnunetv2_fedkd.pipeline import convert_federation, plan_and_preprocess, small_plans
     from nnunetv2_fedkd.pooled_dataset import merge_sites
     from nnunetv2_fedkd.spec import load_spec
     from nnunetv2_fedkd.synthetic import make_federation
+    from nnunetv2_fedkd.synthetic.oracle import write_fully_labelled_pool
 
     spec = load_spec(make_federation(workdir, seed=seed, size=tuple(size), cases_per_site=5, test_cases=4,
                                      fov_scale=0.7))
@@ -61,8 +78,44 @@ def prepare(workdir: Path, seed: int, central: bool, size=(40, 40, 32), patch_si
                 patch_size=tuple(patch_size))
     if central:
         pooled = merge_sites(spec, POOLED_ID, nnunet_raw=workdir / "nnUNet_raw", overwrite=True)
-        plan_and_preprocess([POOLED_ID], workdir, log_dir=workdir / "logs")
-        small_plans([pooled.name], workdir, patch_size=tuple(patch_size))
+        oracle = write_fully_labelled_pool(workdir, pooled.name, ORACLE_ID, nnunet_raw=workdir / "nnUNet_raw",
+                                           overwrite=True)
+        plan_and_preprocess([POOLED_ID, ORACLE_ID], workdir, log_dir=workdir / "logs")
+        small_plans([pooled.name, oracle.name], workdir, patch_size=tuple(patch_size))
+
+
+def schedule(total_iterations: int) -> Dict[str, int]:
+    """nnU-Net epochs of about 100 iterations for a total budget."""
+    epochs = max(1, total_iterations // 100)
+    return {"num_epochs": epochs, "num_iterations_per_epoch": max(1, total_iterations // epochs)}
+
+
+def teachers(workdir: Path, rounds: int, iters: int, out: Path) -> list:
+    """The seed's single-organ teachers (trained on first use, then reused): one per site, stock nnU-Net's trainer
+    on the site's view of the federation plans, ``rounds x iters`` iterations (what the site trains in a federation)."""
+    from nnunetv2_fedkd.federated.planning import resolve_layout
+    from nnunetv2_fedkd.pipeline import train
+    from nnunetv2_fedkd.spec import load_spec
+    from nnunetv2_fedkd.student_vs_teachers import Model
+
+    spec = load_spec(workdir / "federation.toml")
+    layout = resolve_layout(spec, workdir)
+    results = workdir / "bench_results" / "teachers"
+    cfg = out / "settings_teachers.json"
+    cfg.write_text(json.dumps({**BASE_SETTINGS, **schedule(rounds * iters)}))
+    models = []
+    for site in spec.sites:
+        m = Model(layout.views[site.name], TEACHER_TRAINER, "all", organ=site.organs[0], results=results)
+        fold = m.folder(results)
+        done = (fold / "checkpoint_final.pth").is_file() and all(
+            json.loads((fold / "fedkd_trainer_config.json").read_text())["settings"][k] == v
+            for k, v in schedule(rounds * iters).items())
+        if not done:
+            print(f"   teacher {site.organs[0]} ({m.dataset})", flush=True)
+            train(m.dataset, TEACHER_TRAINER, workdir, cfg, fold="all", log_dir=workdir / "logs",
+                  extra_env={"nnUNet_results": str(results)})
+        models.append(m)
+    return models
 
 
 def run_method(name: str, workdir: Path, rounds: int, iters: int, out: Path) -> Dict[str, float]:
@@ -71,10 +124,22 @@ def run_method(name: str, workdir: Path, rounds: int, iters: int, out: Path) -> 
     from nnunetv2_fedkd.pipeline import evaluate, nnunet_script, predict, run_command, train
     from nnunetv2_fedkd.spec import load_spec
 
+    from nnunetv2_fedkd.student_vs_teachers import predict_merged_teachers
+
     kind, trainer, fed_args, extra = METHODS[name]
     spec = load_spec(workdir / "federation.toml")
     settings = out / f"settings_{name}.json"
     logs = workdir / "logs"
+    test = workdir / "nnUNet_raw" / spec.test_set.dataset
+    if kind == "teachers":
+        labels = json.loads((test / "dataset.json").read_text())["labels"]
+        merged, _, _ = predict_merged_teachers(workdir, teachers(workdir, rounds, iters, out), test / "imagesTr",
+                                               labels, workdir / "bench_predictions" / name, log_dir=logs)
+        return evaluate(test / "labelsTr", merged, test / "dataset.json", workdir, log_dir=logs)
+    if extra.get("teachers") == TEACHERS:
+        entries = [{"results_folder": str(t.folder(t.results).parent), "folds": ["all"], "organ": t.organ}
+                   for t in teachers(workdir, rounds, iters, out)]
+        extra = {**extra, "teachers": entries}
     # every method trains into its own nnUNet_results, so methods sharing a trainer class do not collide
     results_env = {"nnUNet_results": str(workdir / "bench_results" / name)}
     if (workdir / "bench_results" / name).exists():
@@ -90,14 +155,11 @@ def run_method(name: str, workdir: Path, rounds: int, iters: int, out: Path) -> 
                     logs / f"bench_{name}.log")
         dataset, fold = resolve_layout(spec, workdir).coordinator, "all"
     else:
-        total = rounds * iters * len(spec.sites)
-        epochs = max(1, total // 100)
-        settings.write_text(json.dumps({**BASE_SETTINGS, **extra, "num_epochs": epochs,
-                                        "num_iterations_per_epoch": max(1, total // epochs)}))
-        dataset = next(p.name for p in (workdir / "nnUNet_raw").glob(f"Dataset{POOLED_ID}_*"))
+        settings.write_text(json.dumps({**BASE_SETTINGS, **extra, **schedule(rounds * iters * len(spec.sites))}))
+        dataset_id = ORACLE_ID if kind == "oracle" else POOLED_ID
+        dataset = next(p.name for p in (workdir / "nnUNet_raw").glob(f"Dataset{dataset_id}_*"))
         fold = "all"
         train(dataset, trainer, workdir, settings, fold=fold, log_dir=logs, extra_env=results_env)
-    test = workdir / "nnUNet_raw" / spec.test_set.dataset
     pred = predict(test / "imagesTr", workdir / "bench_predictions" / name, dataset, trainer, workdir, fold=fold,
                    log_dir=logs, extra_env=results_env)
     return evaluate(test / "labelsTr", pred, test / "dataset.json", workdir, log_dir=logs)
@@ -194,7 +256,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
     organs: List[str] = []
-    central = any(METHODS[m][0] == "central" for m in args.methods)
+    central = any(METHODS[m][0] in ("central", "oracle") for m in args.methods)
     for seed in args.seeds:
         wd = base if args.prepared else base / f"seed_{seed}"
         if not args.prepared:

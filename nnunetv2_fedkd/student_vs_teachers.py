@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -88,6 +88,30 @@ def merge_teacher_label_maps(predictions: Dict[str, Path], labels: Dict[str, int
     return conflicts
 
 
+def predict_merged_teachers(workdir: Path, teachers: Sequence[Model], test_images: Path, labels: Dict[str, int],
+                            out: Path, log_dir: Optional[Path] = None,
+                            extra_env: Optional[Dict[str, str]] = None) -> Tuple[Path, Dict[str, int], Dict[str, float]]:
+    """Predict ``test_images`` with every single-organ teacher (stock ``nnUNetv2_predict``, timed) into
+    ``out/pred_teacher_<organ>`` and merge their label maps into ``out/pred_merged_teachers`` (with the first
+    teacher's plans.json, which the evaluator reads). Returns (merged folder, conflicts per case, seconds per
+    teacher)."""
+    from nnunetv2_fedkd.pipeline import predict
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: Dict[str, float] = {}
+    preds: Dict[str, Path] = {}
+    for t in teachers:
+        t0 = time.perf_counter()
+        preds[t.organ] = predict(test_images, out / f"pred_teacher_{t.organ}", t.dataset, t.trainer, workdir,
+                                 fold=t.fold, plans=t.plans, log_dir=log_dir, extra_env=t.env(extra_env))
+        seconds[f"teacher_{t.organ}"] = time.perf_counter() - t0
+    merged = out / "pred_merged_teachers"
+    conflicts = merge_teacher_label_maps(preds, labels, merged)
+    shutil.copy(preds[teachers[0].organ] / "plans.json", merged / "plans.json")
+    return merged, conflicts, seconds
+
+
 def compare_student_with_teachers(workdir: Path, student: Model, teachers: Sequence[Model], test_images: Path,
                                   test_labels: Path, test_dataset_json: Path, out: Path,
                                   log_dir: Optional[Path] = None, extra_env: Optional[Dict[str, str]] = None) -> dict:
@@ -101,20 +125,12 @@ def compare_student_with_teachers(workdir: Path, student: Model, teachers: Seque
     labels = json.loads(Path(test_dataset_json).read_text())["labels"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    seconds: Dict[str, float] = {}
-    preds: Dict[str, Path] = {}
-    for t in teachers:
-        t0 = time.perf_counter()
-        preds[t.organ] = predict(test_images, out / f"pred_teacher_{t.organ}", t.dataset, t.trainer, workdir,
-                                 fold=t.fold, plans=t.plans, log_dir=log_dir, extra_env=t.env(extra_env))
-        seconds[f"teacher_{t.organ}"] = time.perf_counter() - t0
+    merged, conflicts, seconds = predict_merged_teachers(workdir, teachers, test_images, labels, out, log_dir,
+                                                         extra_env)
     t0 = time.perf_counter()
     student_pred = predict(test_images, out / "pred_student", student.dataset, student.trainer, workdir,
                            fold=student.fold, plans=student.plans, log_dir=log_dir, extra_env=student.env(extra_env))
     seconds["student"] = time.perf_counter() - t0
-    merged = out / "pred_merged_teachers"
-    conflicts = merge_teacher_label_maps(preds, labels, merged)
-    shutil.copy(student_pred / "plans.json", merged / "plans.json")  # the evaluator reads the image I/O from it
     dice = {"student": evaluate(test_labels, student_pred, test_dataset_json, workdir, log_dir=log_dir),
             "merged_teachers": evaluate(test_labels, merged, test_dataset_json, workdir, log_dir=log_dir)}
     params = {"student": parameter_count(student.folder(results)),

@@ -90,3 +90,46 @@ def test_single_site_dataset_has_one_annotated_set_and_plain_datasets_are_fully_
     assert la.softmax_mask(["anything"]).tolist() == [[True, False, True]]
     la = LabelAvailability({"labels": {"background": 0, "liver": [1], "kidney": [2]}})
     assert la.foreground_mask(["x", "y"]).all()
+
+
+def test_fully_labelled_pool_of_a_synthetic_federation(tmp_path):
+    """The oracle's training set: the pooled cases with every organ labelled, equal to the pooled labels on the
+    organs each site annotated; a pooled label that does not match its phantom is an error naming the case."""
+    from nnunetv2_fedkd.pipeline import convert_federation
+    from nnunetv2_fedkd.pooled_dataset import global_label_values
+    from nnunetv2_fedkd.spec import load_spec
+    from nnunetv2_fedkd.synthetic import make_federation
+    from nnunetv2_fedkd.synthetic.oracle import write_fully_labelled_pool
+
+    spec = load_spec(make_federation(tmp_path, seed=5, size=(32, 32, 24), cases_per_site=2, test_cases=0,
+                                     fov_scale=0.7))
+    raw = tmp_path / "nnUNet_raw"
+    convert_federation(spec, raw)
+    pooled = merge_sites(spec, 510, nnunet_raw=raw)
+    full = write_fully_labelled_pool(tmp_path, pooled.name, 511, nnunet_raw=raw)
+    values = global_label_values(spec)
+    dj = json.loads((full / "dataset.json").read_text())
+    cases = sorted(dj["fedkd"]["case_site"])
+    assert len(cases) == 8 and all(dj["fedkd"]["case_annotated"][c] == list(spec.labels) for c in cases)
+    for case in cases:
+        site = spec.site(dj["fedkd"]["case_site"][case])
+        p_img = sitk.ReadImage(str(pooled / "labelsTr" / f"{case}.nii.gz"))
+        f_img = sitk.ReadImage(str(full / "labelsTr" / f"{case}.nii.gz"))
+        assert f_img.GetSize() == p_img.GetSize() and f_img.GetDirection() == p_img.GetDirection()
+        p, f = sitk.GetArrayFromImage(p_img), sitk.GetArrayFromImage(f_img)
+        for organ, v in values.items():
+            if organ in site.organs:
+                assert np.array_equal(p == v, f == v), (case, organ)
+            else:  # unlabelled in the pooled case, present in the full one (every phantom has every organ)
+                assert not (p == v).any() and (f == v).sum() > 10, (case, organ)
+        assert (full / "imagesTr" / f"{case}_0000.nii.gz").is_file()
+
+    # a pooled label that is not its phantom's (the KiTS case flipped): refused, and nothing written
+    bad = next(c for c in cases if c.startswith("kidney_site__"))
+    lab = sitk.ReadImage(str(pooled / "labelsTr" / f"{bad}.nii.gz"))
+    flipped = sitk.GetImageFromArray(sitk.GetArrayFromImage(lab)[:, :, ::-1].copy())
+    flipped.CopyInformation(lab)
+    sitk.WriteImage(flipped, str(pooled / "labelsTr" / f"{bad}.nii.gz"))
+    with pytest.raises(ConversionError, match=bad):
+        write_fully_labelled_pool(tmp_path, pooled.name, 512, nnunet_raw=raw)
+    assert not list(raw.glob("Dataset512_*"))
