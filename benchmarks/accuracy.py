@@ -58,10 +58,10 @@ POOLED_ID = 510
 ORACLE_ID = 511
 
 
-def prepare(workdir: Path, seed: int, central: bool, size=(40, 40, 32), patch_size=(32, 32, 32)):
+def prepare(workdir: Path, seed: int, central: bool, size=(40, 40, 32), patch_size=(32, 32, 32), num_sites: int = 4):
     """Synthesise, convert and plan the federation in ``workdir`` and derive ``nnUNetPlansSmall`` (``patch_size``,
     capped at nnU-Net's planned patch); ``central``: also pool and plan it (dataset ``POOLED_ID``) and its fully
-    labelled twin (``ORACLE_ID``)."""
+    labelled twin (``ORACLE_ID``). ``num_sites`` > 4 adds a second site per organ (``make_federation(num_sites=)``)."""
     from nnunetv2_fedkd.federated.planning import plan_federation, resolve_layout
     from nnunetv2_fedkd.pipeline import convert_federation, plan_and_preprocess, small_plans
     from nnunetv2_fedkd.pooled_dataset import merge_sites
@@ -70,7 +70,7 @@ def prepare(workdir: Path, seed: int, central: bool, size=(40, 40, 32), patch_si
     from nnunetv2_fedkd.synthetic.oracle import write_fully_labelled_pool
 
     spec = load_spec(make_federation(workdir, seed=seed, size=tuple(size), cases_per_site=5, test_cases=4,
-                                     fov_scale=0.7))
+                                     fov_scale=0.7, num_sites=num_sites))
     convert_federation(spec, workdir / "nnUNet_raw")
     plan_federation(spec, workdir, log_dir=workdir / "logs")
     layout = resolve_layout(spec, workdir)

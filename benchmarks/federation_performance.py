@@ -1,11 +1,12 @@
 """Federation performance benchmark: round time, the bytes a site sends, memory, Flower vs in-process, scaling.
 
     python benchmarks/federation_performance.py --out benchmarks/results/federation_performance \\
-        [--workdir DIR] [--rounds 2] [--local-iterations 20] [--sizes 40x40x32 56x56x44] [--sites-counts 2 4]
+        [--workdir DIR] [--rounds 2] [--local-iterations 20] [--sizes 40x40x32 56x56x44] [--sites-counts 2 4 8]
         [--flower-sites 2] [--no-flower] [--patch-size 32 32 32 | --patch-size planned] [--smallest] [--prepared]
 
 Per image size it synthesises and plans the federation exactly as ``benchmarks/accuracy.py`` does (its ``prepare``:
-4 sites x 5 cases, one organ each, ``nnunetv2_fedkd plan``, ``nnUNetPlansSmall`` with a 32^3 patch by default), then
+4 sites x 5 cases, one organ each - 8 sites, a second per organ, when a sites count asks for more than 4 -
+``nnunetv2_fedkd plan``, ``nnUNetPlansSmall`` with a 32^3 patch by default), then
 measures, in one run and on the same data:
 
 1. **In-process rounds** for every size x sites count: the command a user runs, ``nnunetv2_fedkd federate SPEC
@@ -24,7 +25,7 @@ measures, in one run and on the same data:
    trainer settings as the in-process run, no evaluation. The SuperNodes train at the same time, one thread each (as
    in that test), while the in-process runner trains the sites one after the other; so the in-process run of the
    same sites is also measured with one thread (``OMP_NUM_THREADS=1``) next to torch's default (one per core).
-4. **Scaling**: the in-process runs with 2 and 4 sites, and at 40x40x32 vs 56x56x44 (with the default fixed 32^3
+4. **Scaling**: the in-process runs with 2, 4 (and 8) sites, and at 40x40x32 vs 56x56x44 (with the default fixed 32^3
    patch the network does the same work per iteration at both sizes; ``--patch-size planned`` keeps the patch nnU-Net
    planned for each size instead, so compute grows with the image).
 
@@ -57,6 +58,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from accuracy import machine, prepare, versions  # noqa: E402  (the accuracy benchmark's set-up and records)
+
+from nnunetv2_fedkd.synthetic import MAX_SITES  # noqa: E402
 
 TRAINER = "nnUNetTrainerFedKD"
 PLANS = "nnUNetPlansSmall"
@@ -519,7 +522,7 @@ def main(argv=None) -> int:
     p.add_argument("--local-iterations", type=int, default=20)
     p.add_argument("--sizes", type=parse_size, nargs="+", default=None,
                    help=f"image sizes XxYxZ (default: {' '.join(DEFAULT_SIZES)})")
-    p.add_argument("--sites-counts", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--sites-counts", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--flower-sites", type=int, default=2, help="sites of the Flower run (first size); default 2")
     p.add_argument("--no-flower", action="store_true")
     p.add_argument("--patch-size", nargs="+", default=["32", "32", "32"],
@@ -551,6 +554,9 @@ def main(argv=None) -> int:
     settings_file = out / "trainer_settings.json"
     settings_file.write_text(json.dumps(SETTINGS))
 
+    wanted = args.sites_counts + ([] if args.no_flower else [args.flower_sites])
+    if not args.prepared and max(wanted) > MAX_SITES:
+        p.error(f"the synthetic federation has at most {MAX_SITES} sites")
     t0 = time.time()
     preparation: Dict[str, dict] = {}
     runs: List[dict] = []
@@ -570,11 +576,11 @@ def main(argv=None) -> int:
             wd.mkdir(parents=True)
             print(f"== {tag}: preparing {wd}", flush=True)
             ts = time.time()
-            prepare(wd, args.seed, central=False, size=size, patch_size=patch)
+            prepare(wd, args.seed, central=False, size=size, patch_size=patch, num_sites=max(4, *wanted))
             info = plans_summary(wd)
             preparation[tag] = {"seconds": round(time.time() - ts, 1), "workdir": str(wd), **info}
         n_sites = len(info["sites"])
-        bad = [n for n in args.sites_counts + ([] if args.no_flower else [args.flower_sites]) if not 1 <= n <= n_sites]
+        bad = [n for n in wanted if not 1 <= n <= n_sites]
         if bad:
             p.error(f"sites counts {bad} out of 1..{n_sites} (the federation's sites)")
         # (engine, sites count, OMP threads per process; None: torch's default)

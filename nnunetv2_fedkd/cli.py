@@ -35,7 +35,7 @@ def _cmd_synth(args) -> int:
 
     spec = make_federation(args.out_dir, seed=args.seed, size=tuple(args.size), cases_per_site=args.cases_per_site,
                            test_cases=args.test_cases, first_dataset_id=args.first_dataset_id,
-                           overwrite=args.overwrite, fov_scale=args.fov_scale)
+                           overwrite=args.overwrite, fov_scale=args.fov_scale, num_sites=args.sites)
     print(f"wrote the synthetic federation; spec: {spec}")
     return 0
 
@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fov-scale", type=float, default=1.0,
                    help="scale every scanner's field of view and scan length (< 1: tighter abdominal crop, more "
                         "voxels per organ on small grids)")
+    s.add_argument("--sites", type=int, default=4,
+                   help="number of sites, 1-8: liver, kidney, spleen, pancreas, then a second site per organ in the "
+                        "same order (default 4)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_cmd_synth)
 

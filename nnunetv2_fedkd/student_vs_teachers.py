@@ -145,7 +145,7 @@ def compare_student_with_teachers(workdir: Path, student: Model, teachers: Seque
         "parameters": params, "parameters_teachers_total": teacher_p,
         "parameter_ratio_student_over_teachers": round(params["student"]["network"] / teacher_p, 3),
         "voxels_claimed_by_several_teachers": conflicts,
-        "how": "stock nnUNetv2_predict (-device cpu --disable_tta -npp 1 -nps 1) per model, wall time; "
+        "how": "stock nnUNetv2_predict (-device cpu --disable_tta -npp 0 -nps 0) per model, wall time; "
                "nnUNetv2_evaluate_folder on the merged teacher label maps and on the student's",
     }
     (out / "student_vs_teachers.json").write_text(json.dumps(record, indent=2))

@@ -419,3 +419,33 @@ def test_fov_scale_crops_tighter_and_gives_organs_more_voxels():
         assert b.mask(organ).sum() > 1.5 * a.mask(organ).sum(), organ
     with pytest.raises(ValueError, match="fov_scale"):
         make_federation(Path("/nonexistent-never-written"), fov_scale=0.05)
+
+
+def test_eight_sites_add_a_second_site_per_organ_and_leave_the_first_four_unchanged(tmp_path):
+    from nnunetv2_fedkd.pipeline import convert_federation
+    from nnunetv2_fedkd.spec import load_spec
+
+    four = load_spec(make_federation(tmp_path / "four", seed=SEED, size=TINY, cases_per_site=1, test_cases=0))
+    eight = load_spec(make_federation(tmp_path / "eight", seed=SEED, size=TINY, cases_per_site=1, test_cases=0,
+                                      num_sites=8))
+    assert [s.name for s in eight.sites[:4]] == [s.name for s in four.sites]
+    assert [s.name for s in eight.sites[4:]] == [f"{s.name}_b" for s in four.sites]
+    assert [s.organs for s in eight.sites[4:]] == [s.organs for s in four.sites] and eight.labels == four.labels
+    assert sorted(s.dataset_id for s in eight.sites) == list(range(501, 509))
+    assert len({s.view_dataset for s in eight.sites}) == 8
+    m4 = json.loads((tmp_path / "four" / "synth_meta.json").read_text())
+    m8 = json.loads((tmp_path / "eight" / "synth_meta.json").read_text())
+    assert m8["num_sites"] == 8
+    for a, b in zip(m4["sites"], m8["sites"][:4]):  # the first four are the same files
+        for ca, cb in zip(a["cases"], b["cases"]):
+            assert np.array_equal(np.asarray(_read(tmp_path / "four", ca["image"]).dataobj),
+                                  np.asarray(_read(tmp_path / "eight", cb["image"]).dataobj))
+    for a, b in zip(m8["sites"][:4], m8["sites"][4:]):  # a second site: other patients, other calibration
+        assert b["scanner"] != a["scanner"]
+        assert not np.array_equal(np.asarray(_read(tmp_path / "eight", a["cases"][0]["image"]).dataobj),
+                                  np.asarray(_read(tmp_path / "eight", b["cases"][0]["image"]).dataobj))
+    written = convert_federation(eight, tmp_path / "eight" / "nnUNet_raw")  # the converters read every layout
+    assert len(written) == 8
+    for bad in (0, 9, True):
+        with pytest.raises(ValueError, match="num_sites"):
+            make_federation(tmp_path / f"bad{bad}", seed=SEED, size=TINY, cases_per_site=1, num_sites=bad)

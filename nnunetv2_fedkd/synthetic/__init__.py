@@ -8,6 +8,8 @@ See :mod:`.phantom` (anatomy, intensities, scanner model) and :mod:`.federation`
 from .federation import (
     ALL_SITES,
     DEFAULT_SIZE,
+    MAX_SITES,
+    SECOND_SITES,
     SITES,
     TEST_SITE,
     SyntheticSite,
@@ -21,7 +23,9 @@ __all__ = [
     "ALL_SITES",
     "DEFAULT_SIZE",
     "LESION_HOSTS",
+    "MAX_SITES",
     "PHASES",
+    "SECOND_SITES",
     "SITES",
     "STRUCTURES",
     "TEST_SITE",

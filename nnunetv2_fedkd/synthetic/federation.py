@@ -90,7 +90,15 @@ TEST_SITE = SyntheticSite("test_set", "SynthBTCV", TEST_SET_ID_OFFSET, "btcv", "
                           Scanner("test_set", fov_mm=420, z_coverage_mm=245, phase="portal_venous", gain=1.01,
                                   offset_hu=-5.0, noise_hu=14.0, blur_vox=(0.6, 0.6, 0.8), table_hu=100.0,
                                   outside_fov_hu=-1024.0), "int16")
-ALL_SITES: Dict[str, SyntheticSite] = {s.name: s for s in SITES + (TEST_SITE,)}
+# A second hospital per organ (``make_federation(num_sites=5..8)``): same layout, label format and scanner model,
+# its own random stream (so its own cases and calibration jitter); the first four sites are unchanged by it.
+SECOND_SITES: Tuple[SyntheticSite, ...] = tuple(
+    replace(s, name=f"{s.name}_b", dataset_name=f"{s.dataset_name}B", id_offset=s.id_offset + len(SITES),
+            source_subdir=f"{s.name}_b/{s.source_subdir}", stream=s.stream + 10,
+            scanner=replace(s.scanner, name=f"{s.name}_b"))
+    for s in SITES)
+MAX_SITES = len(SITES) + len(SECOND_SITES)
+ALL_SITES: Dict[str, SyntheticSite] = {s.name: s for s in SITES + SECOND_SITES + (TEST_SITE,)}
 
 _MSD_META = {
     "Task09_Spleen": {"name": "Spleen", "description": "Spleen Segmentation (synthetic phantoms, nnunetv2_fedkd)",
@@ -220,7 +228,7 @@ def _render_site(site: SyntheticSite, seed: int, size, n_cases: int, n_test: int
             record(ph, case / "imaging.nii.gz", case / "segmentation.nii.gz", np.unique(lab))
 
     elif site.layout == "msd":
-        meta = _MSD_META[site.source_subdir]
+        meta = _MSD_META[Path(site.source_subdir).name]
         id_rng = np.random.default_rng([seed, site.stream, 4])
         ids = np.cumsum(1 + id_rng.integers(0, 3, n_cases + n_test)).tolist()  # non-contiguous, like the real ones
         test_pos = set(id_rng.choice(len(ids), n_test, replace=False).tolist()) if n_test else set()
@@ -296,7 +304,7 @@ def _render_site(site: SyntheticSite, seed: int, size, n_cases: int, n_test: int
     }
 
 
-def _check_args(seed, size, cases_per_site, test_cases, first_dataset_id) -> Tuple[int, int, int]:
+def _check_args(seed, size, cases_per_site, test_cases, first_dataset_id, num_sites) -> Tuple[int, int, int]:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     size = tuple(int(s) for s in size)
@@ -304,6 +312,8 @@ def _check_args(seed, size, cases_per_site, test_cases, first_dataset_id) -> Tup
         raise ValueError(f"size must be three integers >= 8 (X Y Z voxels), got {size}")
     if int(cases_per_site) < 1:
         raise ValueError(f"cases_per_site must be >= 1, got {cases_per_site}")
+    if isinstance(num_sites, bool) or not isinstance(num_sites, (int, np.integer)) or not 1 <= num_sites <= MAX_SITES:
+        raise ValueError(f"num_sites must be an integer from 1 to {MAX_SITES}, got {num_sites!r}")
     if int(test_cases) < 0:
         raise ValueError(f"test_cases must be >= 0, got {test_cases}")
     if not 1 <= int(first_dataset_id) <= 999 - TEST_SET_ID_OFFSET:
@@ -322,6 +332,7 @@ def make_federation(
     with_tumours: bool = True,
     overwrite: bool = False,
     fov_scale: float = 1.0,
+    num_sites: int = len(SITES),
 ) -> Path:
     """Write the synthetic federation under ``out_dir`` and return the path of its spec (``out_dir/federation.toml``).
 
@@ -337,10 +348,14 @@ def make_federation(
     fov_scale: scales every scanner's field of view and scan length (1: realistic 370-460 mm fields; 0.6: a
         tighter upper-abdominal crop, so small grids still give the small organs enough voxels to learn in a short
         CPU training).
+    num_sites: how many of the sites (1-8): the four of :data:`SITES` (liver, kidney, spleen, pancreas), then a
+        second site per organ from :data:`SECOND_SITES` (dataset ids first_dataset_id + 4 .. + 7), e.g. 8 to measure
+        how a federation scales with its number of sites.
     """
     if not 0.2 <= float(fov_scale) <= 2.0:
         raise ValueError(f"fov_scale must be in [0.2, 2], got {fov_scale}")
-    size = _check_args(seed, size, cases_per_site, test_cases, first_dataset_id)
+    size = _check_args(seed, size, cases_per_site, test_cases, first_dataset_id, num_sites)
+    sites = (SITES + SECOND_SITES)[:int(num_sites)]
     seed, cases_per_site, test_cases, first_dataset_id = int(seed), int(cases_per_site), int(test_cases), \
         int(first_dataset_id)
     out_dir = Path(out_dir).absolute()
@@ -357,7 +372,7 @@ def make_federation(
     site_meta: List[dict] = []
     test_meta: Optional[dict] = None
     with atomic_output_dir(sources, overwrite=overwrite) as tmp:
-        for site in SITES:
+        for site in sites:
             m = _render_site(site, seed, size, cases_per_site, MSD_TEST_IMAGES, with_tumours, tmp, out_dir, sources,
                              fov_scale)
             m["dataset"] = f"Dataset{first_dataset_id + site.id_offset:03d}_{site.dataset_name}"
@@ -367,7 +382,7 @@ def make_federation(
                                      fov_scale)
             test_meta["dataset"] = f"Dataset{first_dataset_id + TEST_SITE.id_offset:03d}_{TEST_SITE.dataset_name}"
 
-    labels = reg.sort_by_registry(k for s in SITES for k in s.annotated)
+    labels = reg.sort_by_registry(k for s in sites for k in s.annotated)
     spec = FederationSpec(
         name="synthetic-abdomen",
         labels=labels,
@@ -386,6 +401,7 @@ def make_federation(
         "seed": seed,
         "size": list(size),
         "cases_per_site": cases_per_site,
+        "num_sites": len(sites),
         "test_cases": test_cases,
         "msd_test_images": MSD_TEST_IMAGES,
         "with_tumours": bool(with_tumours),
@@ -400,5 +416,5 @@ def make_federation(
     return save_spec(spec, spec_path)
 
 
-__all__ = ["ALL_SITES", "DEFAULT_SIZE", "SITES", "TEST_SITE", "SyntheticSite", "make_federation", "site_phantom",
+__all__ = ["ALL_SITES", "DEFAULT_SIZE", "MAX_SITES", "SECOND_SITES", "SITES", "TEST_SITE", "SyntheticSite", "make_federation", "site_phantom",
            "site_scanner"]
