@@ -13,7 +13,10 @@ import torch
 from nnunetv2_fedkd.pipeline import StepError, predict, train
 
 TEACHER_TRAINER = "nnUNetTrainerFedKDBase"  # nnU-Net's trainer with the schedule from the config file
-SHORT = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1, "final_validation": False}
+# wiring tests: every teacher given is used, whatever it learned (min_teacher_dice's gate has its own fast test, and
+# the evidence test below runs with the default gate)
+SHORT = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1, "final_validation": False,
+         "min_teacher_dice": 0.0}
 
 
 def _config(tmp_path, name, **settings):
@@ -201,6 +204,12 @@ def test_mskd_student_matches_merged_teachers_at_a_fraction_of_their_cost(tiny_f
                                         teacher_models, test / "imagesTr", test / "labelsTr", test / "dataset.json",
                                         tmp_path / "compare", log_dir=fed.workdir / "logs")
     print(json.dumps({k: rec[k] for k in ("dice", "inference_seconds", "parameters")}, indent=1))
+    # the default gate (min_teacher_dice) judged every teacher from its recorded validation Dice, in the student's log
+    fold = results / pooled_federation.name / "nnUNetTrainerMSKD__nnUNetPlansSmall__3d_fullres" / "fold_0"
+    log = sorted(fold.glob("training_log_*.txt"))[-1].read_text()
+    gate = [line for line in log.splitlines() if "min_teacher_dice" in line]
+    assert len(gate) == len(organ_teachers) and all(f"({o})" in log for o in organ_teachers), gate
+    print("\n".join(gate))
     student, merged = rec["dice"]["student"], rec["dice"]["merged_teachers"]
     learned = [o for o in organ_teachers if merged.get(o, 0) > 0.5]
     assert learned, f"no teacher learned its organ: {merged}"

@@ -40,6 +40,7 @@ from nnunetv2_fedkd.teachers import (
     FrozenTeacher,
     TeacherError,
     TeacherSpec,
+    gate_teachers,
     parse_teachers,
     probs_to_logit,
     resize_features,
@@ -54,6 +55,8 @@ KD_DEFAULTS: Dict[str, Any] = {
     "kd_temperature": 2.0,
     "kd_rampup_epochs": 0,
     "gt_weight": 1.0,
+    # teachers whose own recorded validation Dice is below this are not used (teachers.gate_teachers); 0: use all
+    "min_teacher_dice": 0.05,
 }
 FEATURE_DEFAULTS: Dict[str, Any] = {
     "feature_kd_weight": 0.5,
@@ -117,13 +120,15 @@ class _DistillationMixin:
     needs_organ = False
     uses_features = False
     single_teacher = False
+    teachers_optional = False  # True: the trainer also distils from elsewhere (FedKD: the global model)
+    _gate_report: List[str] = []
 
     # -- setup --------------------------------------------------------------------------------------------------------
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         # the settings are needed before nnU-Net's __init__: the adapters' shape goes into the plans it keeps
         self.fedkd_config, self.fedkd_config_file = self.read_config(plans)
-        self.teacher_specs = self._parse_teacher_specs()
+        self.teacher_specs = self._gate(self._parse_teacher_specs())
         self._check_settings()
         self._store_adapter_plans(plans, configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -151,6 +156,18 @@ class _DistillationMixin:
             raise TeacherError(f"{type(self).__name__} takes exactly one {self.teacher_config_key}")
         return specs
 
+    def _gate(self, specs: List[TeacherSpec]) -> List[TeacherSpec]:
+        """Leave out teachers that learned too little (``min_teacher_dice``); an error if none is left and the
+        trainer has nothing else to learn from (FedKD keeps distilling from the global model)."""
+        min_dice = float(self.fedkd_config.get("min_teacher_dice", 0.0))
+        if not specs or min_dice <= 0:
+            return specs
+        kept, self._gate_report = gate_teachers(specs, min_dice)
+        if not kept and not self.teachers_optional:
+            raise TeacherError(f"no teacher is good enough for {type(self).__name__}: " + "; ".join(self._gate_report)
+                               + f" (lower min_teacher_dice in {self.fedkd_config_file} to use them anyway)")
+        return kept
+
     def _store_adapter_plans(self, plans: dict, configuration: str) -> None:
         """Record the feature adapters' shape in the plans (read back by build_network_architecture at inference)."""
         conf = plans["configurations"][configuration]
@@ -176,6 +193,8 @@ class _DistillationMixin:
         return self._kd_loss
 
     def _load_teachers(self) -> None:
+        for line in self._gate_report:
+            self.print_to_log_file(line)
         stage = int(self.fedkd_config["feature_kd_stage"]) if self._feature_weight() > 0 else None
         self.teachers = [FrozenTeacher(s, self.device, self.plans_manager, self.configuration_manager, stage)
                          for s in self.teacher_specs]

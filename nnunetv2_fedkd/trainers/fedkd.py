@@ -89,6 +89,7 @@ class _FederatedPolyLR(PolyLRScheduler):
 
 class _FedKDMixin(_MSKDMixin):
     config_extra = {**_MSKDMixin.config_extra, **FEDERATION_DEFAULTS, "feature_kd_weight": 0.0}
+    teachers_optional = True
 
     # teachers are optional here (global-model KD alone is Kim et al.'s base setting)
     def _parse_teacher_specs(self) -> List[TeacherSpec]:
