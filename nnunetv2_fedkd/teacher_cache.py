@@ -38,7 +38,7 @@ import torch
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from torch import nn
 
-from nnunetv2_fedkd.teachers import FrozenTeacher, TeacherError, TeacherSpec, probs_to_logit
+from nnunetv2_fedkd.teachers import FrozenTeacher, TeacherError, TeacherSpec, probs_to_logit, teachers_foreground_logits
 from nnunetv2_fedkd.utils import atomic_write_json
 
 CACHE_SUFFIX = "_fedkd_teachers"
@@ -78,8 +78,8 @@ class TeacherForegroundLogits(nn.Module):
         self.teachers, self.channels = list(teachers), list(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fg = [probs_to_logit(t(x)[0][:, c:c + 1]) for t, c in zip(self.teachers, self.channels)]
-        return torch.cat([torch.zeros_like(fg[0])] + fg, 1)
+        fg, _ = teachers_foreground_logits(self.teachers, self.channels, x)
+        return torch.cat([torch.zeros_like(fg[:, :1]), fg], 1)
 
 
 def _predictor(stack: TeacherForegroundLogits, plans_manager, configuration_manager, device: torch.device):

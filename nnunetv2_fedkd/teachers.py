@@ -147,6 +147,18 @@ def gate_teachers(specs: Sequence[TeacherSpec], min_dice: float) -> Tuple[List[T
     return kept, lines
 
 
+def teachers_foreground_logits(teachers: Sequence["FrozenTeacher"], channels: Sequence[int], x: torch.Tensor):
+    """Run every single-organ teacher on the student patch ``x``: ``([B, K, *spatial]`` logits of each teacher's
+    foreground probability for its organ (its output channel ``channels[k]``), ``[features of each teacher]``).
+    What MS-KD distils from, online and when building the cache of teacher outputs."""
+    fg, feats = [], []
+    for t, c in zip(teachers, channels):
+        p, f = t(x)
+        fg.append(probs_to_logit(p[:, c:c + 1]))
+        feats.append(f)
+    return torch.cat(fg, 1), feats
+
+
 def find_trainer_class(name: str, where: str):
     """nnU-Net's own trainer lookup (its package, then ``nnUNet_extTrainer``), with an error that names ``where``."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name

@@ -168,3 +168,28 @@ def test_cache_key_follows_the_teacher_files_and_the_student_plans(tmp_path):
     st = ckpt.stat()
     os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # retrained teacher
     assert key != cache_key(student, specs)
+
+
+def test_teacher_stack_gives_each_teachers_organ_logit_after_a_constant_channel():
+    """What the sliding-window predictor stores for the cache: channel 0 constant, then per teacher the logit of its
+    organ's probability (the same function the online path distils from)."""
+    from torch import nn
+
+    from nnunetv2_fedkd.teacher_cache import TeacherForegroundLogits
+
+    class Fake(nn.Module):  # a teacher: (class probabilities, features)
+        def __init__(self, p_fg):
+            super().__init__()
+            self.p_fg = p_fg
+
+        def forward(self, x):
+            p = torch.full_like(x, self.p_fg)
+            return torch.cat([1 - p, p], 1), x
+
+    x = torch.zeros(2, 1, 3, 4, 5)
+    out = TeacherForegroundLogits([Fake(0.5), Fake(0.8)], [1, 1])(x)
+    assert out.shape == (2, 3, 3, 4, 5)
+    assert torch.all(out[:, 0] == 0)
+    assert torch.allclose(out[:, 1], torch.zeros(())) and torch.allclose(out[:, 2], torch.log(torch.tensor(4.0)))
+    out0 = TeacherForegroundLogits([Fake(0.8)], [0])(x)  # channel 0 of that teacher: p = 0.2
+    assert torch.allclose(out0[:, 1], torch.log(torch.tensor(0.25)))

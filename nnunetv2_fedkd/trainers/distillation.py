@@ -42,8 +42,8 @@ from nnunetv2_fedkd.teachers import (
     TeacherSpec,
     gate_teachers,
     parse_teachers,
-    probs_to_logit,
     resize_features,
+    teachers_foreground_logits,
 )
 from nnunetv2_fedkd.trainers.base import nnUNetTrainerFedKDBase
 from nnunetv2_fedkd.trainers.partial_label import nnUNetTrainerMarginal, nnUNetTrainerMultiHead
@@ -348,13 +348,8 @@ class _MSKDMixin(_DistillationMixin):
             feats = []
         else:
             x = batch["data"].to(self.device, non_blocking=True)
-            fg, feats = [], []
             with self._autocast():
-                for t, ch in zip(self.teachers, self._teacher_channel):
-                    p, f = t(x)
-                    fg.append(probs_to_logit(p[:, ch:ch + 1]))
-                    feats.append(f)
-            t_fg = torch.cat(fg, 1)
+                t_fg, feats = teachers_foreground_logits(self.teachers, self._teacher_channel, x)
         c = self.fedkd_config
         ramp, T, w_feat = self._ramp(), float(c["kd_temperature"]), self._feature_weight()
         sigmoid = self.label_manager.has_regions
