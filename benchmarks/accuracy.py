@@ -18,7 +18,9 @@ and is scored with ``nnUNetv2_evaluate_folder``.
   :mod:`nnunetv2_fedkd.synthetic.oracle`), stock nnU-Net's trainer - the upper bound no real federation has. Writes ``results.json`` (every number, the command, versions, machine),
 ``results.md`` (mean +- sd over seeds) and ``dice.png`` into ``--out``.
 
-``--prepared`` with ``--workdir``: use an existing planned workdir (one seed; what the smoke test does).
+``--prepared`` with ``--workdir``: use an existing planned workdir (one seed: the workdir itself, what the smoke test
+does; several: its ``seed_<N>`` folders, as a full run leaves them - e.g. to run more methods on the same data, the
+teachers trained there being reused).
 """
 from __future__ import annotations
 
@@ -174,6 +176,11 @@ def versions() -> Dict[str, str]:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = None
+    import subprocess
+
+    git = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "describe", "--always", "--dirty"],
+                         capture_output=True, text=True)  # which commit of this repository ran
+    out["nnunetv2_fedkd_commit"] = git.stdout.strip() if git.returncode == 0 else None
     return out
 
 
@@ -246,19 +253,19 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--local-iterations", type=int, default=60)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--prepared", action="store_true", help="--workdir is already planned (one seed only)")
+    p.add_argument("--prepared", action="store_true",
+                   help="--workdir is already planned (one seed) or holds planned seed_<N> folders (several)")
     args = p.parse_args(argv)
     out = args.out.absolute()
     out.mkdir(parents=True, exist_ok=True)
     base = (args.workdir or out / "work").absolute()
-    if args.prepared and len(args.seeds) != 1:
-        p.error("--prepared runs one seed")
     t0 = time.time()
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
     organs: List[str] = []
     central = any(METHODS[m][0] in ("central", "oracle") for m in args.methods)
     for seed in args.seeds:
-        wd = base if args.prepared else base / f"seed_{seed}"
+        # --prepared: one seed in --workdir itself, several in the seed_<N> folders an earlier run left there
+        wd = base if args.prepared and len(args.seeds) == 1 else base / f"seed_{seed}"
         if not args.prepared:
             if wd.exists():
                 import shutil
