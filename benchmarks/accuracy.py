@@ -178,9 +178,12 @@ def versions() -> Dict[str, str]:
             out[pkg] = None
     import subprocess
 
-    git = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "describe", "--always", "--dirty"],
-                         capture_output=True, text=True)  # which commit of this repository ran
-    out["nnunetv2_fedkd_commit"] = git.stdout.strip() if git.returncode == 0 else None
+    try:  # which commit of this repository ran
+        git = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True)
+        out["nnunetv2_fedkd_commit"] = git.stdout.strip() if git.returncode == 0 else None
+    except OSError:  # no git
+        out["nnunetv2_fedkd_commit"] = None
     return out
 
 
