@@ -101,8 +101,22 @@ def test_region_softmax_means_within_regions():
     t = torch.tensor([[[LN3, LN3, -LN3]]])  # one teacher, class 1; voxels 0, 1 in R_1, voxel 2 in R_bg
     probs = [[0.2, 0.5, 0.3], [0.1, 0.6, 0.3], [0.5, 0.25, 0.25]]
     k = (_bkl(0.75, 0.5) + _bkl(0.75, 0.6)) / 2
-    bg = _bkl(0.75, 0.5)  # q_bg = 1 - sigma(-ln3) = .75
+    # q_bg = 1 - sigma(-ln3) = .75; no teacher covers class 2, so the student's side is p_0 + p_2 = .75 (not p_0 = .5)
+    bg = _bkl(0.75, 0.75)
     assert region_logit_kd_softmax(_logits(probs), t, [1]).item() == pytest.approx(k + bg, abs=1e-6)
+    # with teachers for both organs the background side is p_0 alone: voxel 2 gets a second teacher saying background
+    t2 = torch.cat([t, torch.full_like(t, -50.0)], 1)  # q_bg = .75 * ~1
+    assert region_logit_kd_softmax(_logits(probs), t2, [1, 2]).item() == pytest.approx(k / 2 + _bkl(0.75, 0.5),
+                                                                                        abs=1e-6)
+
+
+def test_region_softmax_does_not_erase_organs_no_teacher_knows():
+    # one liver teacher (class 1) sure of background; the student says kidney (class 2, no teacher) with p = .75
+    t = torch.tensor([[[-20.0]]])
+    s = _logits([[0.25, 1e-6, 0.75 - 1e-6]])
+    assert region_logit_kd_softmax(s, t, [1]).item() < 1e-4  # "not liver" is all the teacher knows
+    s_bg = _logits([[0.25, 0.75 - 1e-6, 1e-6]])  # the student says liver where the liver teacher says background
+    assert region_logit_kd_softmax(s_bg, t, [1]).item() == pytest.approx(math.log(4), rel=1e-3)
 
 
 def test_region_softmax_matches_loop_reference():
@@ -123,8 +137,8 @@ def test_region_softmax_matches_loop_reference():
                 if fg[k]:
                     sums[k] += _bkl(tv[k], pv[classes[k]])
                     counts[k] += 1
-            if not any(fg):
-                sums[2] += _bkl((1 - tv[0]) * (1 - tv[1]), pv[0])
+            if not any(fg):  # the student's side: background or a class no teacher covers (class 2 here)
+                sums[2] += _bkl((1 - tv[0]) * (1 - tv[1]), pv[0] + pv[2])
                 counts[2] += 1
     assert min(counts) > 0
     ref = tau ** 2 * ((sums[0] / counts[0] + sums[1] / counts[1]) / 2 + w * sums[2] / counts[2])

@@ -200,8 +200,13 @@ def region_logit_kd_softmax(student_logits: torch.Tensor, teacher_fg_logits: tor
       then contributes to each of them.
     * background region :math:`R_{bg} = \{(b, i) : t_{bki} \le 0\ \forall k\}` (every teacher predicts background).
       The teachers' background probability is taken as the probability that no teacher's organ is present,
-      treating the teachers as independent: :math:`q_{bg} = \prod_k (1 - \sigma(t_k/T))`. The student's
-      :math:`\{p_0, 1 - p_0\}` follows it: :math:`\ell_{bg} = \mathrm{KL}_2(q_{bg} \,\|\, p_0)`.
+      treating the teachers as independent: :math:`q_{bg} = \prod_k (1 - \sigma(t_k/T))`. The student's probability
+      of the same event, none of the taught organs, :math:`p_{rest} = p_0 + \sum_{c \notin \{c_k\}} p_c`, follows
+      it: :math:`\ell_{bg} = \mathrm{KL}_2(q_{bg} \,\|\, p_{rest})`. With a teacher for every organ (MS-KD's setting)
+      :math:`p_{rest} = p_0`; with teachers for some organs only, a voxel every teacher calls background may be an
+      organ no teacher knows, and distilling into :math:`p_0` would teach the student to erase that organ (measured in
+      ``benchmarks/accuracy.py`` before this was so: central MS-KD with only a liver teacher scored kidney Dice 0
+      where the marginal loss alone learned it).
 
     Reduction (every mean over all voxels of the whole batch inside the region; an empty region gives 0):
 
@@ -255,7 +260,14 @@ def region_logit_kd_softmax(student_logits: torch.Tensor, teacher_fg_logits: tor
         with torch.no_grad():
             log_qbg = t_log1mp.sum(1)  # log prod_k (1 - sigma(t_k / T))
             log_1m_qbg = _log1mexp(log_qbg)  # may be -inf when q_bg rounds to 1 (handled in _binary_kl)
-        kl_bg = _binary_kl(log_qbg, log_1m_qbg, s_logp[:, 0], s_log1mp[:, 0])
+            rest = torch.ones(c, dtype=torch.bool, device=s.device)
+            rest[idx] = False  # background + the classes no teacher covers
+        if bool(rest[1:].any()):
+            s_log_rest = torch.logsumexp(s_logp[:, rest], 1)  # log p_rest
+            s_log_taught = torch.logsumexp(s_logp[:, ~rest], 1)  # log (1 - p_rest), finite
+        else:
+            s_log_rest, s_log_taught = s_logp[:, 0], s_log1mp[:, 0]
+        kl_bg = _binary_kl(log_qbg, log_1m_qbg, s_log_rest, s_log_taught)
         loss = loss + weight_background * _region_mean(kl_bg, bg, tuple(range(kl_bg.ndim)))
     return (tau ** 2) * loss
 
