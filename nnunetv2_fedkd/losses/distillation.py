@@ -261,12 +261,11 @@ def region_logit_kd_softmax(student_logits: torch.Tensor, teacher_fg_logits: tor
             log_qbg = t_log1mp.sum(1)  # log prod_k (1 - sigma(t_k / T))
             log_1m_qbg = _log1mexp(log_qbg)  # may be -inf when q_bg rounds to 1 (handled in _binary_kl)
             rest = torch.ones(c, dtype=torch.bool, device=s.device)
-            rest[idx] = False  # background + the classes no teacher covers
-        if bool(rest[1:].any()):
-            s_log_rest = torch.logsumexp(s_logp[:, rest], 1)  # log p_rest
-            s_log_taught = torch.logsumexp(s_logp[:, ~rest], 1)  # log (1 - p_rest), finite
-        else:
-            s_log_rest, s_log_taught = s_logp[:, 0], s_log1mp[:, 0]
+            rest[idx] = False  # background + the classes no teacher covers (never empty, nor is its complement)
+            rest = rest.view((1, c) + (1,) * (s.ndim - 2))
+        # masked log-sum-exps: no data-dependent branch or indexing (no device sync in the training step)
+        s_log_rest = torch.logsumexp(s_logp.masked_fill(~rest, float("-inf")), 1)  # log p_rest
+        s_log_taught = torch.logsumexp(s_logp.masked_fill(rest, float("-inf")), 1)  # log (1 - p_rest), finite
         kl_bg = _binary_kl(log_qbg, log_1m_qbg, s_log_rest, s_log_taught)
         loss = loss + weight_background * _region_mean(kl_bg, bg, tuple(range(kl_bg.ndim)))
     return (tau ** 2) * loss
