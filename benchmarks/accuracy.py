@@ -15,8 +15,10 @@ and is scored with ``nnUNetv2_evaluate_folder``.
   test set, label maps merged. The methods that distil from teachers (``central_mskd``, ``fedkd_teachers``) use these
   teachers, trained once per seed (cached outputs, logit KD).
 * ``oracle_central``: the pooled images with every organ labelled (the synthetic generator knows them:
-  :mod:`nnunetv2_fedkd.synthetic.oracle`), stock nnU-Net's trainer - the upper bound no real federation has. Writes ``results.json`` (every number, the command, versions, machine),
-``results.md`` (mean +- sd over seeds) and ``dice.png`` into ``--out``.
+  :mod:`nnunetv2_fedkd.synthetic.oracle`), stock nnU-Net's trainer - the upper bound no real federation has.
+
+Writes ``results.json`` (every number, the command, versions, machine), ``results.md`` (mean +- sd over seeds) and
+``dice.png`` into ``--out``.
 
 ``--prepared`` with ``--workdir``: use an existing planned workdir (one seed: the workdir itself, what the smoke test
 does; several: its ``seed_<N>`` folders, as a full run leaves them - e.g. to run more methods on the same data, the
@@ -125,7 +127,6 @@ def run_method(name: str, workdir: Path, rounds: int, iters: int, out: Path) -> 
     from nnunetv2_fedkd.federated.planning import resolve_layout
     from nnunetv2_fedkd.pipeline import evaluate, nnunet_script, predict, run_command, train
     from nnunetv2_fedkd.spec import load_spec
-
     from nnunetv2_fedkd.student_vs_teachers import predict_merged_teachers
 
     kind, trainer, fed_args, extra = METHODS[name]

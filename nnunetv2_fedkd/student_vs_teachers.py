@@ -88,9 +88,10 @@ def merge_teacher_label_maps(predictions: Dict[str, Path], labels: Dict[str, int
     return conflicts
 
 
-def predict_merged_teachers(workdir: Path, teachers: Sequence[Model], test_images: Path, labels: Dict[str, int],
-                            out: Path, log_dir: Optional[Path] = None,
-                            extra_env: Optional[Dict[str, str]] = None) -> Tuple[Path, Dict[str, int], Dict[str, float]]:
+def predict_merged_teachers(
+        workdir: Path, teachers: Sequence[Model], test_images: Path, labels: Dict[str, int], out: Path,
+        log_dir: Optional[Path] = None, extra_env: Optional[Dict[str, str]] = None,
+) -> Tuple[Path, Dict[str, int], Dict[str, float]]:
     """Predict ``test_images`` with every single-organ teacher (stock ``nnUNetv2_predict``, timed) into
     ``out/pred_teacher_<organ>`` and merge their label maps into ``out/pred_merged_teachers`` (with the first
     teacher's plans.json, which the evaluator reads). Returns (merged folder, conflicts per case, seconds per

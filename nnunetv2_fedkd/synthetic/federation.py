@@ -416,5 +416,5 @@ def make_federation(
     return save_spec(spec, spec_path)
 
 
-__all__ = ["ALL_SITES", "DEFAULT_SIZE", "MAX_SITES", "SECOND_SITES", "SITES", "TEST_SITE", "SyntheticSite", "make_federation", "site_phantom",
-           "site_scanner"]
+__all__ = ["ALL_SITES", "DEFAULT_SIZE", "MAX_SITES", "SECOND_SITES", "SITES", "TEST_SITE", "SyntheticSite",
+           "make_federation", "site_phantom", "site_scanner"]

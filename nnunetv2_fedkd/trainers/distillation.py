@@ -23,7 +23,7 @@ are part of the student network (so checkpoints load at inference) and are recor
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -121,7 +121,7 @@ class _DistillationMixin:
     uses_features = False
     single_teacher = False
     teachers_optional = False  # True: the trainer also distils from elsewhere (FedKD: the global model)
-    _gate_report: List[str] = []
+    _gate_report: Sequence[str] = ()  # what the teacher gate decided, written to the log by _load_teachers
 
     # -- setup --------------------------------------------------------------------------------------------------------
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
