@@ -125,17 +125,21 @@ _FIXED_HU: Dict[str, float] = {
     "stomach_gas": -950.0, "kidney_right_cyst": 8.0, "kidney_left_cyst": 8.0,
     "kidney_right_tumour_necrosis": 20.0, "kidney_left_tumour_necrosis": 20.0,
 }
-# Contrast phases: HU of enhancing structures
+# Contrast phases: HU of enhancing structures, from typical attenuation values of contrast-enhanced abdominal CT
+# (portal-venous phase ~70 s after injection: liver 100-110, spleen 110-120, pancreas 100-120, renal cortex and
+# medulla 150-180; late arterial / pancreatic phase ~40 s: the pancreas peaks at 110-140, the renal cortex brighter
+# than the medulla, the spleen heterogeneous and bright, the liver still little enhanced). Against visceral and
+# peripancreatic fat near -100 HU the pancreas then stands out by 200 HU, as in real scans.
 PHASES: Dict[str, Dict[str, float]] = {
-    "portal_venous": {"liver": 60.0, "spleen": 52.0, "kidney_cortex": 155.0, "kidney_medulla": 135.0,
-                      "pancreas": 42.0, "aorta": 200.0, "inferior_vena_cava": 160.0, "heart": 150.0,
+    "portal_venous": {"liver": 105.0, "spleen": 115.0, "kidney_cortex": 170.0, "kidney_medulla": 150.0,
+                      "pancreas": 105.0, "aorta": 175.0, "inferior_vena_cava": 145.0, "heart": 150.0,
                       "kidney_tumour": 95.0},
-    "arterial": {"liver": 52.0, "spleen": 80.0, "kidney_cortex": 210.0, "kidney_medulla": 80.0,
-                 "pancreas": 75.0, "aorta": 300.0, "inferior_vena_cava": 70.0, "heart": 220.0,
-                 "kidney_tumour": 120.0},
-    "pancreatic": {"liver": 58.0, "spleen": 70.0, "kidney_cortex": 185.0, "kidney_medulla": 110.0,
-                   "pancreas": 95.0, "aorta": 250.0, "inferior_vena_cava": 110.0, "heart": 200.0,
-                   "kidney_tumour": 105.0},
+    "arterial": {"liver": 70.0, "spleen": 125.0, "kidney_cortex": 220.0, "kidney_medulla": 95.0,
+                 "pancreas": 115.0, "aorta": 320.0, "inferior_vena_cava": 80.0, "heart": 240.0,
+                 "kidney_tumour": 130.0},
+    "pancreatic": {"liver": 85.0, "spleen": 120.0, "kidney_cortex": 195.0, "kidney_medulla": 125.0,
+                   "pancreas": 130.0, "aorta": 260.0, "inferior_vena_cava": 115.0, "heart": 210.0,
+                   "kidney_tumour": 110.0},
 }
 
 
