@@ -73,27 +73,53 @@ def test_marginal_hand_values():
 
 def test_exclusion_hand_values():
     x = _logits_from_probs([0.5, 0.3, 0.2], 2)
-    # (a) labels [0, 1], annotated {0, 1}: E_1 = {} (no other annotated organ), E_2 = {voxel 1}
+    # (a) labels [0, 1], annotated {0, 1}: only the unannotated class 2 gets a term, E_2 = {voxel 1}
     #     l_2 = (2*0.2 + 1e-5) / (Σp_2 = 0.4 + |E| = 1 + 1e-5) + (-ln(1 - 0.2)) = 0.2857194 + 0.2231436 = 0.5088629
     t = torch.tensor([[[0.0, 1.0]]])
     a = torch.tensor([[True, True, False]])
     assert exclusion_loss(x, t, a).item() == pytest.approx(0.5088629, abs=1e-6)
     assert exclusion_loss(x, t, a, log_weight=0).item() == pytest.approx(0.2857194, abs=1e-6)
-    # (b) labels [1, 2], everything annotated: E_1 = {voxel 1}, E_2 = {voxel 0}
-    #     l_1 = (0.6 + 1e-5) / (0.6 + 1 + 1e-5) - ln 0.7 = 0.3750039 + 0.3566749 = 0.7316789
-    #     l_2 = 0.5088629 (as above);  mean = 0.6202709
+    # (b) labels [1, 2], everything annotated: no class is unannotated, so there is no exclusion term (Shi et al.
+    #     define it for the unlabelled organs only; the marginal loss already supervises classes 1 and 2).
+    #     [Before the fix this case gave 0.6202709: the mean of l_1 = 0.7316789 and l_2 = 0.5088629.]
     t = torch.tensor([[[1.0, 2.0]]])
     a = torch.ones(1, 3, dtype=torch.bool)
-    assert exclusion_loss(x, t, a).item() == pytest.approx(0.6202709, abs=1e-6)
-    assert ExclusionLoss()(x, t, a).item() == pytest.approx(0.6202709, abs=1e-6)
+    assert exclusion_loss(x, t, a).item() == 0.0
+    assert ExclusionLoss()(x, t, a).item() == 0.0
     # combined: marginal (everything annotated; q = p): CE = (-ln 0.3 - ln 0.2)/2 = (1.2039728 + 1.6094379)/2
     #   = 1.4067054; dice_1 = (0.6+s)/(1.6+s) = 0.3750039, dice_2 = (0.4+s)/(1.4+s) = 0.2857194, mean 0.3303616
-    #   marginal = 1.4067054 - 0.3303616 = 1.0763437; + 0.5 * 0.6202709 = 1.3864792
-    assert marginal_exclusion_loss(x, t, a, exclusion_weight=0.5).item() == pytest.approx(1.3864792, abs=1e-6)
+    #   marginal = 1.4067054 - 0.3303616 = 1.0763437; + 0.5 * 0 (no unannotated class)
+    assert marginal_exclusion_loss(x, t, a, exclusion_weight=0.5).item() == pytest.approx(1.0763437, abs=1e-6)
     mod = MarginalExclusionLoss(exclusion_weight=0.5)
-    assert mod(x, t, a).item() == pytest.approx(1.3864792, abs=1e-6)
+    assert mod(x, t, a).item() == pytest.approx(1.0763437, abs=1e-6)
     assert MarginalExclusionLoss(exclusion_weight=0.5, exclusion=False)(x, t, a).item() == \
         pytest.approx(1.0763437, abs=1e-6)
+    # (c) labels [0, 1], class 2 annotated (absent from this patch): both foreground classes are annotated -> 0
+    assert exclusion_loss(x, torch.tensor([[[0.0, 1.0]]]), torch.ones(1, 3, dtype=torch.bool)).item() == 0.0
+
+
+def test_exclusion_counts_only_unannotated_classes():
+    # C = 4, 3 voxels, p = [0.4, 0.3, 0.2, 0.1] everywhere, labels [1, 2, 0]; the case annotates organs 1 and 2,
+    # not organ 3. Only k = 3 gets a term, with E_3 = {voxel 0, voxel 1} (all labelled foreground):
+    #   dice_3 = (2 * (0.1 + 0.1) + 1e-5) / (Σp_3 = 0.3 + |E_3| = 2 + 1e-5) = 0.1739166
+    #   ce_3   = -ln(1 - 0.1) = 0.1053605                                 -> loss = 0.2792772
+    # The old code also scored the annotated organs (k = 1: E = {voxel 1}, 0.3157907 + 0.3566749; k = 2:
+    # E = {voxel 0}, 0.2500016 + 0.2231436) and gave the mean of three terms, 0.4749645.
+    x = _logits_from_probs([0.4, 0.3, 0.2, 0.1], 3)
+    t = torch.tensor([[[1.0, 2.0, 0.0]]])
+    a = torch.tensor([[True, True, True, False]])
+    assert exclusion_loss(x, t, a).item() == pytest.approx(0.2792772, abs=1e-6)
+    assert exclusion_loss(x, t, a, log_weight=0).item() == pytest.approx(0.1739166, abs=1e-6)
+    # with organ 3 annotated too there is nothing left to exclude
+    assert exclusion_loss(x, t, torch.ones(1, 4, dtype=torch.bool)).item() == 0.0
+    # the same case in a batch with a sample that annotates only organ 3 (labels [3, 3, 0]): E_1 = E_2 = {0, 1}
+    #   dice_1 = (2*0.6 + s)/(0.9 + 2 + s) = 0.4137951, ce_1 = -ln 0.7 = 0.3566749 -> 0.7704701
+    #   dice_2 = (2*0.4 + s)/(0.6 + 2 + s) = 0.3076950, ce_2 = -ln 0.8 = 0.2231436 -> 0.5308385
+    #   mean over the three (b, k) terms = (0.2792772 + 0.7704701 + 0.5308385) / 3 = 0.5268619
+    x2 = x.repeat(2, 1, 1)
+    t2 = torch.tensor([[[1.0, 2.0, 0.0]], [[3.0, 3.0, 0.0]]])
+    a2 = torch.tensor([[True, True, True, False], [True, False, False, True]])
+    assert exclusion_loss(x2, t2, a2).item() == pytest.approx(0.5268619, abs=1e-6)
 
 
 def test_masked_sigmoid_hand_values():
@@ -255,6 +281,8 @@ def _exclusion_reference(x, t, a, smooth=S, log_weight=1.0):
     for b in range(x.shape[0]):
         lab = t[b, 0].long()
         for k in range(1, x.shape[1]):
+            if a[b, k]:  # annotated classes get no exclusion term (Shi et al. 2021: unlabelled organs only)
+                continue
             e = torch.zeros_like(lab, dtype=torch.float64)
             for c in range(1, x.shape[1]):
                 if c != k and a[b, c]:

@@ -20,7 +20,7 @@ background (the class is merged into background for that sample), never as a kno
 Losses
 ------
 ``marginal_loss``              Shi et al. 2021 marginal CE + marginal soft Dice (softmax net).
-``exclusion_loss``             Shi et al. 2021 exclusion loss (softmax net).
+``exclusion_loss``             Shi et al. 2021 exclusion loss on the classes a case does not annotate (softmax net).
 ``marginal_exclusion_loss``    marginal + weight * exclusion.
 ``masked_sigmoid_loss``        BCE + soft Dice on annotated (sample, channel) pairs only (multi-head sigmoid net).
 
@@ -251,11 +251,15 @@ def exclusion_loss(logits: torch.Tensor, target: torch.Tensor, annotated: torch.
                    log_weight: float = 1.0) -> torch.Tensor:
     r"""Exclusion loss for a softmax network trained on partially labelled data.
 
-    After Shi et al. 2021 (Medical Image Analysis 70, 101979): organs are mutually exclusive, so a voxel that sample
-    ``b`` labels as its annotated organ ``c`` is known *not* to be any other foreground class ``k``, annotated or not.
-    For sample ``b`` and foreground class ``k`` the exclusion region is
+    After Shi et al. 2021 (Medical Image Analysis 70, 101979, Sec. 2.3 "exclusion loss"; arXiv:2007.03868): organs
+    are mutually exclusive, so a voxel that sample ``b`` labels as one of its annotated organs is known *not* to
+    belong to any class the sample does not annotate. The exclusion loss penalises the segmentation of the
+    **unannotated** classes on the labelled organs ("the dissimilarity between labeled organs and the estimated
+    segmentation of unlabelled organs"); the annotated classes are already supervised by the marginal loss, so they
+    get no exclusion term. For sample ``b`` with annotated class set :math:`L_b` (background 0 included) and a
+    foreground class :math:`k \notin L_b` the exclusion region is
 
-    .. math::  E_{b,k} = \{ i : y_{bi} \in L_b \setminus \{0, k\} \}
+    .. math::  E_{b,k} = \{ i : y_{bi} \in L_b \setminus \{0\} \}
 
     and, with :math:`p = \mathrm{softmax}(x)`,
 
@@ -264,38 +268,39 @@ def exclusion_loss(logits: torch.Tensor, target: torch.Tensor, annotated: torch.
         \ell_{b,k} = \frac{2 \sum_i p_{bki} E_{bki} + s}{\sum_i p_{bki} + \sum_i E_{bki} + s}
         \; + \; \lambda_{\log} \frac{1}{|E_{b,k}|} \sum_{i \in E_{b,k}} -\log(1 - p_{bki}),
         \qquad
-        \mathcal{L} = \operatorname{mean}_{(b,k):\, |E_{b,k}| > 0}\ \ell_{b,k}
+        \mathcal{L} = \operatorname{mean}_{(b,k):\, k \notin L_b,\ |E_{b,k}| > 0}\ \ell_{b,k}
 
     (the Dice *overlap* of the prediction with the region it must avoid, plus a CE-like term; the denominator's
     :math:`\sum_i p_{bki}` runs over all voxels). The paper writes the CE-like term as
     :math:`\sum_i E_{bki} \log(p_{bki} + \epsilon)`; we use :math:`-\log(1 - p)` instead, which has the same
     minimiser (:math:`p_k \to 0` on :math:`E`), is bounded below by 0 and needs no epsilon:
     :math:`\log(1 - p_k) = \mathrm{logsumexp}_{j \neq k} x_j - \mathrm{logsumexp}_j x_j`, computed stably.
-    Returns a graph-connected zero when no (b, k) has a non-empty exclusion region (e.g. no foreground in the batch,
-    or fewer than two foreground classes).
+    Returns a graph-connected zero when no (b, k) qualifies: no foreground label in the batch, every sample
+    annotating every class (fully labelled data: the term vanishes), or fewer than two foreground classes.
 
     Args:
         logits: ``[B, C, *spatial]`` raw network output, any float dtype (computed in float32).
         target: ``[B, 1, *spatial]`` or ``[B, *spatial]`` label map, values in ``0..C-1``.
-        annotated: ``[B, C]`` bool (column 0 forced True). Labels of unannotated classes count as background and
-            therefore define no exclusion region.
+        annotated: ``[B, C]`` bool (column 0 forced True). Only the classes a sample does NOT annotate get an
+            exclusion term; labels of unannotated classes count as background and therefore belong to no exclusion
+            region.
         smooth: smoothing of the exclusion Dice.
         log_weight: weight :math:`\lambda_{\log}` of the CE-like term.
 
     Returns:
         scalar float32 tensor (>= 0).
     """
-    x, t, _ = _prepare_softmax(logits, target, annotated, "exclusion_loss")
+    x, t, a = _prepare_softmax(logits, target, annotated, "exclusion_loss")
     c = x.shape[1]
     if c < 3:  # fewer than two foreground classes: no exclusion region can exist
         return _zero(x)
     axes = tuple(range(2, x.ndim))
     with torch.no_grad():
-        g = _onehot(t, c)[:, 1:]  # [B, C-1, *S]
-        fg = (t > 0).unsqueeze(1).to(torch.float32)  # [B, 1, *S]
-        e = fg - g  # E_{b,k}: labelled with an (annotated) foreground class other than k
+        # labels of unannotated classes are already 0 (_prepare_softmax), so every foreground voxel carries an
+        # annotated organ: E_{b,k} is the sample's whole labelled foreground, for each unannotated class k
+        e = (t > 0).unsqueeze(1).to(torch.float32).expand(-1, c - 1, *t.shape[1:])  # [B, C-1, *S]
         sum_e = e.sum(axes)  # [B, C-1]
-        valid = sum_e > 0
+        valid = (sum_e > 0) & ~a[:, 1:]  # only (b, k) with k not annotated by sample b
 
     lse = torch.logsumexp(x, 1, keepdim=True)
     p_all = torch.exp(x - lse)
