@@ -60,9 +60,14 @@ METHODS: Dict[str, tuple] = {
 BASE_SETTINGS = {"num_val_iterations_per_epoch": 1, "initial_lr": 0.03, "final_validation": False}
 POOLED_ID = 510
 ORACLE_ID = 511
+# the data regime of the benchmark (image size in voxels, field-of-view scale, labelled cases per site, small-plans
+# patch); benchmarks/learning_curves.py measures the budget this needs
+DATA = {"size": (40, 40, 32), "fov_scale": 0.7, "cases_per_site": 5, "test_cases": 4, "patch_size": (32, 32, 32)}
 
 
-def prepare(workdir: Path, seed: int, central: bool, size=(40, 40, 32), patch_size=(32, 32, 32), num_sites: int = 4):
+def prepare(workdir: Path, seed: int, central: bool, size=DATA["size"], patch_size=DATA["patch_size"],
+            num_sites: int = 4, fov_scale: float = DATA["fov_scale"], cases_per_site: int = DATA["cases_per_site"],
+            test_cases: int = DATA["test_cases"]):
     """Synthesise, convert and plan the federation in ``workdir`` and derive ``nnUNetPlansSmall`` (``patch_size``,
     capped at nnU-Net's planned patch); ``central``: also pool and plan it (dataset ``POOLED_ID``) and its fully
     labelled twin (``ORACLE_ID``). ``num_sites`` > 4 adds a second site per organ (``make_federation(num_sites=)``)."""
@@ -73,8 +78,8 @@ def prepare(workdir: Path, seed: int, central: bool, size=(40, 40, 32), patch_si
     from nnunetv2_fedkd.synthetic import make_federation
     from nnunetv2_fedkd.synthetic.oracle import write_fully_labelled_pool
 
-    spec = load_spec(make_federation(workdir, seed=seed, size=tuple(size), cases_per_site=5, test_cases=4,
-                                     fov_scale=0.7, num_sites=num_sites))
+    spec = load_spec(make_federation(workdir, seed=seed, size=tuple(size), cases_per_site=cases_per_site,
+                                     test_cases=test_cases, fov_scale=fov_scale, num_sites=num_sites))
     convert_federation(spec, workdir / "nnUNet_raw")
     plan_federation(spec, workdir, log_dir=workdir / "logs")
     layout = resolve_layout(spec, workdir)
