@@ -4,9 +4,10 @@
 naming a settings file is one site's local training in one round. The loss is
 
     gt_weight * partial-label loss on the site's own organs          (marginal + exclusion; sigmoid: masked BCE+Dice)
-  + global_kd_weight * KD from the round's global model on the organs the case does NOT annotate
-                                                                    (:func:`~nnunetv2_fedkd.losses.partial_kd_softmax`)
-  + kd_weight * region-based logit KD from the organ teachers        (MS-KD, optional: ``teachers``)
+  + ramp * global_kd_weight * KD from the round's global model on the organs the case does NOT annotate
+                                                                    (:func:`~nnunetv2_fedkd.losses.partial_kd_softmax`;
+                                                                    only from round index ``global_kd_start_round`` on)
+  + ramp * kd_weight * region-based logit KD from the organ teachers (MS-KD, optional: ``teachers``)
   + fedprox_mu / 2 * ||w - w_global||^2                              (FedProx, optional)
 
 The federation settings (the runner writes them; all optional):
@@ -22,6 +23,13 @@ The federation settings (the runner writes them; all optional):
 * ``update_file``: where the site's update is written after training (weights + number of training cases +
   metrics, :func:`~nnunetv2_fedkd.federated.save_weights`): the only thing that leaves the site.
 * ``local_keys``: ``"none"`` or ``"norm"`` (FedBN).
+* ``global_kd_start_round`` (default 1): the first round index (0-based, as ``round``) whose global model is
+  distilled. Round index 0's global model is the untrained initial network (the runner's
+  ``ServerModel.initial_weights``, saved by the round core as ``global_round_0000.fedkd``), so by default the
+  first round has no global-model KD (:func:`global_kd_weight_for_round`). The network still starts from it.
+* ``kd_rampup_epochs``: the KD ramp counts federation epochs (``round * num_epochs + current_epoch``, the epoch
+  of the federated poly LR), not the local epoch that restarts every round (:func:`federation_epoch`,
+  :func:`kd_ramp`); it scales the global-model KD term as well as the teacher terms.
 
 Feature KD is off by default here (``feature_kd_weight`` 0), so the global model is the plain nnU-Net network.
 """
@@ -62,7 +70,36 @@ FEDERATION_DEFAULTS: Dict[str, Any] = {
     "fedprox_mu": 0.0,
     "global_kd_weight": 1.0,
     "global_kd_temperature": 2.0,
+    # round index (0-based) from which the global model is distilled: round 0's global model is untrained
+    "global_kd_start_round": 1,
 }
+
+
+def federation_epoch(round_idx: int, local_epoch: int, local_epochs: int) -> int:
+    """The epoch counted over the whole federation: ``round_idx * local_epochs + local_epoch`` (all from 0), the
+    global epoch of :func:`~nnunetv2_fedkd.federated.federated_poly_lr`."""
+    for label, value in (("round_idx", round_idx), ("local_epoch", local_epoch), ("local_epochs", local_epochs)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"federation_epoch: {label} must be an int, got {value!r}")
+    if round_idx < 0 or local_epoch < 0 or local_epochs < 1:
+        raise ValueError(f"federation_epoch: need round_idx >= 0, local_epoch >= 0, local_epochs >= 1, got "
+                         f"{round_idx}, {local_epoch}, {local_epochs}")
+    return round_idx * local_epochs + local_epoch
+
+
+def kd_ramp(epoch: int, rampup_epochs: int) -> float:
+    """Linear KD warm-up: ``min(1, (epoch + 1) / rampup_epochs)``; 1 when ``rampup_epochs <= 0`` (the formula of
+    ``_DistillationMixin._ramp``, for any epoch count)."""
+    r = int(rampup_epochs)
+    return 1.0 if r <= 0 else min(1.0, (int(epoch) + 1) / r)
+
+
+def global_kd_weight_for_round(weight: float, round_idx: int, start_round: int = 1) -> float:
+    """The global-model KD weight in round ``round_idx`` (0-based): ``weight`` from ``start_round`` on, else 0 (the
+    global model of round index 0 is the untrained initial network: nothing to distil)."""
+    if isinstance(start_round, bool) or not isinstance(start_round, int) or start_round < 0:
+        raise ValueError(f"global_kd_start_round must be an int >= 0, got {start_round!r}")
+    return float(weight) if int(round_idx) >= start_round else 0.0
 
 
 class FederationError(RuntimeError):
@@ -96,6 +133,13 @@ class _FedKDMixin(_MSKDMixin):
         if not self.fedkd_config["teachers"]:
             return []
         return super()._parse_teacher_specs()
+
+    def _check_settings(self) -> None:
+        super()._check_settings()
+        start = self.fedkd_config["global_kd_start_round"]
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise FederationError(f"global_kd_start_round must be an int >= 0 (the first 0-based round whose global "
+                                  f"model is distilled), got {start!r} (file: {self.fedkd_config_file})")
 
     def _site(self) -> str:
         return self.fedkd_config["site_name"] or self.plans_manager.dataset_name
@@ -132,14 +176,31 @@ class _FedKDMixin(_MSKDMixin):
             local, _ = load_weights(c["local_state_file"])
             weights = merge_local_state(weights, local)
         net.load_state_dict(weights)
-        self._global_net = copy.deepcopy(net).eval()
-        for p in self._global_net.parameters():
-            p.requires_grad_(False)
+        w_global = self._global_kd_weight()
+        if w_global > 0:
+            self._global_net = copy.deepcopy(net).eval()
+            for p in self._global_net.parameters():
+                p.requires_grad_(False)
         if float(c["fedprox_mu"]) > 0:
             self._global_weights_dev = {k: v.to(self.device) for k, v in net.state_dict().items()}
         self.print_to_log_file(f"federated round {c['round'] + 1}/{c['total_rounds']} of site {self._site()!r}: "
                                f"starts from {c['global_model']}; local keys: {len(self._local_keys)}; "
-                               f"teachers: {len(self.teachers)}; fedprox mu {c['fedprox_mu']}")
+                               f"teachers: {len(self.teachers)}; fedprox mu {c['fedprox_mu']}; global-model KD "
+                               f"weight {w_global} (global_kd_weight {c['global_kd_weight']}, from round index "
+                               f"{c['global_kd_start_round']})")
+
+    def _global_kd_weight(self) -> float:
+        """``global_kd_weight`` in this round: 0 before ``global_kd_start_round`` (round 0's global model is the
+        untrained initial network)."""
+        c = self.fedkd_config
+        return global_kd_weight_for_round(c["global_kd_weight"], int(c["round"]), c["global_kd_start_round"])
+
+    def _ramp(self) -> float:
+        """The KD ramp over federation epochs (``round * num_epochs + current_epoch``): the local epoch restarts at 0
+        every round, so with one local epoch per round a ramp over local epochs would never reach full weight."""
+        c = self.fedkd_config
+        epoch = federation_epoch(int(c["round"]), int(self.current_epoch), int(self.num_epochs))
+        return kd_ramp(epoch, c["kd_rampup_epochs"])
 
     def _plans_file_digest(self) -> str:
         """Digest of the plans file this site trains with (as on disk: trainers such as the multi-head one add
@@ -163,14 +224,15 @@ class _FedKDMixin(_MSKDMixin):
         c = self.fedkd_config
         teacher_terms = super()._kd_terms(batch) if self.teacher_specs else None
         global_logits = None
-        if self._global_net is not None and float(c["global_kd_weight"]) > 0:
+        w_global = self._ramp() * self._global_kd_weight()
+        if self._global_net is not None and w_global > 0:
             x = batch["data"].to(self.device, non_blocking=True)
             with torch.no_grad(), self._autocast():
                 global_logits = _full_res(self._global_net(x)).float()
         sigmoid = self.label_manager.has_regions
         annotated = (self.label_availability.foreground_mask(batch["keys"]) if sigmoid
                      else self.label_availability.softmax_mask(batch["keys"])).to(self.device)
-        w_global, T, mu = float(c["global_kd_weight"]), float(c["global_kd_temperature"]), float(c["fedprox_mu"])
+        T, mu = float(c["global_kd_temperature"]), float(c["fedprox_mu"])
         net = self._student_module()
 
         def terms(output):
