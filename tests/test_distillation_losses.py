@@ -74,15 +74,16 @@ def test_region_softmax_hand_values():
     k1 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)  # voxel 0: p_1 = .5
     k2 = 0.8 * math.log(0.8 / 0.6) + 0.2 * math.log(0.2 / 0.4)  # voxel 1: p_2 = .6
     bg = 0.6 * math.log(0.6 / 0.5) + 0.4 * math.log(0.4 / 0.5)  # voxel 2: p_0 = .5
-    assert region_logit_kd_softmax(s, T_FG, [1, 2]).item() == pytest.approx((k1 + k2) / 2 + bg, abs=1e-6)
+    # mean over the B N = 3 voxels of the batch, organ terms summed over the teachers
+    assert region_logit_kd_softmax(s, T_FG, [1, 2]).item() == pytest.approx((k1 + k2 + bg) / 3, abs=1e-6)
     assert region_logit_kd_softmax(s, T_FG, [1, 2], weight_background=0.3).item() == \
-        pytest.approx((k1 + k2) / 2 + 0.3 * bg, abs=1e-6)
+        pytest.approx((k1 + k2 + 0.3 * bg) / 3, abs=1e-6)
     assert region_logit_kd_softmax(s, T_FG, [1, 2], weight_background=0).item() == \
-        pytest.approx((k1 + k2) / 2, abs=1e-6)
+        pytest.approx((k1 + k2) / 3, abs=1e-6)
     assert RegionLogitKDSoftmaxLoss([1, 2], weight_background=0.3)(s, T_FG).item() == \
-        pytest.approx((k1 + k2) / 2 + 0.3 * bg, abs=1e-6)
+        pytest.approx((k1 + k2 + 0.3 * bg) / 3, abs=1e-6)
     # swapped teacher -> class assignment gives a different value
-    assert abs(region_logit_kd_softmax(s, T_FG, [2, 1]).item() - ((k1 + k2) / 2 + bg)) > 1e-2
+    assert abs(region_logit_kd_softmax(s, T_FG, [2, 1]).item() - (k1 + k2 + bg) / 3) > 1e-2
 
 
 def test_region_softmax_temperature():
@@ -91,22 +92,23 @@ def test_region_softmax_temperature():
     p = [_temper(v, tau) for v in P_STUDENT]  # softmax(log p / T)
     k1 = _bkl(_sig(LN3 / tau), p[0][1])
     k2 = _bkl(_sig(LN4 / tau), p[1][2])
-    bg = _bkl((1 - _sig(-LN3 / tau)) * (1 - _sig(-LN4 / tau)), p[2][0])
-    expected = tau ** 2 * ((k1 + k2) / 2 + bg)
+    # q_bg = .75 * .8 = .6 at T = 1, then tempered as a binary distribution: logit(q) / T
+    bg = _bkl(_sig(math.log(0.6 / 0.4) / tau), p[2][0])
+    expected = tau ** 2 * (k1 + k2 + bg) / 3
     assert region_logit_kd_softmax(s, T_FG, [1, 2], temperature=tau).item() == pytest.approx(expected, abs=1e-6)
 
 
-def test_region_softmax_means_within_regions():
-    # two voxels in R_1 with different KL: the organ term is their mean (not sum, not divided by all voxels)
+def test_region_softmax_sums_over_the_region_divides_by_all_voxels():
+    # two voxels in R_1 with different KL: their sum over the B N = 3 voxels of the batch (not the region mean)
     t = torch.tensor([[[LN3, LN3, -LN3]]])  # one teacher, class 1; voxels 0, 1 in R_1, voxel 2 in R_bg
     probs = [[0.2, 0.5, 0.3], [0.1, 0.6, 0.3], [0.5, 0.25, 0.25]]
-    k = (_bkl(0.75, 0.5) + _bkl(0.75, 0.6)) / 2
+    k = _bkl(0.75, 0.5) + _bkl(0.75, 0.6)
     # q_bg = 1 - sigma(-ln3) = .75; no teacher covers class 2, so the student's side is p_0 + p_2 = .75 (not p_0 = .5)
     bg = _bkl(0.75, 0.75)
-    assert region_logit_kd_softmax(_logits(probs), t, [1]).item() == pytest.approx(k + bg, abs=1e-6)
+    assert region_logit_kd_softmax(_logits(probs), t, [1]).item() == pytest.approx((k + bg) / 3, abs=1e-6)
     # with teachers for both organs the background side is p_0 alone: voxel 2 gets a second teacher saying background
     t2 = torch.cat([t, torch.full_like(t, -50.0)], 1)  # q_bg = .75 * ~1
-    assert region_logit_kd_softmax(_logits(probs), t2, [1, 2]).item() == pytest.approx(k / 2 + _bkl(0.75, 0.5),
+    assert region_logit_kd_softmax(_logits(probs), t2, [1, 2]).item() == pytest.approx((k + _bkl(0.75, 0.5)) / 3,
                                                                                         abs=1e-6)
 
 
@@ -119,30 +121,55 @@ def test_region_softmax_does_not_erase_organs_no_teacher_knows():
     assert region_logit_kd_softmax(s_bg, t, [1]).item() == pytest.approx(math.log(4), rel=1e-3)
 
 
+def _loop_reference_softmax(s, t, classes, tau, w, active, valid):
+    """float64 per-voxel loop of the documented formula: organ terms on R_k, background term on R_bg with
+    q_bg = prod over the sample's active teachers of (1 - sigma(t_k)) tempered as logit(q) / T, p_rest = background +
+    the classes without an active teacher in that sample; sum / (B N), times T^2."""
+    b, c = s.shape[:2]
+    shape = s.shape[2:]
+    p = torch.softmax(s.double() / tau, 1)
+    ts = torch.sigmoid(t.double() / tau)
+    t1 = torch.sigmoid(t.double())
+    total, n = 0.0, 0
+    for bi in range(b):
+        act = [k for k in range(len(classes)) if active[bi][k]]
+        taught = {classes[k] for k in act}
+        rest = [cc for cc in range(c) if cc not in taught]
+        for idx in torch.cartesian_prod(*[torch.arange(m) for m in shape]).reshape(-1, len(shape)):
+            n += 1
+            vox = (bi, slice(None), *idx.tolist())
+            if not bool(valid[(bi, 0, *idx.tolist())]):
+                continue
+            tv, t1v, pv = ts[vox].tolist(), t1[vox].tolist(), p[vox].tolist()
+            fg = {k: tv[k] > 0.5 for k in act}
+            for k in act:
+                if fg[k]:
+                    total += _bkl(tv[k], pv[classes[k]])
+            if act and not any(fg.values()):
+                q = math.prod(1 - t1v[k] for k in act)
+                q_t = _sig(math.log(q / (1 - q)) / tau)
+                total += w * _bkl(q_t, sum(pv[cc] for cc in rest))
+    return tau ** 2 * total / n
+
+
 def test_region_softmax_matches_loop_reference():
     g = torch.Generator().manual_seed(0)
-    b, c, shape = 2, 4, (3, 4, 2)
+    b, c, shape = 3, 4, (3, 4, 2)
     s = torch.randn(b, c, *shape, generator=g) * 2
     t = torch.randn(b, 2, *shape, generator=g) * 3
     classes, tau, w = [3, 1], 1.5, 0.7
-    p = torch.softmax(s.double() / tau, 1)
-    ts = torch.sigmoid(t.double() / tau)
-    sums, counts = [0.0, 0.0, 0.0], [0, 0, 0]
-    for bi in range(b):
-        for idx in torch.cartesian_prod(*[torch.arange(n) for n in shape]):
-            vox = (bi, slice(None), *idx.tolist())
-            tv, pv = ts[vox].tolist(), p[vox].tolist()
-            fg = [v > 0.5 for v in tv]
-            for k in range(2):
-                if fg[k]:
-                    sums[k] += _bkl(tv[k], pv[classes[k]])
-                    counts[k] += 1
-            if not any(fg):  # the student's side: background or a class no teacher covers (class 2 here)
-                sums[2] += _bkl((1 - tv[0]) * (1 - tv[1]), pv[0] + pv[2])
-                counts[2] += 1
-    assert min(counts) > 0
-    ref = tau ** 2 * ((sums[0] / counts[0] + sums[1] / counts[1]) / 2 + w * sums[2] / counts[2])
+    everything = torch.ones(b, 1, *shape, dtype=torch.bool)
+    all_active = [[True, True]] * b
+    ref = _loop_reference_softmax(s, t, classes, tau, w, all_active, everything)
     ours = region_logit_kd_softmax(s, t, classes, temperature=tau, weight_background=w)
+    assert ours.item() == pytest.approx(ref, abs=1e-5)
+    # per-sample active teachers (sample 1: only the teacher of class 1, so class 3 joins its rest set; sample 2: no
+    # teacher) and a valid mask
+    active = [[True, True], [False, True], [False, False]]
+    valid = torch.rand(b, 1, *shape, generator=g) > 0.3
+    ref = _loop_reference_softmax(s, t, classes, tau, w, active, valid)
+    ours = region_logit_kd_softmax(s, t, classes, temperature=tau, weight_background=w, valid=valid,
+                                   active=torch.tensor(active))
     assert ours.item() == pytest.approx(ref, abs=1e-5)
 
 
@@ -200,16 +227,17 @@ def test_region_sigmoid_hand_values():
     k1 = _bkl(0.75, 0.5)  # voxel 0, channel 0
     k2 = _bkl(0.8, 0.75)  # voxel 1, channel 1
     bg = (_bkl(0.25, 0.5) + _bkl(0.2, 0.75)) / 2  # voxel 2, mean over both channels
-    assert region_logit_kd_sigmoid(s, T_FG).item() == pytest.approx((k1 + k2) / 2 + bg, abs=1e-6)
+    # mean over the 3 voxels of the batch, organ terms summed over the channels
+    assert region_logit_kd_sigmoid(s, T_FG).item() == pytest.approx((k1 + k2 + bg) / 3, abs=1e-6)
     assert RegionLogitKDSigmoidLoss(weight_background=0.5)(s, T_FG).item() == \
-        pytest.approx((k1 + k2) / 2 + 0.5 * bg, abs=1e-6)
+        pytest.approx((k1 + k2 + 0.5 * bg) / 3, abs=1e-6)
     # temperature
     tau = 3.0
     k1 = _bkl(_sig(LN3 / tau), 0.5)
     k2 = _bkl(_sig(LN4 / tau), _sig(LN3 / tau))
     bg = (_bkl(_sig(-LN3 / tau), 0.5) + _bkl(_sig(-LN4 / tau), _sig(LN3 / tau))) / 2
     assert region_logit_kd_sigmoid(s, T_FG, temperature=tau).item() == \
-        pytest.approx(tau ** 2 * ((k1 + k2) / 2 + bg), abs=1e-6)
+        pytest.approx(tau ** 2 * (k1 + k2 + bg) / 3, abs=1e-6)
 
 
 def test_region_sigmoid_zero_when_equal_and_region_selection():
@@ -235,8 +263,8 @@ def test_region_sigmoid_zero_when_equal_and_region_selection():
 
 def test_region_kd_valid_mask_drops_voxels_from_every_region():
     """Cached teacher outputs are unknown where augmentation moved the patch outside the case: those voxels belong to
-    no region. Hand values on the 3-voxel example: dropping voxel 1 empties R_2 (its term becomes 0, the organ mean
-    still divides by K = 2); dropping voxel 2 empties R_bg."""
+    no region. Hand values on the 3-voxel example: dropping voxel 1 empties R_2 (its term becomes 0; the mean still
+    divides by all B N = 3 voxels); dropping voxel 2 empties R_bg."""
     s = _logits(P_STUDENT)
     k1 = _bkl(0.75, 0.5)
     k2 = _bkl(0.8, 0.6)
@@ -245,14 +273,14 @@ def test_region_kd_valid_mask_drops_voxels_from_every_region():
     assert region_logit_kd_softmax(s, T_FG, [1, 2], valid=every).item() == \
         pytest.approx(region_logit_kd_softmax(s, T_FG, [1, 2]).item(), abs=1e-7)
     no_v1 = torch.tensor([[True, False, True]])
-    assert region_logit_kd_softmax(s, T_FG, [1, 2], valid=no_v1).item() == pytest.approx(k1 / 2 + bg, abs=1e-6)
+    assert region_logit_kd_softmax(s, T_FG, [1, 2], valid=no_v1).item() == pytest.approx((k1 + bg) / 3, abs=1e-6)
     no_v2 = torch.tensor([[[1.0, 1.0, 0.0]]])  # [B, 1, S], non-bool: non-zero = valid
-    assert region_logit_kd_softmax(s, T_FG, [1, 2], valid=no_v2).item() == pytest.approx((k1 + k2) / 2, abs=1e-6)
+    assert region_logit_kd_softmax(s, T_FG, [1, 2], valid=no_v2).item() == pytest.approx((k1 + k2) / 3, abs=1e-6)
     # sigmoid student: same regions
     ss = torch.tensor([[[0.0, 0.0, 0.0], [LN3, LN3, LN3]]])
     bg_sig = (_bkl(0.25, 0.5) + _bkl(0.2, 0.75)) / 2
     assert region_logit_kd_sigmoid(ss, T_FG, valid=no_v1).item() == \
-        pytest.approx(_bkl(0.75, 0.5) / 2 + bg_sig, abs=1e-6)
+        pytest.approx((_bkl(0.75, 0.5) + bg_sig) / 3, abs=1e-6)
     assert region_logit_kd_sigmoid(ss, T_FG, valid=torch.zeros(1, 3, dtype=torch.bool)).item() == 0.0
     # invalid voxels get no gradient
     sg = s.clone().requires_grad_(True)
@@ -260,6 +288,139 @@ def test_region_kd_valid_mask_drops_voxels_from_every_region():
     assert torch.all(sg.grad[..., 1] == 0) and torch.any(sg.grad[..., 0] != 0)
     with pytest.raises(ValueError, match="valid mask shape"):
         region_logit_kd_softmax(s, T_FG, [1, 2], valid=torch.ones(1, 4, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# region KD: background target, per-voxel normalisation, active teachers (code-review fixes)
+# ----------------------------------------------------------------------------------------------------------------------
+def test_background_target_is_the_product_at_t1_then_tempered():
+    """q_bg = prod_k (1 - sigma(t_k)) at T = 1, then logit(q_bg^T) = logit(q_bg) / T. Four confident teachers
+    (sigma(t_k) = .001 each) at T = 2: q_bg^T = .9404; tempering each teacher before the product gave .8829."""
+    tau = 2.0
+    t = torch.full((1, 4, 1), math.log(0.001 / 0.999))  # sigma(t) = .001
+    q1 = 0.999 ** 4
+    q_t = _sig(math.log(q1 / (1 - q1)) / tau)
+    assert q_t == pytest.approx(0.9404, abs=1e-4)
+    old_q = _sig(-math.log(0.001 / 0.999) / tau) ** 4
+    assert old_q == pytest.approx(0.8829, abs=1e-4)
+    probs = [0.9, 0.025, 0.025, 0.025, 0.025]
+    s = _logits([probs])
+    p0_t = _temper(probs, tau)[0]
+    loss = region_logit_kd_softmax(s, t, [1, 2, 3, 4], temperature=tau)
+    assert loss.item() == pytest.approx(tau ** 2 * _bkl(q_t, p0_t), abs=1e-6)
+    assert abs(loss.item() - tau ** 2 * _bkl(old_q, p0_t)) > 1e-2  # the old target
+    # a student whose tempered background probability is q_bg^T gets 0: logits s / T = (a, 0, 0, 0, 0)
+    a = math.log(4 * q_t / (1 - q_t))
+    s_match = torch.tensor([[[tau * a], [0.0], [0.0], [0.0], [0.0]]])
+    # (float32 rounding of the two KL terms, which cancel to first order, leaves ~1e-6)
+    assert abs(region_logit_kd_softmax(s_match, t, [1, 2, 3, 4], temperature=tau).item()) < 1e-5
+    # one teacher: logit(1 - sigma(t)) / T = -t / T, the same as tempering the teacher
+    t1 = torch.tensor([[[-LN3]]])
+    s1 = _logits([[0.6, 0.2, 0.2]])
+    p_t = _temper([0.6, 0.2, 0.2], tau)
+    assert region_logit_kd_softmax(s1, t1, [1], temperature=tau).item() == \
+        pytest.approx(tau ** 2 * _bkl(_sig(LN3 / tau), p_t[0] + p_t[2]), abs=1e-6)
+
+
+@pytest.mark.parametrize("loss_fn", ["softmax", "sigmoid", "feature"])
+def test_region_kd_weighs_a_voxel_the_same_whatever_the_region_size(loss_fn):
+    """A voxel of a 50-voxel region and one of a 5,000-voxel region weigh the same: the loss is a sum over the
+    region divided by all B N voxels of the batch (the region mean made a small region's voxel weigh 100x)."""
+    n_vox = 10_000
+
+    def loss(n_region):
+        t = torch.full((1, 1, n_vox), -50.0)
+        t[..., :n_region] = LN3  # teacher sigma = .75 on the region
+        if loss_fn == "softmax":
+            return region_logit_kd_softmax(torch.zeros(1, 3, n_vox), t, [1], weight_background=0).item()
+        if loss_fn == "sigmoid":
+            return region_logit_kd_sigmoid(torch.zeros(1, 1, n_vox), t, weight_background=0).item()
+        return feature_kd_loss(torch.zeros(1, 2, n_vox), torch.ones(1, 2, n_vox), t > 0).item()
+
+    per_voxel = {"softmax": _bkl(0.75, 1 / 3), "sigmoid": _bkl(0.75, 0.5), "feature": 1.0}[loss_fn]
+    small, large = loss(50), loss(5_000)
+    assert small == pytest.approx(50 * per_voxel / n_vox, rel=1e-4)
+    assert large == pytest.approx(5_000 * per_voxel / n_vox, rel=1e-4)
+    assert large / small == pytest.approx(100.0, rel=1e-4)
+
+
+def test_region_kd_organ_terms_sum_over_teachers():
+    # two teachers with disjoint one-voxel regions in a 4-voxel batch: each region voxel counts 1 / (B N)
+    t = torch.tensor([[[LN3, -50.0, -50.0, -50.0], [-50.0, LN3, -50.0, -50.0]]])
+    s = torch.zeros(1, 3, 4)
+    assert region_logit_kd_softmax(s, t, [1, 2], weight_background=0).item() == \
+        pytest.approx(2 * _bkl(0.75, 1 / 3) / 4, abs=1e-6)
+
+
+def test_teacher_of_an_annotated_organ_gives_no_kd_on_that_sample():
+    g = torch.Generator().manual_seed(11)
+    s = (torch.randn(2, 3, 4, 5, generator=g) * 2).requires_grad_()
+    t = torch.randn(2, 1, 4, 5, generator=g) * 3  # one liver teacher (class 1), both signs -> R_1 and R_bg
+    assert (t > 0).any() and (t <= 0).any()
+    # sample 0 annotates liver: the teacher is silent there (organ and background terms)
+    active = torch.tensor([[False], [True]])
+    loss = region_logit_kd_softmax(s, t, [1], temperature=2.0, active=active)
+    loss.backward()
+    assert torch.all(s.grad[0] == 0) and torch.any(s.grad[1] != 0)
+    # = sample 1 alone, over the voxels of both samples (mean over all B N voxels)
+    alone = region_logit_kd_softmax(s[1:].detach(), t[1:], [1], temperature=2.0)
+    assert loss.item() == pytest.approx(alone.item() / 2, abs=1e-6)
+    # nobody may speak: a graph-connected 0 with zero gradient
+    s.grad = None
+    z = region_logit_kd_softmax(s, t, [1], active=torch.zeros(2, 1, dtype=torch.bool))
+    assert z.item() == 0.0 and z.requires_grad
+    z.backward()
+    assert torch.all(s.grad == 0)
+    # sigmoid student: an inactive (sample, channel) pair gets no gradient anywhere, also not from the background
+    ss = (torch.randn(2, 2, 4, 5, generator=g)).requires_grad_()
+    tt = torch.randn(2, 2, 4, 5, generator=g) * 3
+    act2 = torch.tensor([[False, True], [True, True]])
+    region_logit_kd_sigmoid(ss, tt, temperature=2.0, active=act2).backward()
+    assert torch.all(ss.grad[0, 0] == 0) and torch.any(ss.grad[0, 1] != 0) and torch.any(ss.grad[1, 0] != 0)
+    with pytest.raises(ValueError, match="active must be"):
+        region_logit_kd_softmax(s, t, [1], active=torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_background_term_uses_the_samples_active_teachers_and_rest_set():
+    """Hand values, C = 3 (bg, liver, kidney), teachers liver -> 1, kidney -> 2, one voxel per sample, every teacher
+    says background (sigma = .25 and .20).
+    sample 0 annotates kidney: only the liver teacher speaks; q_bg = .75; p_rest = p_0 + p_kidney.
+    sample 1 annotates nothing: q_bg = .75 * .8 = .6; p_rest = p_0."""
+    t = torch.tensor([[[-LN3], [-LN4]], [[-LN3], [-LN4]]])
+    p_s0, p_s1 = [0.4, 0.3, 0.3], [0.5, 0.25, 0.25]
+    s = torch.cat([_logits([p_s0]), _logits([p_s1])], 0)
+    active = torch.tensor([[True, False], [True, True]])
+    expected = (_bkl(0.75, 0.4 + 0.3) + _bkl(0.6, 0.5)) / 2
+    assert region_logit_kd_softmax(s, t, [1, 2], active=active).item() == pytest.approx(expected, abs=1e-6)
+    # T = 2: each sample's q_bg tempered as logit / T, student tempered, same per-sample rest sets
+    tau = 2.0
+    p0, p1 = _temper(p_s0, tau), _temper(p_s1, tau)
+    expected_t = tau ** 2 * (_bkl(_sig(LN3 / tau), p0[0] + p0[2]) + _bkl(_sig(math.log(1.5) / tau), p1[0])) / 2
+    assert region_logit_kd_softmax(s, t, [1, 2], temperature=tau, active=active).item() == \
+        pytest.approx(expected_t, abs=1e-6)
+    # the liver teacher's region on sample 0 compares p_liver only; the kidney class gets no organ term there
+    t_fg = torch.tensor([[[LN3], [LN4]], [[-LN3], [-LN4]]])  # sample 0: both teachers say organ
+    only_liver = (_bkl(0.75, 0.3) + _bkl(0.6, 0.5)) / 2
+    assert region_logit_kd_softmax(s, t_fg, [1, 2], active=active).item() == pytest.approx(only_liver, abs=1e-6)
+    # sigmoid: the background term averages over the active channels only
+    ss = torch.tensor([[[0.0], [LN3]]])  # sigma .5, .75
+    tt = torch.tensor([[[-LN3], [-LN4]]])
+    assert region_logit_kd_sigmoid(ss, tt, active=torch.tensor([[True, False]])).item() == \
+        pytest.approx(_bkl(0.25, 0.5), abs=1e-6)
+    assert region_logit_kd_sigmoid(ss, tt).item() == pytest.approx((_bkl(0.25, 0.5) + _bkl(0.2, 0.75)) / 2,
+                                                                   abs=1e-6)
+
+
+def test_region_kd_labelled_voxels_in_valid_get_no_gradient():
+    """The trainer removes the voxels a case labels from ``valid``: a liver teacher sure of liver on voxels labelled
+    kidney then neither pushes them toward liver nor away from kidney (zero gradient on every class there)."""
+    s = torch.zeros(1, 3, 4, requires_grad=True)
+    t = torch.tensor([[[4.0, 4.0, -4.0, -4.0]]])  # liver teacher: liver on voxels 0, 1
+    labelled_kidney = torch.tensor([[[False, True, False, True]]])
+    region_logit_kd_softmax(s, t, [1], valid=~labelled_kidney).backward()
+    assert torch.all(s.grad[..., 1] == 0) and torch.all(s.grad[..., 3] == 0)
+    assert torch.all(s.grad[:, 1, 0] < 0)  # voxel 0 (unlabelled) is pushed toward liver
+    assert torch.any(s.grad[..., 2] != 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -272,13 +433,14 @@ def test_feature_hand_values():
     region = torch.tensor([[[True, False, True]]])
     # squared errors per voxel, mean over channels: (0+1)/2 = .5, (4+4)/2 = 4, (0+36)/2 = 18
     assert feature_kd_loss(s, t).item() == pytest.approx((0.5 + 4 + 18) / 3, abs=1e-6)
-    assert feature_kd_loss(s, t, region).item() == pytest.approx((0.5 + 18) / 2, abs=1e-6)
-    assert feature_kd_loss(s, t, region[:, 0]).item() == pytest.approx((0.5 + 18) / 2, abs=1e-6)  # [B, *S]
-    assert FeatureKDLoss()(s, t, region.float()).item() == pytest.approx((0.5 + 18) / 2, abs=1e-6)
+    # with a region: sum over the region / all B N = 3 voxels (not the region mean)
+    assert feature_kd_loss(s, t, region).item() == pytest.approx((0.5 + 18) / 3, abs=1e-6)
+    assert feature_kd_loss(s, t, region[:, 0]).item() == pytest.approx((0.5 + 18) / 3, abs=1e-6)  # [B, *S]
+    assert FeatureKDLoss()(s, t, region.float()).item() == pytest.approx((0.5 + 18) / 3, abs=1e-6)
     # cosine: voxel 0: 1 - 1/sqrt2; voxel 1: teacher is zero -> cos 0 -> 1; voxel 2: cos = -1 -> 2
     c0 = 1 - 1 / math.sqrt(2)
     assert feature_kd_loss(s, t, kind="cosine").item() == pytest.approx((c0 + 1 + 2) / 3, abs=1e-6)
-    assert feature_kd_loss(s, t, region, kind="cosine").item() == pytest.approx((c0 + 2) / 2, abs=1e-6)
+    assert feature_kd_loss(s, t, region, kind="cosine").item() == pytest.approx((c0 + 2) / 3, abs=1e-6)
     assert FeatureKDLoss("cosine")(s, t).item() == pytest.approx((c0 + 1 + 2) / 3, abs=1e-6)
     # equal features -> 0 (cosine: also invariant to scaling the teacher)
     assert feature_kd_loss(s, s.clone()).item() == 0.0
@@ -461,7 +623,10 @@ def _cases():
     a3 = a4[:, 1:]
     return [
         ("region_softmax", 4, 3, lambda s, t: region_logit_kd_softmax(s, t, [1, 2, 3], temperature=2.0)),
+        ("region_softmax_active", 4, 3, lambda s, t: region_logit_kd_softmax(s, t, [1, 2, 3], temperature=2.0,
+                                                                            active=a3)),
         ("region_sigmoid", 3, 3, lambda s, t: region_logit_kd_sigmoid(s, t, temperature=2.0)),
+        ("region_sigmoid_active", 3, 3, lambda s, t: region_logit_kd_sigmoid(s, t, temperature=2.0, active=a3)),
         ("feature_mse", 4, 4, lambda s, t: feature_kd_loss(s, t, t[:, :1] > 0)),
         ("feature_cos", 4, 4, lambda s, t: feature_kd_loss(s, t, t[:, :1] > 0, kind="cosine")),
         ("soft_label", 4, 4, lambda s, t: soft_label_kd_loss(s, torch.softmax(t.float(), 1), temperature=2.0)),

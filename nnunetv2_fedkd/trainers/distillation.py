@@ -11,8 +11,29 @@ The KD terms are the pure functions of :mod:`nnunetv2_fedkd.losses.distillation`
 :class:`nnunetv2_fedkd.teachers.FrozenTeacher`. Wiring: before nnU-Net's ``train_step`` runs the student, the
 teachers run on the same augmented patch (``batch['data']``) and the resulting terms are attached to the loss
 module, which nnU-Net then calls as usual (under its autocast; the terms compute in float32). Validation uses the
-ground-truth loss only. KD is computed on the full-resolution output; nnU-Net's deep-supervision weights apply to
-the ground-truth loss.
+ground-truth loss only.
+
+Weighting: KD is computed on the full-resolution output only. With deep supervision nnU-Net's
+``DeepSupervisionWrapper`` weighs the ground-truth loss of output ``s`` by its normalised ``weight_factors[s]`` (the
+project's small plans with 3 outputs: 0.667, 0.333, 0), so the full-resolution supervised term enters the total as
+``w0 * L_gt(full res)``. :class:`_LossWithTerms` multiplies the KD terms by the same ``w0`` (1 when the wrapped loss
+is not a ``DeepSupervisionWrapper``, e.g. deep supervision off)::
+
+    loss = gt_weight * DeepSupervisionWrapper(L_gt) + w0 * terms(full-res output)
+
+so ``kd_weight`` (and ``feature_kd_weight``, and FedKD's ``global_kd_weight``: ``nnUNetTrainerFedKD`` adds its
+global-model KD through the same ``terms``, so it gets the same scaling) is the ratio of a KD term to the
+full-resolution supervised loss, whether deep supervision is on or off. The region KD losses are means over all
+voxels of the batch (see :mod:`nnunetv2_fedkd.losses.distillation`), so that ratio holds per voxel, whatever the
+size of a teacher's region.
+
+MS-KD and the labels (:class:`_MSKDMixin`): where a case labels a voxel, the label wins; the teachers speak only
+where the case's labels are silent. Teacher ``k`` (organ ``c_k``) gives no KD on a sample that annotates ``c_k``
+(the ``active`` mask of the region losses, from ``batch['keys']`` and dataset.json via
+:class:`nnunetv2_fedkd.label_availability.LabelAvailability`), and the voxels the full-resolution target labels as
+an annotated organ (target > 0: the student's class index for the softmax trainers, any channel of nnU-Net's region
+one-hot target for the multi-head trainer) belong to no KD region (organ regions, background region, feature KD
+regions): :func:`teacher_kd_masks`.
 
 Settings (trainer config file): ``teachers`` / ``ensemble`` / ``public_model`` (see :mod:`nnunetv2_fedkd.teachers`),
 ``kd_weight``, ``kd_temperature``, ``kd_background_weight``, ``feature_kd_weight``, ``feature_kd_stage`` (decoder
@@ -28,6 +49,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
 from nnunetv2_fedkd.losses.distillation import (
     feature_kd_loss,
@@ -94,7 +117,11 @@ def attach_feature_adapters(network: nn.Module, configuration_manager) -> nn.Mod
 
 
 class _LossWithTerms(nn.Module):
-    """``gt_weight * gt_loss(output, target) + terms(output)``; ``terms`` is set per training step."""
+    """``gt_weight * gt_loss(output, target) + w0 * terms(output)``; ``terms`` is set per training step.
+
+    ``w0`` (:attr:`terms_scale`) is the full-resolution weight factor of ``gt_loss`` when it is nnU-Net's
+    ``DeepSupervisionWrapper`` (``weight_factors[0]``), else 1: the terms act on the full-resolution output only and
+    are weighed like its supervised loss, so a term's weight is its ratio to the full-resolution supervised loss."""
 
     def __init__(self, gt_loss: nn.Module, gt_weight: float):
         super().__init__()
@@ -102,15 +129,54 @@ class _LossWithTerms(nn.Module):
         self.gt_weight = float(gt_weight)
         self.terms: Optional[Callable[[Any], torch.Tensor]] = None
 
+    @property
+    def terms_scale(self) -> float:
+        """Full-resolution weight factor of the wrapped deep-supervision loss (1 without deep supervision)."""
+        loss = self.gt_loss
+        if isinstance(loss, DeepSupervisionWrapper) and getattr(loss, "weight_factors", None) is not None:
+            return float(loss.weight_factors[0])
+        return 1.0
+
     def forward(self, output, target):
         loss = self.gt_weight * self.gt_loss(output, target)
         if self.terms is not None:
-            loss = loss + self.terms(output)
+            loss = loss + self.terms_scale * self.terms(output)
         return loss
 
 
 def _full_res(output):
     return output[0] if isinstance(output, (list, tuple)) else output
+
+
+def labelled_foreground(target) -> torch.Tensor:
+    """``[B, 1, *S]`` bool: the voxels the full-resolution target labels as an organ (``target > 0``). ``target``:
+    nnU-Net's target (the list of deep-supervision targets or one tensor), a label map ``[B, 1, *S]`` (softmax
+    trainers: the student's class indices, 0 = background or not annotated) or a region one-hot ``[B, K, *S]``
+    (multi-head trainer: any channel set)."""
+    t = _full_res(target)
+    if t.ndim < 3:
+        raise ValueError(f"labelled_foreground: target must be [B, C, *spatial], got {tuple(t.shape)}")
+    return (t > 0).any(1, keepdim=True)
+
+
+def teacher_kd_masks(label_availability, keys, teacher_organ_index: Sequence[int], target,
+                     valid: Optional[torch.Tensor] = None, device=None):
+    """Where the organ teachers may speak: ``(active [B, K], valid [B, 1, *S])`` for the region KD losses.
+
+    ``active[b, k]``: sample ``keys[b]`` does not annotate teacher ``k``'s organ (label index
+    ``teacher_organ_index[k]``, 0-based foreground); ``valid``: the given mask (cached teacher outputs; None: every
+    voxel) without the voxels the full-resolution ``target`` labels as an organ (:func:`labelled_foreground`)."""
+    fg = label_availability.foreground_mask(list(keys))  # [B, K_all]
+    active = ~fg[:, list(teacher_organ_index)]
+    labelled = labelled_foreground(target)
+    if device is not None:
+        active, labelled = active.to(device), labelled.to(device, non_blocking=True)
+    if tuple(labelled.shape[:1]) != (active.shape[0],):
+        raise ValueError(f"teacher_kd_masks: {active.shape[0]} keys for a target of batch {labelled.shape[0]}")
+    keep = ~labelled
+    if valid is not None:
+        keep = keep & valid.to(keep.device).bool()
+    return active, keep
 
 
 class _DistillationMixin:
@@ -241,7 +307,9 @@ class _DistillationMixin:
         return super().validation_step(batch)
 
     def _feature_term(self, teacher_feats: List[torch.Tensor], regions: List[Optional[torch.Tensor]]):
-        """Mean over teachers of feature KD through the adapters, each inside its region (None: everywhere)."""
+        """Sum over teachers of feature KD through the adapters, each inside its region (None: everywhere). Each is
+        a mean over all voxels of the batch (:func:`feature_kd_loss`), so the sum weighs every region voxel once, as
+        the organ terms of the region logit KD do."""
         sf = self._student_features
         if sf is None:
             raise RuntimeError("student features were not captured (is the decoder stage hook in place?)")
@@ -252,7 +320,7 @@ class _DistillationMixin:
             if region is not None and tuple(region.shape[2:]) != tuple(sf.shape[2:]):
                 region = F.interpolate(region.float(), size=list(sf.shape[2:]), mode="nearest") > 0.5
             total = total + feature_kd_loss(adapters(sf, k), tf, region, self.fedkd_config["feature_kd_kind"])
-        return total / len(teacher_feats)
+        return total
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -350,6 +418,10 @@ class _MSKDMixin(_DistillationMixin):
             x = batch["data"].to(self.device, non_blocking=True)
             with self._autocast():
                 t_fg, feats = teachers_foreground_logits(self.teachers, self._teacher_channel, x)
+        # the labels win: no KD from a teacher whose organ the sample annotates, none on labelled organ voxels
+        # (batch['target'] is nnU-Net's own target here: the cached path split the teacher channels off above)
+        active, valid = teacher_kd_masks(self.label_availability, batch["keys"], self._teacher_organ_index,
+                                         batch["target"], valid, self.device)
         c = self.fedkd_config
         ramp, T, w_feat = self._ramp(), float(c["kd_temperature"]), self._feature_weight()
         sigmoid = self.label_manager.has_regions
@@ -358,13 +430,14 @@ class _MSKDMixin(_DistillationMixin):
             out = _full_res(output)
             if sigmoid:
                 student = out[:, self._teacher_organ_index]
-                kd = region_logit_kd_sigmoid(student, t_fg, T, c["kd_background_weight"], valid)
+                kd = region_logit_kd_sigmoid(student, t_fg, T, c["kd_background_weight"], valid, active)
             else:
                 kd = region_logit_kd_softmax(out, t_fg, [i + 1 for i in self._teacher_organ_index], T,
-                                             c["kd_background_weight"], valid)
+                                             c["kd_background_weight"], valid, active)
             loss = ramp * float(c["kd_weight"]) * kd
             if w_feat > 0:
-                regions = [t_fg[:, k:k + 1] > 0 for k in range(t_fg.shape[1])]
+                regions = [(t_fg[:, k:k + 1] > 0) & active[:, k].view(-1, *([1] * (t_fg.ndim - 1))) & valid
+                           for k in range(t_fg.shape[1])]
                 loss = loss + ramp * w_feat * self._feature_term(feats, regions)
             return loss
 
