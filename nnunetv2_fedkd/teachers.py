@@ -17,9 +17,15 @@ planned differently (every site plans its own dataset) sees the same patch mappe
 * intensities: ``CTNormalization`` on both sides is an affine map + clip per channel (undo the student's, apply the
   teacher's: ``clip(x * std_s + mean_s, p0.5_t, p99.5_t) - mean_t) / std_t``); per-image schemes (z-score, rescale,
   none) that are the same on both sides need nothing. Any other pairing is rejected with :class:`TeacherError`.
+* axis order: nnU-Net stores preprocessed data transposed by its plans' ``transpose_forward`` (array axis ``i`` is
+  original axis ``transpose_forward[i]``; spacing and patch size are given in that order). When the teacher's plans
+  transpose differently, the patch is permuted into the teacher's axis order before anything else, the spacings are
+  compared axis by axis in that order, and the outputs and features are permuted back
+  (:func:`axis_permutation`). A 2D teacher whose slices cut another original axis than the student's is rejected.
 * geometry: when the target spacings differ (more than 1 %), the patch is resampled (trilinear) to the teacher's
   spacing, padded to a size the teacher's network accepts, and the teacher's outputs are resampled back to the
-  student's grid. A 2D teacher for a 3D student (or the reverse) is rejected.
+  student's grid. The padding is cropped off again, from the outputs and (in proportion to each stage's stride) from
+  the decoder features. A 2D teacher for a 3D student (or the reverse) is rejected.
 
 Teachers are frozen: ``eval()``, ``requires_grad_(False)``, run under ``torch.no_grad()``.
 """
@@ -182,6 +188,60 @@ def _norm_params(configuration_manager, fingerprint_props: Dict[str, Any], chann
     return scheme, props
 
 
+def axis_permutation(student_transpose: Sequence[int], teacher_transpose: Sequence[int], ndim: int,
+                     where: str = "teacher") -> Tuple[int, ...]:
+    """Which student array axis each teacher array axis is, from the two plans' ``transpose_forward``.
+
+    nnU-Net's preprocessing stores ``data.transpose([0, *[i + 1 for i in transpose_forward]])``: array axis ``i`` is
+    original axis ``transpose_forward[i]``. For an ``ndim``-D patch (3D: all axes; 2D: the last two, the slice axis
+    being the first) teacher axis ``j`` is original axis ``tt[j]``, which is student axis ``ts.index(tt[j])``
+    (``ts``, ``tt``: the last ``ndim`` entries). ``x_teacher = x_student.permute(0, 1, *(2 + perm))``; back with
+    :func:`inverse_permutation`. Raises :class:`TeacherError` when the patches do not hold the same original axes
+    (2D plans slicing along different axes)."""
+    ts, tt = [int(a) for a in student_transpose], [int(a) for a in teacher_transpose]
+    if sorted(ts) != list(range(len(ts))) or sorted(tt) != sorted(ts):
+        raise TeacherError(f"{where}: transpose_forward {tt} (teacher) and {ts} (student) are not permutations of the "
+                           f"same axes")
+    ts, tt = ts[len(ts) - ndim:], tt[len(tt) - ndim:]
+    if set(ts) != set(tt):
+        raise TeacherError(f"{where}: its {ndim}D patches hold original axes {sorted(tt)}, the student's {sorted(ts)} "
+                           f"(transpose_forward {list(teacher_transpose)} vs {list(student_transpose)}): the slices "
+                           f"cut different axes, no permutation maps one onto the other")
+    return tuple(ts.index(a) for a in tt)
+
+
+def inverse_permutation(perm: Sequence[int]) -> Tuple[int, ...]:
+    """``inv`` with ``inv[perm[j]] = j``: undoes ``permute(0, 1, *(2 + perm))``."""
+    inv = [0] * len(perm)
+    for j, p in enumerate(perm):
+        inv[int(p)] = j
+    return tuple(inv)
+
+
+def _transpose_forward(plans_manager, ndim: int) -> List[int]:
+    """The plans' ``transpose_forward`` (identity when the plans hold none; nnU-Net always writes it)."""
+    tf = plans_manager.plans.get("transpose_forward")
+    return list(range(max(3, ndim))) if tf is None else [int(a) for a in tf]
+
+
+def _permute_spatial(x: torch.Tensor, perm: Sequence[int]) -> torch.Tensor:
+    return x.permute(0, 1, *[2 + int(p) for p in perm])
+
+
+def padded_crop(unpadded: Sequence[int], padded: Sequence[int], actual: Sequence[int], where: str = "teacher"):
+    """Spatial slices that keep the unpadded region of a map of size ``actual`` computed from an input padded from
+    ``unpadded`` to ``padded`` (bottom/right padding): the map's stride per axis is ``padded / actual`` (an integer:
+    the input was padded to the network's divisor), and the unpadded region is its first ``ceil(unpadded / stride)``
+    entries (a full-resolution output: ``unpadded`` itself)."""
+    out = []
+    for n, p, a in zip(unpadded, padded, actual):
+        if a <= 0 or p % a:
+            raise TeacherError(f"{where}: a map of size {tuple(actual)} from an input of size {tuple(padded)} has no "
+                               f"integer stride")
+        out.append(slice(0, -(-int(n) // (p // a))))
+    return tuple(out)
+
+
 class FrozenTeacher:
     """One teacher (one or several folds of one nnU-Net results folder) applied to student patches."""
 
@@ -213,6 +273,10 @@ class FrozenTeacher:
             net.eval().requires_grad_(False).to(device)
             self.networks.append(net)
 
+        self._finish_init(student_plans_manager, student_configuration_manager, feature_stage)
+
+    def _finish_init(self, student_plans_manager, student_configuration_manager, feature_stage: Optional[int]):
+        """Everything after the networks are built (also the entry point of the tests' hand-made teachers)."""
         self._check_and_build_input_map(student_plans_manager, student_configuration_manager)
         self.feature_stage = feature_stage
         self._features: Optional[torch.Tensor] = None
@@ -266,18 +330,31 @@ class FrozenTeacher:
         self._shift = torch.tensor(shift).view(view)
         self._lo = torch.tensor(lo).view(view)
         self._hi = torch.tensor(hi).view(view)
-        s_sp, t_sp = np.asarray(s_cm.spacing, float), np.asarray(t_cm.spacing, float)
-        self.zoom = s_sp / t_sp  # >1: the teacher's voxels are smaller, the patch gets more voxels
+        # axis order: teacher axis j is student axis perm[j]; everything below is in the teacher's order
+        ndim = len(s_cm.patch_size)
+        s_tf, t_tf = _transpose_forward(s_pm, ndim), _transpose_forward(self.plans_manager, ndim)
+        t_plans, s_plans = self.plans_manager.plans, s_pm.plans
+        describe = (f"{where} (plans {t_plans.get('plans_name')!r} of {t_plans.get('dataset_name')!r}, "
+                    f"{self.spec.results_folder / 'plans.json'}) and the student (plans {s_plans.get('plans_name')!r} "
+                    f"of {s_plans.get('dataset_name')!r})")
+        self._perm = axis_permutation(s_tf, t_tf, ndim, describe)
+        self._inv_perm = inverse_permutation(self._perm)
+        self.permute = self._perm != tuple(range(ndim))
+        s_sp = np.asarray(s_cm.spacing, float)[list(self._perm)]  # the student's spacing in the teacher's axis order
+        t_sp = np.asarray(t_cm.spacing, float)
+        self.zoom = s_sp / t_sp  # >1: the teacher's voxels are smaller, the patch gets more voxels (teacher order)
         self.resample = bool(np.any(np.abs(self.zoom - 1) > 0.01))
         strides = t_cm.network_arch_init_kwargs.get("strides")
         self._divisor = np.prod(np.asarray(strides, int), axis=0) if strides is not None else np.ones(len(s_sp), int)
 
     def map_input(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[slice, ...]]:
-        """Student patch -> teacher input (intensities, then geometry). Returns the input and the crop that undoes
-        the padding in the teacher's grid."""
+        """Student patch -> teacher input (intensities, then axis order, then geometry), in the teacher's axis
+        order. Returns the input and the crop that undoes the padding in the teacher's grid (full resolution)."""
         dev = x.device
         x = x.float() * self._scale.to(dev) + self._shift.to(dev)
         x = torch.maximum(torch.minimum(x, self._hi.to(dev)), self._lo.to(dev))
+        if self.permute:
+            x = _permute_spatial(x, self._perm)
         spatial = x.shape[2:]
         if self.resample:
             size = [max(1, int(round(n * z))) for n, z in zip(spatial, self.zoom)]
@@ -295,18 +372,26 @@ class FrozenTeacher:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Teacher probabilities on the student's grid ``[B, C_teacher, *spatial]`` (float32; folds averaged; softmax
-        or, for region-based teachers, sigmoid) and the first fold's decoder features at ``feature_stage`` resampled
-        to the student's matching feature size by the caller (None when no stage was asked)."""
+        or, for region-based teachers, sigmoid) and the first fold's decoder features at ``feature_stage`` (None
+        when no stage was asked), both in the student's axis order and without the padding the teacher's network
+        needed (features: cropped to ``ceil(unpadded size / stage stride)``, :func:`padded_crop`); the caller
+        resamples the features to the student's matching feature size."""
         spatial = x.shape[2:]
         xt, crop = self.map_input(x)
+        unpadded = [c.stop for c in crop[2:]]
         probs, feats = None, None
         for i, net in enumerate(self.networks):
             out = net(xt).float()[crop]
             p = torch.sigmoid(out) if self.label_manager.has_regions else torch.softmax(out, 1)
             probs = p if probs is None else probs + p
             if i == 0 and self.feature_stage is not None:
-                feats = self._features.float()
+                f = self._features.float()
+                f = f[(slice(None), slice(None)) + padded_crop(unpadded, xt.shape[2:], f.shape[2:],
+                                                               f"teacher {self.spec.results_folder}")]
+                feats = _permute_spatial(f, self._inv_perm) if self.permute else f
         probs = probs / len(self.networks)
+        if self.permute:
+            probs = _permute_spatial(probs, self._inv_perm)
         if tuple(probs.shape[2:]) != tuple(spatial):
             probs = F.interpolate(probs, size=spatial, mode="trilinear" if probs.ndim == 5 else "bilinear",
                                   align_corners=False)
