@@ -2,8 +2,9 @@
 
 Training, prediction, ensembling and evaluation stay the stock ``nnUNetv2_*`` commands; this command does what nnU-Net
 has no command for: converting the public layouts to one organ registry, synthesising a federation, deriving small
-plans for CPUs, planning one set of plans for a federation without pooling images (``plan``), and printing the
-environment that lets nnU-Net find the plugin's trainers.
+plans for CPUs, planning one set of plans for a federation without pooling images (``plan``), pseudo-labelling the
+sites' images with single-organ teachers for one stock nnU-Net (``pseudo-label``), and printing the environment
+that lets nnU-Net find the plugin's trainers.
 """
 from __future__ import annotations
 
@@ -75,6 +76,31 @@ def _cmd_merge(args) -> int:
 
     out = merge_sites(load_spec(args.spec), args.dataset_id, dataset_name=args.name, overwrite=args.overwrite)
     print(f"wrote {out}")
+    return 0
+
+
+def _cmd_pseudo_label(args) -> int:
+    from nnunetv2_fedkd.pipeline import StepError
+    from nnunetv2_fedkd.pseudo_labels import build_pseudo_label_dataset
+
+    source = args.source
+    if source.suffix == ".toml" or source.is_file():
+        from nnunetv2_fedkd.spec import load_spec
+
+        source = load_spec(source)
+    elif not source.exists() and str(source).isdigit():
+        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+        source = Path(maybe_convert_to_dataset_name(int(str(source))))
+    try:
+        out = build_pseudo_label_dataset(source, args.teachers, args.dataset_id, high=args.high, low=args.low,
+                                         dataset_name=args.name, predictions_dir=args.keep_predictions,
+                                         overwrite=args.overwrite, cpu=args.device == "cpu", tta=args.tta)
+    except StepError as e:
+        print(f"nnunetv2_fedkd pseudo-label: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}\nnext: nnUNetv2_plan_and_preprocess -d {args.dataset_id} -c 3d_fullres "
+          f"--verify_dataset_integrity && nnUNetv2_train {args.dataset_id} 3d_fullres all")
     return 0
 
 
@@ -195,6 +221,29 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--name", default=None, help="dataset name (default: <federation name>Pooled)")
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(func=_cmd_merge)
+
+    ps = sub.add_parser("pseudo-label", help="the stock-nnU-Net baseline: single-organ teachers pseudo-label every "
+                                             "site's training images; writes one ordinary nnU-Net dataset (with "
+                                             "nnU-Net's ignore label) for stock nnUNetv2_train")
+    ps.add_argument("source", type=Path, help="federation.toml, or a pooled dataset written by 'merge' (id, name "
+                                              "under nnUNet_raw, or folder)")
+    ps.add_argument("--teachers", nargs="+", required=True, metavar="[ORGAN=]FOLDER",
+                    help="single-organ teachers: nnU-Net results folders (<nnUNet_results>/DatasetXXX_Name/"
+                         "<trainer>__<plans>__<configuration>, or one of its fold_X folders); the organ comes from "
+                         "the teacher's dataset.json unless given as ORGAN=FOLDER")
+    ps.add_argument("-d", dest="dataset_id", type=int, required=True, help="nnU-Net dataset id to write")
+    ps.add_argument("--name", default=None, help="dataset name (default: <federation name>PseudoLabels)")
+    ps.add_argument("--high", type=float, default=0.7,
+                    help="a teacher's probability >= HIGH makes a voxel its organ (default 0.7)")
+    ps.add_argument("--low", type=float, default=0.3,
+                    help="LOW <= p < HIGH is unsure: the voxel becomes nnU-Net's ignore label (default 0.3)")
+    ps.add_argument("-device", dest="device", default="cuda", choices=["cuda", "cpu"],
+                    help="device for the teachers' nnUNetv2_predict (default: cuda)")
+    ps.add_argument("--tta", action="store_true", help="test-time mirroring in the teachers' predictions")
+    ps.add_argument("--keep-predictions", type=Path, default=None, metavar="DIR",
+                    help="keep the teachers' predicted probabilities in DIR (default: a temporary folder)")
+    ps.add_argument("--overwrite", action="store_true")
+    ps.set_defaults(func=_cmd_pseudo_label)
 
     pl = sub.add_parser("plan", help="federated planning: per-site view datasets in the global label set, local "
                                      "fingerprints merged at a coordinator, ONE plan for all sites, local "

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 from nnunetv2_fedkd.env import subprocess_env
 from nnunetv2_fedkd.spec import FederationSpec, check_datasets
@@ -102,19 +102,26 @@ def train(dataset: str, trainer: str, workdir: Path, config_file: Optional[Path]
     return Path(env["nnUNet_results"]) / dataset / f"{trainer}__{plans}__3d_fullres" / f"fold_{fold}"
 
 
-def predict(images: Path, output: Path, dataset: str, trainer: str, workdir: Path, fold: str = "0",
-            plans: str = "nnUNetPlansSmall", cpu: bool = True, tta: bool = False,
-            log_dir: Optional[Path] = None, extra_env: Optional[Dict[str, str]] = None) -> Path:
+def predict(images: Path, output: Path, dataset: str, trainer: str, workdir: Optional[Path],
+            fold: Union[str, Sequence[str]] = "0", plans: str = "nnUNetPlansSmall", cpu: bool = True,
+            tta: bool = False, log_dir: Optional[Path] = None, extra_env: Optional[Dict[str, str]] = None,
+            save_probabilities: bool = False, configuration: str = "3d_fullres") -> Path:
     """Stock ``nnUNetv2_predict``. ``-npp 0 -nps 0``: nnU-Net's sequential mode (preprocessing and export in the
     predicting process); its worker processes would each start Python and import nnU-Net again, which cost about 5 s
-    per call on this 2-core machine (26.2 vs 21.1 s for 4 test cases, same label maps)."""
+    per call on this 2-core machine (26.2 vs 21.1 s for 4 test cases, same label maps). ``fold``: one fold or
+    several (nnU-Net averages them); ``save_probabilities``: also write ``<case>.npz`` (key ``probabilities``,
+    ``[C, *shape]`` in the reader's array order) and ``<case>.pkl`` per case. ``workdir`` None: the environment's
+    ``nnUNet_*`` folders."""
     env = subprocess_env(workdir, cpu=cpu, extra=extra_env)
+    folds = [fold] if isinstance(fold, str) else [str(f) for f in fold]
     cmd = [nnunet_script("nnUNetv2_predict"), "-i", str(images), "-o", str(output), "-d", dataset, "-c",
-           "3d_fullres", "-f", fold, "-tr", trainer, "-p", plans, "-npp", "0", "-nps", "0"]
+           configuration, "-f", *folds, "-tr", trainer, "-p", plans, "-npp", "0", "-nps", "0"]
     if cpu:
         cmd += ["-device", "cpu"]
     if not tta:
         cmd.append("--disable_tta")
+    if save_probabilities:
+        cmd.append("--save_probabilities")
     run_command(cmd, env, None if log_dir is None else log_dir / f"predict_{dataset}_{trainer}.log")
     return output
 
