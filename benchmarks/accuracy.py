@@ -14,6 +14,9 @@ and is scored with ``nnUNetv2_evaluate_folder``.
   site's view of the federation plans, ``rounds x local_iterations`` iterations: the same total), each predicting the
   test set, label maps merged. The methods that distil from teachers (``central_mskd``, ``fedkd_teachers``) use these
   teachers, trained once per seed (cached outputs, logit KD).
+* ``pseudo_label_central``: the baseline any nnU-Net user can run today: the seed's teachers label every other site's
+  training images (``nnunetv2_fedkd pseudo-label``: the case's label wins, conflicts and unsure voxels become nnU-Net's
+  ignore label), then one stock nnU-Net is trained on them with the central budget.
 * ``oracle_central``: the pooled images with every organ labelled (the synthetic generator knows them:
   :mod:`nnunetv2_fedkd.synthetic.oracle`), stock nnU-Net's trainer - the upper bound no real federation has.
 
@@ -55,11 +58,13 @@ METHODS: Dict[str, tuple] = {
     "fedbn_marginal": ("federated", "nnUNetTrainerFedKD", ["--strategy", "fedbn"], {"global_kd_weight": 0.0}),
     "fedkd": ("federated", "nnUNetTrainerFedKD", ["--strategy", "fedavg"], {}),
     "fedkd_teachers": ("federated", "nnUNetTrainerFedKD", ["--strategy", "fedavg"], KD_FROM_TEACHERS),
+    "pseudo_label_central": ("pseudo", TEACHER_TRAINER, None, {}),
     "oracle_central": ("oracle", TEACHER_TRAINER, None, {}),
 }
 BASE_SETTINGS = {"num_val_iterations_per_epoch": 1, "initial_lr": 0.03, "final_validation": False}
 POOLED_ID = 510
 ORACLE_ID = 511
+PSEUDO_ID = 512
 # the data regime of the benchmark (image size in voxels, field-of-view scale, labelled cases per site, small-plans
 # patch); benchmarks/learning_curves.py measures the budget this needs
 DATA = {"size": (40, 40, 32), "fov_scale": 0.7, "cases_per_site": 5, "test_cases": 4, "patch_size": (32, 32, 32)}
@@ -154,6 +159,17 @@ def run_method(name: str, workdir: Path, rounds: int, iters: int, out: Path) -> 
         import shutil
 
         shutil.rmtree(workdir / "bench_results" / name)
+    if kind == "pseudo":
+        from nnunetv2_fedkd.pipeline import plan_and_preprocess, small_plans
+        from nnunetv2_fedkd.pseudo_labels import build_pseudo_label_dataset
+
+        ds = build_pseudo_label_dataset(spec, teachers(workdir, rounds, iters, out), PSEUDO_ID, workdir,
+                                        log_dir=logs, overwrite=True)
+        plan_and_preprocess([PSEUDO_ID], workdir, log_dir=logs)
+        pre = Path(subprocess_env(workdir)["nnUNet_preprocessed"])
+        patch = json.loads((pre / resolve_layout(spec, workdir).coordinator / "nnUNetPlansSmall.json").read_text())[
+            "configurations"]["3d_fullres"]["patch_size"]
+        small_plans([ds.name], workdir, patch_size=tuple(patch))
     if kind == "federated":
         settings.write_text(json.dumps({**BASE_SETTINGS, **extra}))
         cmd = [nnunet_script("nnunetv2_fedkd"), "federate", str(spec.path), "--rounds", str(rounds),
@@ -164,7 +180,7 @@ def run_method(name: str, workdir: Path, rounds: int, iters: int, out: Path) -> 
         dataset, fold = resolve_layout(spec, workdir).coordinator, "all"
     else:
         settings.write_text(json.dumps({**BASE_SETTINGS, **extra, **schedule(rounds * iters * len(spec.sites))}))
-        dataset_id = ORACLE_ID if kind == "oracle" else POOLED_ID
+        dataset_id = {"oracle": ORACLE_ID, "pseudo": PSEUDO_ID}.get(kind, POOLED_ID)
         dataset = next(p.name for p in (workdir / "nnUNet_raw").glob(f"Dataset{dataset_id}_*"))
         fold = "all"
         train(dataset, trainer, workdir, settings, fold=fold, log_dir=logs, extra_env=results_env)
@@ -271,7 +287,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
     organs: List[str] = []
-    central = any(METHODS[m][0] in ("central", "oracle") for m in args.methods)
+    central = any(METHODS[m][0] in ("central", "oracle", "pseudo") for m in args.methods)
     for seed in args.seeds:
         # --prepared: one seed in --workdir itself, several in the seed_<N> folders an earlier run left there
         wd = base if args.prepared and len(args.seeds) == 1 else base / f"seed_{seed}"
