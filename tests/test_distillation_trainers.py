@@ -13,10 +13,10 @@ import torch
 from nnunetv2_fedkd.pipeline import StepError, predict, train
 
 TEACHER_TRAINER = "nnUNetTrainerFedKDBase"  # nnU-Net's trainer with the schedule from the config file
-# wiring tests: every teacher given is used, whatever it learned (min_teacher_dice's gate has its own fast test, and
-# the evidence test below runs with the default gate)
+# wiring tests: every teacher given is used, whatever it learned (min_teacher_dice's gate and the per-site gate have
+# their own fast tests, and the evidence test below runs with the default gates)
 SHORT = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1, "final_validation": False,
-         "min_teacher_dice": 0.0}
+         "min_teacher_dice": 0.0, "max_teacher_fp_rate": 1.0, "min_teacher_site_dice": 0.0}
 
 
 def _config(tmp_path, name, **settings):
@@ -25,11 +25,11 @@ def _config(tmp_path, name, **settings):
     return p
 
 
-# Teachers learn their organ at this budget (benchmarks/distillation.py measures more); the student gets the budget of
-# one teacher per organ it learns.
+# Teachers learn their organ at this budget (benchmarks/distillation.py measures more); the ONE student gets the
+# training iterations of the four teachers together (4 x 150).
 TEACHER_SETTINGS = {"num_epochs": 2, "num_iterations_per_epoch": 75, "num_val_iterations_per_epoch": 1,
                     "initial_lr": 0.03, "final_validation": False}
-STUDENT_SETTINGS = {**TEACHER_SETTINGS, "num_epochs": 3, "num_iterations_per_epoch": 100}
+STUDENT_SETTINGS = {**TEACHER_SETTINGS, "num_epochs": 6, "num_iterations_per_epoch": 100}
 
 
 @pytest.fixture(scope="module")

@@ -158,3 +158,69 @@ def test_mskd_teacher_never_overrides_a_label(mode, multihead):
     p_t = min(max(0.9, 1e-6), 1 - 1e-6)
     per_voxel = p_t * math.log(p_t / p_student) + (1 - p_t) * math.log((1 - p_t) / (1 - p_student))
     assert loss.item() == pytest.approx(n_unlabelled * per_voxel / (2 * SPATIAL[0] * SPATIAL[1]), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the per-site teacher gate folded into the active mask
+# ----------------------------------------------------------------------------------------------------------------------
+TWO_KIDNEY_SITES = {
+    "labels": {"background": 0, "liver": 1, "kidney": 2},
+    "fedkd": {"annotated": ["liver", "kidney"],
+              "case_annotated": {"a__0": ["kidney"], "b__0": ["kidney"]},
+              "case_site": {"a__0": "site_a", "b__0": "site_b"}},
+}
+
+
+@pytest.mark.parametrize("mode", ["online", "cached"])
+@pytest.mark.parametrize("multihead", [False, True])
+def test_teacher_gated_off_at_a_site_gives_no_kd_on_that_sites_cases(mode, multihead):
+    """Two kidney-site cases, one per site; the liver teacher is gated off at site_a (it claimed the kidney there):
+    no KD gradient at all on site_a's case, KD toward liver on site_b's unlabelled voxels as before. A table that
+    lets every teacher speak gives exactly the loss without a gate."""
+    from nnunetv2_fedkd.teacher_site_gate import TeacherSiteGate
+
+    cls = nnUNetTrainerMSKDMultiHead if multihead else nnUNetTrainerMSKD
+    t = _fake_trainer(cls, mode, multihead, [0])
+    t.label_availability = LabelAvailability(TWO_KIDNEY_SITES)
+    case_site = TWO_KIDNEY_SITES["fedkd"]["case_site"]
+
+    def run(gate):
+        t._teacher_site_gate = gate
+        lab = torch.zeros(2, 1, *SPATIAL)
+        lab[:, 0, :, :2] = 2  # both cases: kidney labelled on the left half of the patch
+        target = torch.cat([lab == 1, lab == 2], 1).float() if multihead else lab
+        batch = {"data": torch.zeros(2, 1, *SPATIAL), "keys": ["a__0", "b__0"],
+                 "target": [target, target[..., ::2, ::2]]}
+        if mode == "online":
+            t.teachers, t._teacher_channel = [_LiverEverywhere()], [1]
+        else:
+            batch["target"] = batch["target"] + [torch.full((2, 1, *SPATIAL), 1.9)]
+        terms = t._kd_terms(batch)
+        out = torch.zeros(2, 2 if multihead else 3, *SPATIAL, requires_grad=True)
+        loss = terms([out, out[..., ::2, ::2]])
+        loss.backward()
+        return loss.detach(), out.grad, lab[0, 0] == 2
+
+    loss_gated, g, kidney = run(TeacherSiteGate(["site_a", "site_b"], [[False], [True]], case_site, "site_a"))
+    assert torch.all(g[0] == 0)  # site_a: the liver teacher is silent
+    liver_ch = 0 if multihead else 1
+    assert torch.all(g[1, liver_ch][~kidney] < 0) and torch.all(g[1][:, kidney] == 0)  # site_b: as before
+    loss_open, g_open, _ = run(TeacherSiteGate(["site_a", "site_b"], [[True], [True]], case_site, "site_a"))
+    loss_none, g_none, _ = run(None)
+    assert torch.all(g_open[0, liver_ch][~kidney] < 0)
+    assert torch.equal(loss_open, loss_none) and torch.equal(g_open, g_none)
+    assert loss_gated.item() == pytest.approx(loss_none.item() / 2, rel=1e-5)  # one of the two samples left
+
+
+def test_teacher_kd_masks_with_a_site_gate():
+    from nnunetv2_fedkd.teacher_site_gate import TeacherSiteGate
+
+    la = LabelAvailability(TWO_KIDNEY_SITES)
+    gate = TeacherSiteGate(["site_a", "site_b"], [[False, True], [True, True]],
+                           TWO_KIDNEY_SITES["fedkd"]["case_site"], "site_a")
+    target = torch.zeros(2, 1, 4)
+    active, _ = teacher_kd_masks(la, ["a__0", "b__0"], [0, 1], target, site_gate=gate)
+    # the kidney teacher (index 1) is inactive on both: the cases annotate kidney; the liver teacher only at site_b
+    assert active.tolist() == [[False, False], [True, False]]
+    with pytest.raises(ValueError, match="site gate"):
+        teacher_kd_masks(la, ["a__0", "b__0"], [0], target, site_gate=gate)

@@ -37,7 +37,9 @@ regions): :func:`teacher_kd_masks`.
 
 Settings (trainer config file): ``teachers`` / ``ensemble`` / ``public_model`` (see :mod:`nnunetv2_fedkd.teachers`),
 ``kd_weight``, ``kd_temperature``, ``kd_background_weight``, ``feature_kd_weight``, ``feature_kd_stage`` (decoder
-stage, python index, -1 = full resolution), ``feature_kd_kind`` (mse|cosine), ``kd_rampup_epochs``, ``gt_weight``.
+stage, python index, -1 = full resolution), ``feature_kd_kind`` (mse|cosine), ``kd_rampup_epochs``, ``gt_weight``,
+``min_teacher_dice``; MS-KD also ``teacher_outputs``, ``max_teacher_fp_rate`` and ``min_teacher_site_dice`` (the
+per-site teacher gate, see :class:`_MSKDMixin`).
 Feature KD goes through a learned 1x1 convolution per teacher (student channels -> teacher channels); the adapters
 are part of the student network (so checkpoints load at inference) and are recorded in the results folder's plans.
 """
@@ -80,6 +82,13 @@ KD_DEFAULTS: Dict[str, Any] = {
     "gt_weight": 1.0,
     # teachers whose own recorded validation Dice is below this are not used (teachers.gate_teachers); 0: use all
     "min_teacher_dice": 0.05,
+}
+# the per-site teacher gate of MS-KD's organ teachers (nnunetv2_fedkd.teacher_site_gate); 1.0 and 0: off
+SITE_GATE_DEFAULTS: Dict[str, Any] = {
+    # a teacher that claims more than this fraction of another organ's labelled voxels at a site is left out there
+    "max_teacher_fp_rate": 0.2,
+    # a teacher whose Dice on its own organ, at a site that labels it, is below this is left out at every site
+    "min_teacher_site_dice": 0.5,
 }
 FEATURE_DEFAULTS: Dict[str, Any] = {
     "feature_kd_weight": 0.5,
@@ -160,14 +169,22 @@ def labelled_foreground(target) -> torch.Tensor:
 
 
 def teacher_kd_masks(label_availability, keys, teacher_organ_index: Sequence[int], target,
-                     valid: Optional[torch.Tensor] = None, device=None):
+                     valid: Optional[torch.Tensor] = None, device=None, site_gate=None):
     """Where the organ teachers may speak: ``(active [B, K], valid [B, 1, *S])`` for the region KD losses.
 
     ``active[b, k]``: sample ``keys[b]`` does not annotate teacher ``k``'s organ (label index
-    ``teacher_organ_index[k]``, 0-based foreground); ``valid``: the given mask (cached teacher outputs; None: every
-    voxel) without the voxels the full-resolution ``target`` labels as an organ (:func:`labelled_foreground`)."""
+    ``teacher_organ_index[k]``, 0-based foreground) and, with a ``site_gate``
+    (:class:`nnunetv2_fedkd.teacher_site_gate.TeacherSiteGate`), teacher ``k`` may speak at the sample's site
+    (``active[b, k] &= ok[site(b), k]``); ``valid``: the given mask (cached teacher outputs; None: every voxel)
+    without the voxels the full-resolution ``target`` labels as an organ (:func:`labelled_foreground`)."""
     fg = label_availability.foreground_mask(list(keys))  # [B, K_all]
     active = ~fg[:, list(teacher_organ_index)]
+    if site_gate is not None:
+        allowed = site_gate.allowed(list(keys))
+        if tuple(allowed.shape) != tuple(active.shape):
+            raise ValueError(f"teacher_kd_masks: site gate of {tuple(allowed.shape)} for {tuple(active.shape)} "
+                             f"(samples, teachers)")
+        active = active & allowed
     labelled = labelled_foreground(target)
     if device is not None:
         active, labelled = active.to(device), labelled.to(device, non_blocking=True)
@@ -330,13 +347,22 @@ class _MSKDMixin(_DistillationMixin):
     """MS-KD wiring. ``teacher_outputs``: ``"online"`` (the teachers run on every augmented training patch) or
     ``"cached"`` (each teacher predicts every training case once; the stored probabilities follow the patch through
     nnU-Net's crop and augmentation, see :mod:`nnunetv2_fedkd.teacher_cache`; responses only, so
-    ``feature_kd_weight`` must be 0)."""
+    ``feature_kd_weight`` must be 0).
+
+    Per-site teacher gate (:mod:`nnunetv2_fedkd.teacher_site_gate`; ``max_teacher_fp_rate`` default 0.2,
+    ``min_teacher_site_dice`` default 0.5): before training, every teacher's predictions on the training cases (the
+    cache above; with ``"online"`` teachers the cache is built for this alone, once, and reused by later runs) are
+    scored against the labels of each site (dataset.json ``fedkd.case_site``; a site's own dataset is one site). A
+    teacher that claims more than ``max_teacher_fp_rate`` of another organ's labelled voxels at a site gives no KD on
+    that site's cases; one whose Dice on its own organ at a site that labels it is below ``min_teacher_site_dice``
+    gives none anywhere. Each figure and decision goes to the training log and ``teacher_gate.json`` in the fold
+    folder. ``max_teacher_fp_rate`` 1 and ``min_teacher_site_dice`` 0 turn it off (nothing is predicted or read)."""
 
     teacher_config_key = "teachers"
     needs_organ = True
     uses_features = True
     config_extra = {"teachers": [], "kd_background_weight": 1.0, "teacher_outputs": "online", **KD_DEFAULTS,
-                    **FEATURE_DEFAULTS}
+                    **SITE_GATE_DEFAULTS, **FEATURE_DEFAULTS}
 
     def _check_settings(self) -> None:
         c = self.fedkd_config
@@ -347,6 +373,17 @@ class _MSKDMixin(_DistillationMixin):
             raise TeacherError(f"teacher_outputs 'cached' stores the teachers' responses only; feature KD needs them "
                                f"online: set feature_kd_weight to 0 or teacher_outputs to 'online' "
                                f"(file: {self.fedkd_config_file})")
+        for key in SITE_GATE_DEFAULTS:
+            v = c[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+                raise TeacherError(f"{key} must be a number in [0, 1], got {v!r} (file: {self.fedkd_config_file})")
+
+    def _site_gate_enabled(self) -> bool:
+        """Whether the per-site teacher gate scores the teachers (off: max_teacher_fp_rate 1 and
+        min_teacher_site_dice 0, or no teachers; then nothing is predicted or read for it)."""
+        c = self.fedkd_config
+        return bool(self.teacher_specs) and (float(c["max_teacher_fp_rate"]) < 1.0
+                                             or float(c["min_teacher_site_dice"]) > 0.0)
 
     def _cached(self) -> bool:
         return self.fedkd_config["teacher_outputs"] == "cached" and bool(self.teacher_specs)
@@ -354,8 +391,24 @@ class _MSKDMixin(_DistillationMixin):
     # -- cached teacher outputs ---------------------------------------------------------------------------------------
     def get_tr_and_val_datasets(self):
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        self._teacher_site_gate = None
+        if not (self._cached() or self._site_gate_enabled()):
+            return dataset_tr, dataset_val
+        # the teachers' predictions on the training cases: what cached KD reads, and what the site gate scores
+        folder = self._build_teacher_cache(dataset_tr)
+        if self._site_gate_enabled():
+            self._teacher_site_gate = self._gate_teachers_per_site(dataset_tr, folder)
         if not self._cached():
             return dataset_tr, dataset_val
+        from nnunetv2_fedkd import teacher_cache as tc
+
+        self.teacher_cache_folder = folder
+        self.teachers = []  # the networks are not needed any more: training reads the cache
+        return tc.TeacherCachedDataset(dataset_tr, folder, len(self.teacher_specs)), dataset_val
+
+    def _build_teacher_cache(self, dataset_tr):
+        """Every teacher predicts every training case once (:func:`nnunetv2_fedkd.teacher_cache.build_teacher_cache`;
+        cases already in the cache are reused). Returns the cache folder."""
         from nnunetv2_fedkd import teacher_cache as tc
 
         key = tc.cache_key({"configuration": self.configuration_manager.configuration,
@@ -379,11 +432,79 @@ class _MSKDMixin(_DistillationMixin):
             dist.barrier()
         else:
             info = build(ids)
-        self.print_to_log_file(f"teacher outputs cached in {folder}: {info['predicted_cases']} cases predicted now "
-                               f"in {info['seconds']:.1f} s, {len(ids) - info['predicted_cases']} reused")
-        self.teacher_cache_folder = folder
-        self.teachers = []  # the networks are not needed any more: training reads the cache
-        return tc.TeacherCachedDataset(dataset_tr, folder, len(self.teacher_specs)), dataset_val
+        why = "cached KD" if self._cached() else "the per-site teacher gate (online KD)"
+        self.print_to_log_file(f"teacher outputs cached in {folder} for {why}: {info['predicted_cases']} cases "
+                               f"predicted now in {info['seconds']:.1f} s, {len(ids) - info['predicted_cases']} reused")
+        return folder
+
+    def _gate_default_site(self) -> str:
+        """The site of a case dataset.json gives none: the dataset's own site (a federated view dataset names it,
+        FedKD's ``site_name`` setting, else the dataset's name)."""
+        meta = self.dataset_json.get("fedkd") or {}
+        return str(meta.get("site") or self.fedkd_config.get("site_name") or self.plans_manager.dataset_name)
+
+    def _gate_teachers_per_site(self, dataset_tr, folder):
+        """Score every teacher at every site from its cached predictions on the training cases and their labels
+        (:mod:`nnunetv2_fedkd.teacher_site_gate`); log each figure and decision, write ``teacher_gate.json`` into the
+        fold folder; returns the :class:`~nnunetv2_fedkd.teacher_site_gate.TeacherSiteGate`."""
+        import os
+
+        import numpy as np
+
+        from nnunetv2_fedkd import teacher_site_gate as tsg
+        from nnunetv2_fedkd.teacher_cache import load_cached
+        from nnunetv2_fedkd.utils import atomic_write_json
+
+        c = self.fedkd_config
+        max_fp, min_dice = float(c["max_teacher_fp_rate"]), float(c["min_teacher_site_dice"])
+        ids = [str(i) for i in dataset_tr.identifiers]
+        names = self.label_availability.label_names
+        classes = [i + 1 for i in self._teacher_organ_index]
+        K = len(self.teacher_specs)
+        default = self._gate_default_site()
+        case_site = tsg.case_sites(self.dataset_json, ids, default)
+
+        def load(ident):
+            seg = np.asarray(dataset_tr.load_case(ident)[1][:])
+            return load_cached(folder, ident, K, seg.shape[1:]), seg
+
+        annotated = lambda ident: [names.index(o) + 1 for o in self.label_availability.annotated(ident)]  # noqa
+        ignore = getattr(self.label_manager, "ignore_label", None)
+        counts = tsg.score_sites(ids, load, annotated, case_site, classes, len(names), tsg.PROB_THRESHOLD, ignore)
+        short = tsg.unique_teacher_names([s.organ for s in self.teacher_specs])
+        describe = [f"{n} ({s.results_folder})" for n, s in zip(short, self.teacher_specs)]
+        decision = tsg.decide_site_gate(counts, short, classes, names, max_fp, min_dice, describe)
+        for line in decision.lines:
+            self.print_to_log_file(f"teacher gate: {line}")
+        self._teacher_gate_decision = decision
+        if self.local_rank == 0 and self.output_folder is not None:
+            atomic_write_json(os.path.join(self.output_folder, tsg.GATE_JSON), {
+                "rule": {"max_teacher_fp_rate": max_fp, "min_teacher_site_dice": min_dice,
+                         "probability_threshold": tsg.PROB_THRESHOLD,
+                         "fp_rate": "claimed / labelled voxels of another organ the site labels: > "
+                                    "max_teacher_fp_rate -> left out at that site",
+                         "dice": "Dice on its own organ at a site that labels it: < min_teacher_site_dice -> left "
+                                 "out at every site"},
+                "cases": len(ids), "teacher_cache": str(folder),
+                "teachers": [{"name": n, "organ": s.organ, "results_folder": str(s.results_folder),
+                              "folds": s.folds, "checkpoint": s.checkpoint}
+                             for n, s in zip(short, self.teacher_specs)],
+                "sites": decision.sites, "may_speak": decision.table(), "figures": decision.figures,
+                "decisions": decision.lines})
+        if not decision.ok.any() and not self.teachers_optional:
+            raise TeacherError(f"no teacher may speak at any site for {type(self).__name__}: "
+                               + "; ".join(decision.lines) + f" (raise max_teacher_fp_rate or lower "
+                               f"min_teacher_site_dice in {self.fedkd_config_file} to use them anyway)")
+        return tsg.TeacherSiteGate(decision.sites, decision.ok, case_site, default)
+
+    def _teacher_gate_metrics(self) -> dict:
+        """The site gate's figures as flat numbers (for a federated site's update metrics); {} without a gate."""
+        decision = getattr(self, "_teacher_gate_decision", None)
+        if decision is None:
+            return {}
+        from nnunetv2_fedkd.teacher_site_gate import gate_metrics
+
+        return gate_metrics(decision)
 
     def get_training_transforms(self, *args, **kwargs):
         stock = super().get_training_transforms(*args, **kwargs)
@@ -420,8 +541,10 @@ class _MSKDMixin(_DistillationMixin):
                 t_fg, feats = teachers_foreground_logits(self.teachers, self._teacher_channel, x)
         # the labels win: no KD from a teacher whose organ the sample annotates, none on labelled organ voxels
         # (batch['target'] is nnU-Net's own target here: the cached path split the teacher channels off above)
+        # ... and none from a teacher at a site where its predictions contradict the site's labels (site gate)
         active, valid = teacher_kd_masks(self.label_availability, batch["keys"], self._teacher_organ_index,
-                                         batch["target"], valid, self.device)
+                                         batch["target"], valid, self.device,
+                                         getattr(self, "_teacher_site_gate", None))
         c = self.fedkd_config
         ramp, T, w_feat = self._ramp(), float(c["kd_temperature"]), self._feature_weight()
         sigmoid = self.label_manager.has_regions

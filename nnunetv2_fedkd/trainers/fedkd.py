@@ -32,6 +32,11 @@ The federation settings (the runner writes them; all optional):
   :func:`kd_ramp`); it scales the global-model KD term as well as the teacher terms.
 
 Feature KD is off by default here (``feature_kd_weight`` 0), so the global model is the plain nnU-Net network.
+
+With organ ``teachers``, the per-site teacher gate of MS-KD (:mod:`nnunetv2_fedkd.teacher_site_gate`) scores them
+on this site's training cases (the site's dataset is one site): its figures go to the training log, to
+``teacher_gate.json`` in the fold folder and, as flat numbers (``teacher_gate.<teacher>.dice``,
+``teacher_gate.<teacher>.fp_rate.<organ>``, ``teacher_gate.<teacher>.speaks``), to the update's metrics.
 """
 from __future__ import annotations
 
@@ -265,7 +270,9 @@ class _FedKDMixin(_MSKDMixin):
             ema = float(self.logger.get_value("ema_fg_dice", -1))
             metrics = {"train_loss": loss if math.isfinite(loss) else None,
                        "ema_pseudo_dice": ema if math.isfinite(ema) else None,
-                       "iterations": int(self.num_epochs * self.num_iterations_per_epoch)}
+                       "iterations": int(self.num_epochs * self.num_iterations_per_epoch),
+                       # the per-site teacher gate's figures (flat numbers: Flower's MetricRecord takes only those)
+                       **self._teacher_gate_metrics()}
             save_weights(c["update_file"], weights,
                          {"site": self._site(), "round": int(c["round"]), "num_examples": len(tr_keys),
                           "organs": list((self.dataset_json.get("fedkd") or {}).get(
