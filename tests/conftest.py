@@ -96,3 +96,38 @@ def planned_federation(tiny_federation):
     small_plans([layout.coordinator] + [layout.views[s.name] for s in fed.spec.sites], fed.workdir,
                 patch_size=(32, 32, 32))
     return layout
+
+
+# the total budget of the federated evidence test (tests/test_federated_training.py: 4 rounds x 60 local iterations
+# x 4 sites), given to the oracle in one central training
+ORACLE_ITERATIONS = 960
+
+
+@pytest.fixture(scope="session")
+def ci_oracle(tiny_federation, pooled_federation) -> Dict[str, float]:
+    """The upper bound at CI size: stock nnU-Net's trainer on the tiny federation's pooled images with EVERY organ
+    labelled (the generator knows them: ``nnunetv2_fedkd.synthetic.oracle``), the federated evidence test's total
+    budget, scored on the test set with stock predict/evaluate. Evidence tests assert every organ this learns
+    (Dice > 0.5), not only the easiest one. Returns Dice per organ."""
+    import json
+
+    from nnunetv2_fedkd.pipeline import evaluate, plan_and_preprocess, predict, small_plans, train
+    from nnunetv2_fedkd.synthetic.oracle import write_fully_labelled_pool
+
+    fed = tiny_federation
+    oracle = write_fully_labelled_pool(fed.workdir, pooled_federation.name, 511, nnunet_raw=fed.raw)
+    plan_and_preprocess([511], fed.workdir, log_dir=fed.workdir / "logs")
+    small_plans([oracle.name], fed.workdir, patch_size=(32, 32, 32))
+    cfg = fed.workdir / "oracle_settings.json"
+    cfg.write_text(json.dumps({"num_epochs": ORACLE_ITERATIONS // 80, "num_iterations_per_epoch": 80,
+                               "num_val_iterations_per_epoch": 1, "initial_lr": 0.03, "final_validation": False}))
+    trainer = "nnUNetTrainerFedKDBase"  # nnU-Net's own trainer, the schedule from the settings file
+    train(oracle.name, trainer, fed.workdir, cfg, fold="all", log_dir=fed.workdir / "logs")
+    test = fed.raw / fed.spec.test_set.dataset
+    pred = predict(test / "imagesTr", fed.workdir / "oracle_predictions", oracle.name, trainer, fed.workdir,
+                   fold="all", log_dir=fed.workdir / "logs")
+    dice = evaluate(test / "labelsTr", pred, test / "dataset.json", fed.workdir, log_dir=fed.workdir / "logs")
+    print("CI-size oracle (fully labelled, central, stock trainer):", json.dumps({o: round(v, 3)
+                                                                               for o, v in dice.items()}))
+    return dice
+
