@@ -55,9 +55,9 @@ def test_global_kd_weight_is_zero_in_round_index_0():
             global_kd_weight_for_round(1.0, 1, bad)
 
 
-def test_setting_is_known_with_default_1():
+def test_setting_is_known_with_default_0():
     for cls in (nnUNetTrainerFedKD, nnUNetTrainerFedKDMultiHead, nnUNetTrainerFedNaive):
-        assert cls.config_defaults["global_kd_start_round"] == 1
+        assert cls.config_defaults["global_kd_start_round"] == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
