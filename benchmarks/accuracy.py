@@ -41,6 +41,8 @@ from typing import Dict, List
 
 import numpy as np
 
+from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN
+
 TEACHERS = "<the seed's single-organ teachers>"  # placeholder in settings, replaced by the teacher entries
 KD_FROM_TEACHERS = {"teachers": TEACHERS, "teacher_outputs": "cached", "feature_kd_weight": 0.0}
 TEACHER_TRAINER = "nnUNetTrainerFedKDBase"  # nnU-Net's own trainer, schedule from the settings file
@@ -61,7 +63,7 @@ METHODS: Dict[str, tuple] = {
     "pseudo_label_central": ("pseudo", TEACHER_TRAINER, None, {}),
     "oracle_central": ("oracle", TEACHER_TRAINER, None, {}),
 }
-BASE_SETTINGS = {"num_val_iterations_per_epoch": 1, "initial_lr": 0.03, "final_validation": False}
+BASE_SETTINGS = {**SHORT_CPU_RUN, "final_validation": False}
 POOLED_ID = 510
 ORACLE_ID = 511
 PSEUDO_ID = 512

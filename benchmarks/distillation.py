@@ -34,10 +34,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import dice_bar_plot, machine, versions  # noqa: E402
+from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN  # noqa: E402
 
 POOLED_ID = 510
 TEACHER_TRAINER = "nnUNetTrainerFedKDBase"
-BASE = {"num_val_iterations_per_epoch": 1, "initial_lr": 0.03, "final_validation": False}
+BASE = {**SHORT_CPU_RUN, "final_validation": False}
 STUDENTS = {
     "stock": ("nnUNetTrainerFedKDBase", {}),
     "marginal": ("nnUNetTrainerMarginal", {}),

@@ -1,7 +1,8 @@
 """Learning curves: test-set Dice vs training iterations of the fully labelled oracle and of single-organ teachers.
 
     python benchmarks/learning_curves.py --out benchmarks/results/learning_curves \
-        [--budgets 250 500 1000 2000] [--teachers pancreas] [--size 64 64 48] [--fov-scale 0.7] [--seed 0]
+        [--budgets 250 500 1000 2000] [--teachers pancreas] [--size 64 64 48] [--fov-scale 0.7] [--seed 0] \
+        [--data-augmentation nnunet none]
 
 Picks the budget of the accuracy benchmark from measurements instead of guesses: on one synthetic federation
 (prepared exactly as ``benchmarks/accuracy.py`` prepares a seed), for every budget it trains, each with its own full
@@ -14,7 +15,8 @@ poly learning-rate schedule,
 
 predicts the external, fully labelled test set with stock ``nnUNetv2_predict`` and scores it with
 ``nnUNetv2_evaluate_folder``. Each (model, budget) is one run, so a later budget is not a continuation of an earlier
-one. Results are kept per run in ``runs.json`` (an interrupted benchmark resumes where it stopped; ``--workdir``
+one. ``--data-augmentation`` repeats every run with each value of the trainers' ``data_augmentation`` setting
+(nnU-Net's augmentation, or none). Results are kept per run in ``runs.json`` (an interrupted benchmark resumes where it stopped; ``--workdir``
 with ``--prepared`` reuses the prepared data), and summarised in ``results.json``, ``results.md`` and ``curves.png``.
 """
 from __future__ import annotations
@@ -31,8 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402  (the benchmark whose budget this picks: same preparation, settings and commands)
 
 
-def train_and_score(workdir: Path, kind: str, organ: str, budget: int, out: Path) -> Dict[str, object]:
-    """Train one model (``kind`` 'oracle' or 'teacher' of ``organ``) for ``budget`` iterations; test-set Dice."""
+def train_and_score(workdir: Path, kind: str, organ: str, budget: int, out: Path,
+                    augmentation: str = "nnunet") -> Dict[str, object]:
+    """Train one model (``kind`` 'oracle' or 'teacher' of ``organ``) for ``budget`` iterations with the trainers'
+    ``data_augmentation`` setting ``augmentation``; test-set Dice."""
     from nnunetv2_fedkd.federated.planning import resolve_layout
     from nnunetv2_fedkd.pipeline import evaluate, predict, train
     from nnunetv2_fedkd.spec import load_spec
@@ -44,10 +48,12 @@ def train_and_score(workdir: Path, kind: str, organ: str, budget: int, out: Path
     else:
         site = next(s for s in spec.sites if s.organs == [organ])
         dataset = resolve_layout(spec, workdir).views[site.name]
-    tag = f"{kind}_{organ}_{budget}" if kind == "teacher" else f"{kind}_{budget}"
+    tag = (f"{kind}_{organ}_{budget}" if kind == "teacher" else f"{kind}_{budget}") + \
+        ("" if augmentation == "nnunet" else f"_da_{augmentation}")
     results = workdir / "curve_results" / tag
     settings = out / f"settings_{tag}.json"
-    settings.write_text(json.dumps({**accuracy.BASE_SETTINGS, **accuracy.schedule(budget)}))
+    settings.write_text(json.dumps({**accuracy.BASE_SETTINGS, **accuracy.schedule(budget),
+                                    "data_augmentation": augmentation}))
     env = {"nnUNet_results": str(results)}
     t0 = time.time()
     train(dataset, accuracy.TEACHER_TRAINER, workdir, settings, fold="all", log_dir=workdir / "logs",
@@ -59,8 +65,13 @@ def train_and_score(workdir: Path, kind: str, organ: str, budget: int, out: Path
     dice = evaluate(test / "labelsTr", pred, test / "dataset.json", workdir, log_dir=workdir / "logs")
     if kind == "teacher":
         dice = {organ: dice.get(organ, float("nan"))}
-    return {"kind": kind, "organ": organ, "budget": budget, "dice": dice, "train_seconds": round(t_train, 1),
+    return {"kind": kind, "organ": organ, "budget": budget, "data_augmentation": augmentation, "dice": dice,
+            "train_seconds": round(t_train, 1),
             "predict_seconds": round(t_pred, 1)}
+
+
+def _aug(run: dict) -> str:
+    return run.get("data_augmentation", "nnunet")  # runs recorded before the setting existed used nnU-Net's
 
 
 def write_outputs(out: Path, record: dict) -> None:
@@ -74,12 +85,12 @@ def write_outputs(out: Path, record: dict) -> None:
              f"Data: {record['data']}", "",
              "Test-set Dice (stock nnUNetv2_predict + nnUNetv2_evaluate_folder) after each budget of iterations, each "
              "budget its own training run; train / predict wall seconds.", "",
-             "| model | iterations | " + " | ".join(organs) + " | train s | predict s |",
-             "|---|---" + "|---" * len(organs) + "|---|---|"]
-    for r in sorted(runs, key=lambda r: (r["kind"] != "oracle", r["organ"], r["budget"])):
+             "| model | augmentation | iterations | " + " | ".join(organs) + " | train s | predict s |",
+             "|---|---|---" + "|---" * len(organs) + "|---|---|"]
+    for r in sorted(runs, key=lambda r: (r["kind"] != "oracle", r["organ"], _aug(r), r["budget"])):
         cells = [f"{r['dice'][o]:.3f}" if o in r["dice"] else "" for o in organs]
         name = "oracle (all organs labelled)" if r["kind"] == "oracle" else f"teacher {r['organ']}"
-        lines.append(f"| {name} | {r['budget']} | " + " | ".join(cells) + f" | {r['train_seconds']} | "
+        lines.append(f"| {name} | {_aug(r)} | {r['budget']} | " + " | ".join(cells) + f" | {r['train_seconds']} | "
                      f"{r['predict_seconds']} |")
     lines += ["", f"Versions: {record['versions']}; machine: {record['machine']}; {record['seconds']} s in all"]
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
@@ -91,11 +102,12 @@ def write_outputs(out: Path, record: dict) -> None:
 
     with plt.style.context("default"):
         fig, ax = plt.subplots(figsize=(6.5, 3.8))
-        for o in organs:
-            xs = [r["budget"] for r in runs if r["kind"] == "oracle" and o in r["dice"]]
-            ys = [r["dice"][o] for r in runs if r["kind"] == "oracle" and o in r["dice"]]
-            if xs:
-                ax.plot(*zip(*sorted(zip(xs, ys))), marker="o", label=f"oracle {o}")
+        for aug, style in (("nnunet", "-"), ("none", "-.")):
+            for o in organs:
+                pts = [(r["budget"], r["dice"][o]) for r in runs
+                       if r["kind"] == "oracle" and o in r["dice"] and _aug(r) == aug]
+                if pts:
+                    ax.plot(*zip(*sorted(pts)), marker="o", linestyle=style, label=f"oracle {o}, DA {aug}")
         for o in sorted({r["organ"] for r in runs if r["kind"] == "teacher"}):
             pts = sorted((r["budget"], r["dice"][o]) for r in runs if r["kind"] == "teacher" and r["organ"] == o)
             ax.plot(*zip(*pts), marker="s", linestyle="--", label=f"teacher {o}")
@@ -124,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--fov-scale", type=float, default=accuracy.DATA["fov_scale"])
     p.add_argument("--cases-per-site", type=int, default=accuracy.DATA["cases_per_site"])
     p.add_argument("--patch-size", type=int, nargs=3, default=list(accuracy.DATA["patch_size"]))
+    p.add_argument("--data-augmentation", nargs="+", choices=["nnunet", "none"], default=["nnunet"],
+                   help="the trainers' data_augmentation setting; several values: every run with each")
     args = p.parse_args(argv)
     out = args.out.absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -145,15 +159,16 @@ def main(argv=None) -> int:
     organs = list(load_spec(wd / "federation.toml").labels)
     runs_file = out / "runs.json"
     runs: List[dict] = json.loads(runs_file.read_text()) if runs_file.is_file() else []
-    todo = ([] if args.no_oracle else [("oracle", "all", b) for b in args.budgets]) + \
-        [("teacher", o, b) for o in args.teachers for b in args.budgets]
+    todo = [(kind, organ, b, aug) for aug in args.data_augmentation for kind, organ, b in
+            ([] if args.no_oracle else [("oracle", "all", b) for b in args.budgets]) +
+            [("teacher", o, b) for o in args.teachers for b in args.budgets]]
     from nnunetv2_fedkd.utils import atomic_write_json
 
-    for kind, organ, budget in todo:
-        if any(r["kind"] == kind and r["organ"] == organ and r["budget"] == budget for r in runs):
+    for kind, organ, budget, aug in todo:
+        if any(r["kind"] == kind and r["organ"] == organ and r["budget"] == budget and _aug(r) == aug for r in runs):
             continue
-        print(f"== {kind} {organ} {budget} iterations", flush=True)
-        r = train_and_score(wd, kind, organ, budget, out)
+        print(f"== {kind} {organ} {budget} iterations, data_augmentation {aug}", flush=True)
+        r = train_and_score(wd, kind, organ, budget, out, aug)
         print(f"   {json.dumps(r)}", flush=True)
         runs.append(r)
         atomic_write_json(runs_file, runs)

@@ -87,7 +87,9 @@ def run_demo(workdir: Path, quick: bool = False, seed: int = 0) -> int:
         print(f"  wrote {p}")
 
     stage(4, f"one single-organ teacher per site: stock nnUNetv2_train -tr {TEACHER_TRAINER}, {teacher_its} iterations")
-    base = {"num_val_iterations_per_epoch": 1, "initial_lr": 0.03}
+    from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN
+
+    base = dict(SHORT_CPU_RUN)
     teacher_settings = atomic_write_json(workdir / "teacher_settings.json",
                                          {**base, "num_epochs": 1, "num_iterations_per_epoch": teacher_its,
                                           "final_validation": False})

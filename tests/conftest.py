@@ -10,6 +10,7 @@ import pytest
 
 from nnunetv2_fedkd.env import subprocess_env
 from nnunetv2_fedkd.spec import FederationSpec
+from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN
 
 TINY_SIZE = (40, 40, 32)
 # a tighter abdominal field of view than real scanners (0.7x), so that the small organs get a few hundred voxels at
@@ -120,7 +121,7 @@ def ci_oracle(tiny_federation, pooled_federation) -> Dict[str, float]:
     small_plans([oracle.name], fed.workdir, patch_size=(32, 32, 32))
     cfg = fed.workdir / "oracle_settings.json"
     cfg.write_text(json.dumps({"num_epochs": ORACLE_ITERATIONS // 80, "num_iterations_per_epoch": 80,
-                               "num_val_iterations_per_epoch": 1, "initial_lr": 0.03, "final_validation": False}))
+                               **SHORT_CPU_RUN, "final_validation": False}))
     trainer = "nnUNetTrainerFedKDBase"  # nnU-Net's own trainer, the schedule from the settings file
     train(oracle.name, trainer, fed.workdir, cfg, fold="all", log_dir=fed.workdir / "logs")
     test = fed.raw / fed.spec.test_set.dataset

@@ -11,6 +11,7 @@ import SimpleITK as sitk
 import torch
 
 from nnunetv2_fedkd.pipeline import StepError, predict, train
+from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN
 
 TEACHER_TRAINER = "nnUNetTrainerFedKDBase"  # nnU-Net's trainer with the schedule from the config file
 # wiring tests: every teacher given is used, whatever it learned (min_teacher_dice's gate and the per-site gate have
@@ -27,8 +28,7 @@ def _config(tmp_path, name, **settings):
 
 # Teachers learn their organ at this budget (benchmarks/distillation.py measures more); the ONE student gets the
 # training iterations of the four teachers together (4 x 150).
-TEACHER_SETTINGS = {"num_epochs": 2, "num_iterations_per_epoch": 75, "num_val_iterations_per_epoch": 1,
-                    "initial_lr": 0.03, "final_validation": False}
+TEACHER_SETTINGS = {**SHORT_CPU_RUN, "num_epochs": 2, "num_iterations_per_epoch": 75, "final_validation": False}
 STUDENT_SETTINGS = {**TEACHER_SETTINGS, "num_epochs": 6, "num_iterations_per_epoch": 100}
 
 

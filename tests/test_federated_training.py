@@ -26,9 +26,10 @@ import pytest
 import SimpleITK as sitk
 
 from nnunetv2_fedkd.federated import load_weights
+from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN
 
 ROUNDS, ITERATIONS = 4, 60
-SETTINGS = {"num_val_iterations_per_epoch": 1, "initial_lr": 0.03}
+SETTINGS = dict(SHORT_CPU_RUN)
 
 
 def federate_cmd(spec: Path, config: Path, trainer: str = "nnUNetTrainerFedKD", strategy: str = "fedavg",

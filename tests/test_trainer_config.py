@@ -49,3 +49,59 @@ def test_missing_or_broken_file(tmp_path, monkeypatch):
     monkeypatch.setenv(CONFIG_ENV, str(bad))
     with pytest.raises(TrainerConfigError, match="bad.json is not valid JSON"):
         load_trainer_config("T", DEFAULTS, None)
+
+
+def _bare_trainer(data_augmentation):
+    """The base trainer's augmentation hooks without a dataset: only what they read is set."""
+    from types import SimpleNamespace
+
+    from nnunetv2_fedkd.trainers.base import nnUNetTrainerFedKDBase
+    from nnunetv2_fedkd.trainers.config import BASE_DEFAULTS
+
+    t = object.__new__(nnUNetTrainerFedKDBase)
+    t.fedkd_config = {**BASE_DEFAULTS, "data_augmentation": data_augmentation}
+    t.configuration_manager = SimpleNamespace(patch_size=[32, 32, 32])
+    t.print_to_log_file = lambda *a, **k: None
+    return t
+
+
+def _transform_names(transform):
+    names, todo = [], [transform]
+    while todo:
+        t = todo.pop()
+        names.append(type(t).__name__)
+        todo.extend(getattr(t, "transforms", []) or [])
+        if hasattr(t, "transform"):
+            todo.append(t.transform)
+    return names
+
+
+@pytest.mark.parametrize("mode", ["nnunet", "none"])
+def test_data_augmentation_setting(mode):
+    """"nnunet" keeps nnU-Net's training augmentation and test-time mirroring; "none" gives nnU-Net's
+    nnUNetTrainerNoDA pipeline: the planned patch, no spatial/intensity transform, no mirroring (nor at inference)."""
+    t = _bare_trainer(mode)
+    rotation, dummy_2d, initial_patch, mirror_axes = t.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    names = _transform_names(t.get_training_transforms([32, 32, 32], rotation, [[1, 1, 1], [0.5, 0.5, 0.5]],
+                                                       mirror_axes, dummy_2d, foreground_labels=[1, 2]))
+    augmenting = {"SpatialTransform", "MirrorTransform", "GaussianNoiseTransform", "GammaTransform"}
+    if mode == "nnunet":
+        assert augmenting <= set(names)
+        assert mirror_axes == (0, 1, 2) and t.inference_allowed_mirroring_axes == (0, 1, 2)
+        assert list(initial_patch) != [32, 32, 32]  # enlarged for rotation/scaling, as nnU-Net does
+    else:
+        assert not augmenting & set(names) and "DownsampleSegForDSTransform" in names
+        assert mirror_axes is None and t.inference_allowed_mirroring_axes is None
+        assert list(initial_patch) == [32, 32, 32]
+
+
+def test_unknown_data_augmentation_is_refused_naming_the_file(tmp_path, monkeypatch):
+    import torch
+
+    from nnunetv2_fedkd.trainers.base import nnUNetTrainerFedKDBase
+
+    f = tmp_path / "settings.json"
+    f.write_text(json.dumps({"data_augmentation": "heavy"}))
+    monkeypatch.setenv(CONFIG_ENV, str(f))
+    with pytest.raises(TrainerConfigError, match=r"settings.json: data_augmentation must be one of \['nnunet', 'none'\]"):
+        nnUNetTrainerFedKDBase({"dataset_name": "Dataset999_X"}, "3d_fullres", 0, {}, torch.device("cpu"))

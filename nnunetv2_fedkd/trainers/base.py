@@ -6,8 +6,10 @@ from typing import Any, Dict
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
 
-from nnunetv2_fedkd.trainers.config import BASE_DEFAULTS, USED_CONFIG_NAME, load_trainer_config
+from nnunetv2_fedkd.trainers.config import (BASE_DEFAULTS, DATA_AUGMENTATION, USED_CONFIG_NAME, TrainerConfigError,
+                                            load_trainer_config)
 from nnunetv2_fedkd.utils import atomic_write_json
 
 
@@ -25,10 +27,31 @@ class nnUNetTrainerFedKDBase(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         self.fedkd_config, self.fedkd_config_file = self.read_config(plans)
+        if self.fedkd_config["data_augmentation"] not in DATA_AUGMENTATION:
+            raise TrainerConfigError(f"trainer config {self.fedkd_config_file}: data_augmentation must be one of "
+                                     f"{list(DATA_AUGMENTATION)}, not {self.fedkd_config['data_augmentation']!r}")
         super().__init__(plans, configuration, fold, dataset_json, device)
         for key in ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr",
                     "save_every"):
             setattr(self, key, self.fedkd_config[key])
+
+    def _no_augmentation(self) -> bool:
+        return self.fedkd_config["data_augmentation"] == "none"
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if self._no_augmentation():  # as nnUNetTrainerNoDA: the patch as planned, no mirroring (nor at inference)
+            self.inference_allowed_mirroring_axes = None
+            return rotation, dummy_2d, self.configuration_manager.patch_size, None
+        return rotation, dummy_2d, initial_patch_size, mirror_axes
+
+    def get_training_transforms(self, *args, **kwargs):
+        """nnU-Net's training transforms, or with ``data_augmentation`` "none" nnU-Net's nnUNetTrainerNoDA ones (an
+        instance method here, so the setting is read; nnU-Net calls it through ``self``)."""
+        if self._no_augmentation():
+            return nnUNetTrainerNoDA.get_training_transforms(*args, **kwargs)
+        return super().get_training_transforms(*args, **kwargs)
 
     def on_train_end(self):
         super().on_train_end()
