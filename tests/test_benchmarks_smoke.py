@@ -64,3 +64,22 @@ def test_federation_performance_benchmark_smallest(tiny_federation, planned_fede
     assert (out / "performance.png").stat().st_size > 1000
     # the run trained into its own results folder, not the session's
     assert (fed.workdir / "bench_fedperf" / run["name"] / "nnUNet_results").is_dir()
+
+
+def test_learning_curves_outputs_per_augmentation(tmp_path):
+    """benchmarks/learning_curves.py's summary keeps runs with and without augmentation apart (runs recorded before
+    the setting existed count as nnU-Net's augmentation)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import learning_curves
+
+    organs = ["liver", "spleen"]
+    runs = [{"kind": "oracle", "organ": "all", "budget": 480, "dice": {"liver": 0.8, "spleen": 0.1},
+             "train_seconds": 80, "predict_seconds": 9},  # legacy record
+            {"kind": "oracle", "organ": "all", "budget": 480, "data_augmentation": "none",
+             "dice": {"liver": 0.87, "spleen": 0.16}, "train_seconds": 83, "predict_seconds": 9}]
+    learning_curves.write_outputs(tmp_path, {"command": "c", "data": {}, "organs": organs, "runs": runs,
+                                             "versions": {}, "machine": {}, "seconds": 1})
+    md = (tmp_path / "results.md").read_text()
+    assert "| oracle (all organs labelled) | nnunet | 480 | 0.800 | 0.100 | 80 | 9 |" in md
+    assert "| oracle (all organs labelled) | none | 480 | 0.870 | 0.160 | 83 | 9 |" in md
+    assert (tmp_path / "curves.png").stat().st_size > 1000

@@ -223,8 +223,9 @@ def test_mskd_student_matches_merged_teachers_at_a_fraction_of_their_cost(tiny_f
     assert set(rec["inference_seconds"]) == {"student"} | {f"teacher_{o}" for o in organ_teachers}
     assert (tmp_path / "compare" / "student_vs_teachers.json").is_file()
     if missed:
-        # OPEN (issue 13): measured twice at this size (2026-12-01): the spleen teacher reached test Dice .612 / .428
-        # and the student .000 / .007 - an organ that only KD carries to most training cases is not learned at this
-        # budget. Reported as an expected failure, with the numbers, until it is fixed; it is not a pass.
+        # OPEN (issue 13): measured twice at this size (2026-12-01, then with nnU-Net's augmentation): the spleen
+        # teacher reached test Dice .612 / .428 and the student .000 / .007 - an organ that only KD carries to most
+        # training cases is not learned at this budget. Reported as an expected failure, with the numbers, until it
+        # is fixed; it is not a pass.
         pytest.xfail(f"MS-KD student misses organs its teachers learned: {missed}; student {student}, merged "
                      f"teachers {merged}")
