@@ -23,6 +23,11 @@ and is scored with ``nnUNetv2_evaluate_folder``.
 Writes ``results.json`` (every number, the command, versions, machine), ``results.md`` (mean +- sd over seeds) and
 ``dice.png`` into ``--out``.
 
+Resumable per seed and method: every finished (seed, method) is kept in ``<out>/runs.json`` with its budget, and a
+rerun with the same ``--out`` skips those whose budget (rounds, local iterations, settings) is the same; a seed's
+workdir records its preparation (``prepared.json``) and is not synthesised again when it matches (``--fresh``: start
+over).
+
 ``--prepared`` with ``--workdir``: use an existing planned workdir (one seed: the workdir itself, what the smoke test
 does; several: its ``seed_<N>`` folders, as a full run leaves them - e.g. to run more methods on the same data, the
 teachers trained there being reused).
@@ -98,6 +103,12 @@ def prepare(workdir: Path, seed: int, central: bool, size=DATA["size"], patch_si
                                            overwrite=True)
         plan_and_preprocess([POOLED_ID, ORACLE_ID], workdir, log_dir=workdir / "logs")
         small_plans([pooled.name, oracle.name], workdir, patch_size=tuple(patch_size))
+
+
+def method_budget(method: str, rounds: int, iters: int) -> dict:
+    """What a finished run of ``method`` must match to be reused on resume: the budget and the trainer settings."""
+    return {"rounds": rounds, "local_iterations": iters, "settings": {**BASE_SETTINGS, **METHODS[method][3]},
+            "federate_args": METHODS[method][2]}
 
 
 def schedule(total_iterations: int) -> Dict[str, int]:
@@ -280,6 +291,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--local-iterations", type=int, default=60)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--fresh", action="store_true", help="ignore runs.json and prepare every seed again")
     p.add_argument("--prepared", action="store_true",
                    help="--workdir is already planned (one seed) or holds planned seed_<N> folders (several)")
     args = p.parse_args(argv)
@@ -290,25 +302,46 @@ def main(argv=None) -> int:
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
     organs: List[str] = []
     central = any(METHODS[m][0] in ("central", "oracle", "pseudo") for m in args.methods)
+    from nnunetv2_fedkd.utils import atomic_write_json
+
+    runs_file = out / "runs.json"
+    runs: List[dict] = [] if args.fresh or not runs_file.is_file() else json.loads(runs_file.read_text())
     for seed in args.seeds:
         # --prepared: one seed in --workdir itself, several in the seed_<N> folders an earlier run left there
         wd = base if args.prepared and len(args.seeds) == 1 else base / f"seed_{seed}"
         if not args.prepared:
-            if wd.exists():
-                import shutil
+            preparation = {"seed": seed, "central": central, "data": {k: list(v) if isinstance(v, tuple) else v
+                                                                       for k, v in DATA.items()}}
+            marker = wd / "prepared.json"
+            if args.fresh or not marker.is_file() or json.loads(marker.read_text()) != preparation:
+                if wd.exists():
+                    import shutil
 
-                shutil.rmtree(wd)
-            wd.mkdir(parents=True)
-            print(f"== seed {seed}: preparing {wd}", flush=True)
-            prepare(wd, seed, central)
+                    shutil.rmtree(wd)
+                wd.mkdir(parents=True)
+                print(f"== seed {seed}: preparing {wd}", flush=True)
+                prepare(wd, seed, central)
+                atomic_write_json(marker, preparation)
+            else:
+                print(f"== seed {seed}: {wd} already prepared", flush=True)
         from nnunetv2_fedkd.spec import load_spec
 
         organs = list(load_spec(wd / "federation.toml").labels)
         results[str(seed)] = {}
         for m in args.methods:
+            budget = method_budget(m, args.rounds, args.local_iterations)
+            done = [r for r in runs if r["seed"] == seed and r["method"] == m and r["budget"] == budget]
+            if done:
+                results[str(seed)][m] = done[-1]["dice"]
+                print(f"== seed {seed}: {m} done earlier ({runs_file})", flush=True)
+                continue
             ts = time.time()
             print(f"== seed {seed}: {m}", flush=True)
             results[str(seed)][m] = run_method(m, wd, args.rounds, args.local_iterations, out)
+            runs = [r for r in runs if not (r["seed"] == seed and r["method"] == m)]
+            runs.append({"seed": seed, "method": m, "budget": budget, "dice": results[str(seed)][m],
+                         "seconds": round(time.time() - ts), "versions": versions()})
+            atomic_write_json(runs_file, runs)
             print(f"   {m}: {json.dumps({k: round(v, 3) for k, v in results[str(seed)][m].items()})} "
                   f"({time.time() - ts:.0f} s)", flush=True)
     record = {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),

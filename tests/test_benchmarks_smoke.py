@@ -83,3 +83,46 @@ def test_learning_curves_outputs_per_augmentation(tmp_path):
     assert "| oracle (all organs labelled) | nnunet | 480 | 0.800 | 0.100 | 80 | 9 |" in md
     assert "| oracle (all organs labelled) | none | 480 | 0.870 | 0.160 | 83 | 9 |" in md
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_accuracy_benchmark_resumes_per_seed_and_method(tmp_path, monkeypatch):
+    """An interrupted benchmark reruns only what it had not finished: finished (seed, method) pairs come from
+    runs.json, prepared seeds are not synthesised again; another budget reruns the method."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import accuracy
+
+    prepared, ran, interrupted = [], [], []
+
+    def fake_prepare(wd, seed, central, **kw):
+        prepared.append(seed)
+        (wd / "federation.toml").write_text("")
+
+    def fake_run(method, wd, rounds, iters, out):
+        if method == "fedkd" and wd.name == "seed_1" and not interrupted:
+            interrupted.append(1)
+            ran.append((method, wd.name))
+            raise RuntimeError("the machine went away")  # in the middle of seed 1
+        ran.append((method, wd.name))
+        return {"liver": 0.5 + rounds / 100, "spleen": 0.1}
+
+    monkeypatch.setattr(accuracy, "prepare", fake_prepare)
+    monkeypatch.setattr(accuracy, "run_method", fake_run)
+    monkeypatch.setattr("nnunetv2_fedkd.spec.load_spec", lambda p: type("S", (), {"labels": ["liver", "spleen"]}))
+    args = ["--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "wd"), "--seeds", "0", "1",
+            "--methods", "oracle_central", "fedkd", "--rounds", "2"]
+    with pytest.raises(RuntimeError, match="went away"):
+        accuracy.main(args)
+    assert prepared == [0, 1] and ran == [("oracle_central", "seed_0"), ("fedkd", "seed_0"),
+                                          ("oracle_central", "seed_1"), ("fedkd", "seed_1")]
+    runs = json.loads((tmp_path / "out" / "runs.json").read_text())
+    assert [(r["seed"], r["method"]) for r in runs] == [(0, "oracle_central"), (0, "fedkd"), (1, "oracle_central")]
+    ran.clear()
+    assert accuracy.main(args) == 0
+    assert prepared == [0, 1] and ran == [("fedkd", "seed_1")]  # only what was missing
+    rec = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert rec["summary"]["fedkd"]["liver"][2] == 2 and rec["per_seed"]["1"]["fedkd"]["liver"] == pytest.approx(0.52)
+    ran.clear()
+    assert accuracy.main(args[:-1] + ["3"]) == 0  # another budget: every method again, on the same prepared data
+    assert prepared == [0, 1] and len(ran) == 4
+    assert accuracy.main(args + ["--fresh"]) == 0
+    assert prepared == [0, 1, 0, 1]
