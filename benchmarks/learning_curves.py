@@ -66,7 +66,7 @@ def train_and_score(workdir: Path, kind: str, organ: str, budget: int, out: Path
     if kind == "teacher":
         dice = {organ: dice.get(organ, float("nan"))}
     return {"kind": kind, "organ": organ, "budget": budget, "data_augmentation": augmentation, "dice": dice,
-            "train_seconds": round(t_train, 1),
+            "train_seconds": round(t_train, 1), "versions": accuracy.versions(),  # the commit that ran it
             "predict_seconds": round(t_pred, 1)}
 
 
