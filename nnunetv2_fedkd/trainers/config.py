@@ -37,9 +37,10 @@ BASE_DEFAULTS: Dict[str, Any] = {
     "final_validation": True,
     # "nnunet": nnU-Net's training augmentation (spatial, intensity, mirroring; for its 1000 x 250 iterations);
     # "none": nnU-Net's own nnUNetTrainerNoDA transforms (no augmentation, no test-time mirroring). At a few hundred
-    # CPU iterations the augmentation delays the small organs: measured on the CI-size federation, the fully
-    # labelled oracle after 960 iterations reached test Dice liver/spleen/kidney/pancreas .889/.521/.705/0 and
-    # .889/.192/.711/0 with it (two runs), .901/.797/.811/.622 without (benchmarks/results/learning_curves_40).
+    # CPU iterations the augmentation delays the small organs: measured on the accuracy benchmark's seed-0
+    # federation (40x40x32), the fully labelled oracle after 960 iterations reached test Dice
+    # liver/spleen/kidney/pancreas .889/.521/.705/0 and .889/.192/.711/0 with it (two runs), .901/.797/.811/.622 and
+    # .894/.803/.817/.626 without (README, Trainer settings).
     "data_augmentation": "nnunet",
 }
 DATA_AUGMENTATION = ("nnunet", "none")
