@@ -16,8 +16,9 @@ poly learning-rate schedule,
 predicts the external, fully labelled test set with stock ``nnUNetv2_predict`` and scores it with
 ``nnUNetv2_evaluate_folder``. Each (model, budget) is one run, so a later budget is not a continuation of an earlier
 one. ``--data-augmentation`` repeats every run with each value of the trainers' ``data_augmentation`` setting
-(nnU-Net's augmentation, or none). Results are kept per run in ``runs.json`` (an interrupted benchmark resumes where it stopped; ``--workdir``
-with ``--prepared`` reuses the prepared data), and summarised in ``results.json``, ``results.md`` and ``curves.png``.
+(nnU-Net's augmentation, or none). Results are kept per run in ``runs.json`` (an interrupted benchmark resumes where
+it stopped; ``--workdir`` with ``--prepared`` reuses the prepared data), and summarised in ``results.json``,
+``results.md`` and ``curves.png``.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402  (the benchmark whose budget this picks: same preparation, settings and commands)
+from nnunetv2_fedkd.trainers.config import DATA_AUGMENTATION  # noqa: E402
 
 
 def train_and_score(workdir: Path, kind: str, organ: str, budget: int, out: Path,
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--fov-scale", type=float, default=accuracy.DATA["fov_scale"])
     p.add_argument("--cases-per-site", type=int, default=accuracy.DATA["cases_per_site"])
     p.add_argument("--patch-size", type=int, nargs=3, default=list(accuracy.DATA["patch_size"]))
-    p.add_argument("--data-augmentation", nargs="+", choices=["nnunet", "none"], default=["nnunet"],
+    p.add_argument("--data-augmentation", nargs="+", choices=list(DATA_AUGMENTATION), default=["nnunet"],
                    help="the trainers' data_augmentation setting; several values: every run with each")
     args = p.parse_args(argv)
     out = args.out.absolute()
