@@ -109,6 +109,23 @@ MSD_TASKS: Dict[str, str] = {
     "Task09_Spleen": "msd_spleen",
     "Task10_Colon": "msd_colon",
 }
+# The "name" field of each official MSD task's dataset.json (compared lower case, letters and digits only) -> task
+# folder name. The converter recognises a task by this first, so a folder its owner renamed still converts; the folder
+# name is the fallback for a dataset.json without a known name.
+MSD_DATASET_NAMES: Dict[str, str] = {
+    "lits": "Task03_Liver",  # the official Task03_Liver dataset.json says "LITS"
+    "liver": "Task03_Liver",
+    "lung": "Task06_Lung",
+    "pancreas": "Task07_Pancreas",
+    "hepaticvessel": "Task08_HepaticVessel",
+    "spleen": "Task09_Spleen",
+    "colon": "Task10_Colon",
+}
+# MSD tasks that are not abdominal CT organ tasks (MRI): refused by name
+MSD_UNSUPPORTED: Dict[str, str] = {
+    "brats": "Task01_BrainTumour", "braintumour": "Task01_BrainTumour", "leftatrium": "Task02_Heart",
+    "heart": "Task02_Heart", "hippocampus": "Task04_Hippocampus", "prostate": "Task05_Prostate",
+}
 
 
 class RegistryError(ValueError):

@@ -448,6 +448,40 @@ def test_unsupported_msd_task(raw, src):
     _fails(raw, "msd", task, task, "Task03_Liver")
 
 
+@pytest.mark.parametrize("declared", ["LITS", "Liver"])  # the official Task03_Liver dataset.json says "LITS"
+def test_msd_renamed_folder_is_recognised_by_its_dataset_json(raw, src, declared):
+    task = make_msd(src, n_train=1)
+    meta = json.loads((task / "dataset.json").read_text())
+    (task / "dataset.json").write_text(json.dumps({**meta, "name": declared}))
+    renamed = task.rename(src / "liver")  # /data/msd/liver: the owner's own folder name
+    out = convert_dataset("msd", renamed, 3, nnunet_raw=raw)
+    assert out.name == "Dataset003_Liver"
+    assert load_json(out)["labels"] == {"background": 0, "liver": 1}
+
+
+def test_msd_dataset_json_naming_an_unsupported_task_is_refused(raw, src):
+    task = make_msd(src, n_train=1)
+    meta = json.loads((task / "dataset.json").read_text())
+    (task / "dataset.json").write_text(json.dumps({**meta, "name": "BRATS"}))
+    renamed = task.rename(src / "brain")
+    _fails(raw, "msd", renamed, renamed / "dataset.json", "Task01_BrainTumour", "not supported")
+
+
+def test_msd_dataset_json_and_folder_name_disagree(raw, src):
+    task = make_msd(src, n_train=1)  # folder Task03_Liver
+    meta = json.loads((task / "dataset.json").read_text())
+    (task / "dataset.json").write_text(json.dumps({**meta, "name": "Spleen"}))
+    _fails(raw, "msd", task, task / "dataset.json", "Task09_Spleen", "Task03_Liver")
+
+
+def test_msd_unknown_name_in_unknown_folder(raw, src):
+    task = make_msd(src, n_train=1)
+    meta = json.loads((task / "dataset.json").read_text())
+    (task / "dataset.json").write_text(json.dumps({**meta, "name": "MyLiverStudy"}))
+    renamed = task.rename(src / "study")
+    _fails(raw, "msd", renamed, renamed, "MyLiverStudy", "Task03_Liver")
+
+
 def test_existing_target_without_overwrite(raw, src):
     task = make_msd(src, n_train=1)
     out = convert_dataset("msd", task, 3, nnunet_raw=raw)
