@@ -8,7 +8,8 @@ Used by the in-process runner and by the Flower ClientApp alike (it takes and re
   weights, case count and metrics are returned.
 * :meth:`NnUNetSite.evaluate` runs the global model (with the site's own FedBN layers, if any) on the site's
   validation cases of that fold (nnU-Net's split), on the preprocessed data with nnU-Net's sliding-window predictor,
-  and returns the Dice of the organs the site labels.
+  and returns the Dice of the organs the site labels (on its training cases when it has fewer than nnU-Net's
+  5 folds: :meth:`nnUNetTrainerFedKDBase.do_split`).
 
 Site folder (``site_dir``): ``round_NNNN/fedkd_trainer.json`` (settings), ``round_NNNN/train.log`` (nnU-Net's output),
 ``update.fedkd`` (the update of the last local training), ``local_state_after_round_NNNN.fedkd`` (FedBN layers).
@@ -120,7 +121,8 @@ class NnUNetSite:
     def evaluate(self, weights: Mapping[str, torch.Tensor], instructions: Mapping[str, Any]) -> Dict[str, Any]:
         """Dice of the site's organs on its validation cases, for ``weights`` (plus the site's local FedBN layers
         after this round, when it keeps any). Dice pools the voxels of all validation cases per organ (None when the
-        organ is absent in reference and prediction). Returns ``{"dice": {organ: value}, "num_cases": n}``."""
+        organ is absent in reference and prediction). Returns ``{"dice": {organ: value}, "num_cases": n,
+        "on_training_cases": bool}``."""
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
@@ -130,6 +132,10 @@ class NnUNetSite:
         with quiet(), _env(nnUNet_fedkd_config=str(cfg)):
             trainer = self._trainer(cfg)
             _, val_keys = trainer.do_split()
+        on_training = bool(getattr(trainer, "validates_on_training_cases", False))
+        if on_training:
+            self.log(f"site {self.name!r}: evaluates on its {len(val_keys)} training case(s) (fewer than nnU-Net's "
+                     f"5 folds, or fold 'all'): its Dice is a training Dice")
         weights = dict(weights)
         local = self.local_state_after(completed)
         if instructions.get("local_keys") == "norm" and local.is_file():
@@ -160,4 +166,4 @@ class NnUNetSite:
                     inter[o] += int(np.logical_and(p, g).sum())
                     total[o] += int(p.sum() + g.sum())
         dice = {o: (2 * inter[o] / total[o] if total[o] else None) for o in mine}
-        return {"dice": dice, "num_cases": len(val_keys)}
+        return {"dice": dice, "num_cases": len(val_keys), "on_training_cases": on_training}

@@ -5,12 +5,16 @@ import os
 from typing import Any, Dict
 
 import torch
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
 
 from nnunetv2_fedkd.trainers.config import (BASE_DEFAULTS, DATA_AUGMENTATION, USED_CONFIG_NAME, TrainerConfigError,
                                             load_trainer_config)
 from nnunetv2_fedkd.utils import atomic_write_json
+
+NNUNET_FOLDS = 5  # nnU-Net's do_split creates a 5-fold cross-validation when no splits_final.json exists
+SPLITS_FILE = "splits_final.json"
 
 
 class nnUNetTrainerFedKDBase(nnUNetTrainer):
@@ -52,6 +56,29 @@ class nnUNetTrainerFedKDBase(nnUNetTrainer):
         if self._no_augmentation():
             return nnUNetTrainerNoDA.get_training_transforms(*args, **kwargs)
         return super().get_training_transforms(*args, **kwargs)
+
+    def do_split(self):
+        """nnU-Net's split, except where nnU-Net would fail: a dataset with fewer training cases than nnU-Net's 5 folds
+        (a hospital with a handful of labelled cases) and no ``splits_final.json``. There every case trains and the
+        same cases validate, as with nnU-Net's fold ``all`` (``validates_on_training_cases`` is then true, and the log
+        says so). A ``splits_final.json`` next to the plans is always used as nnU-Net uses it."""
+        self.validates_on_training_cases = self.fold == "all"
+        if self.fold != "all" and not os.path.isfile(os.path.join(self.preprocessed_dataset_folder_base,
+                                                                  SPLITS_FILE)):
+            if self.dataset_class is None:
+                self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+            keys = sorted(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
+            if len(keys) < NNUNET_FOLDS:
+                self.print_to_log_file(
+                    f"{len(keys)} training case(s), fewer than nnU-Net's {NNUNET_FOLDS} folds, and no {SPLITS_FILE} in "
+                    f"{self.preprocessed_dataset_folder_base}: fold {self.fold} trains on every case and validates on "
+                    f"the same cases (as fold 'all'); its validation Dice is a training Dice. Write a {SPLITS_FILE} "
+                    f"to choose another split.")
+                self.validates_on_training_cases = True
+                return keys, keys
+        tr_keys, val_keys = super().do_split()
+        self.validates_on_training_cases = set(val_keys) <= set(tr_keys)
+        return tr_keys, val_keys
 
     def on_train_end(self):
         super().on_train_end()
