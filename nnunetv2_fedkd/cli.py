@@ -31,6 +31,28 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_convert_federation(args) -> int:
+    from nnunetv2.paths import nnUNet_raw
+
+    from nnunetv2_fedkd.pipeline import StepError, convert_federation
+    from nnunetv2_fedkd.spec import load_spec
+
+    if not nnUNet_raw:
+        print("nnunetv2_fedkd convert-federation: error: nnUNet_raw is not set (nnunetv2_fedkd env WORKDIR prints "
+              "the exports)", file=sys.stderr)
+        return 2
+    spec = load_spec(args.spec)
+    try:
+        written = convert_federation(spec, Path(nnUNet_raw), overwrite=args.overwrite, sites=args.sites,
+                                     test_set=not args.no_test_set and not args.sites)
+    except StepError as e:
+        print(f"nnunetv2_fedkd convert-federation: error: {e}", file=sys.stderr)
+        return 2
+    for out in written:
+        print(f"wrote {out}")
+    return 0
+
+
 def _cmd_synth(args) -> int:
     from nnunetv2_fedkd.synthetic import make_federation
 
@@ -184,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "background), e.g. --organs liver spleen kidney pancreas")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=_cmd_convert)
+
+    cf = sub.add_parser("convert-federation",
+                        help="convert every site of a federation.toml (its source_format / source_dir) and its test "
+                             "set (restricted to the federation's labels) into nnUNet_raw, then check them against "
+                             "the spec")
+    cf.add_argument("spec", type=Path)
+    cf.add_argument("--sites", nargs="+", default=None, metavar="SITE",
+                    help="only these sites (a hospital converts its own); the test set is then left out")
+    cf.add_argument("--no-test-set", action="store_true", help="do not convert the test set")
+    cf.add_argument("--overwrite", action="store_true")
+    cf.set_defaults(func=_cmd_convert_federation)
 
     s = sub.add_parser("synth", help="generate the synthetic partial-label federation (CT-like phantoms in "
                                      "LiTS/KiTS23/MSD/BTCV layouts) and its federation.toml")

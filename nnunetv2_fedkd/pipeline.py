@@ -47,24 +47,37 @@ def run_command(cmd: Sequence[str], env: Dict[str, str], log_file: Optional[Path
     return time.perf_counter() - t0
 
 
-def convert_federation(spec: FederationSpec, nnunet_raw: Path, overwrite: bool = False) -> List[Path]:
-    """Convert every site (and the test set, restricted to the federation's label set) with the converters, then
-    check the converted datasets against the spec."""
+def convert_federation(spec: FederationSpec, nnunet_raw: Path, overwrite: bool = False,
+                       sites: Optional[Sequence[str]] = None, test_set: bool = True) -> List[Path]:
+    """Convert the sites (``sites``: their names; default every site) and, with ``test_set``, the test set restricted
+    to the federation's label set, from the spec's ``source_format`` / ``source_dir``, with the converters (each
+    dataset validated and written atomically), then check the converted sites against the spec. Every requested site
+    is checked for a source before anything is converted."""
     from nnunetv2_fedkd.dataset_conversion import convert_dataset
 
-    out = []
-    for s in spec.sites:
+    names = [s.name for s in spec.sites]
+    unknown = [n for n in (sites or []) if n not in names]
+    if unknown:
+        raise StepError(f"{spec.path}: no site named {', '.join(map(repr, unknown))}; sites: {', '.join(names)}")
+    chosen = [s for s in spec.sites if sites is None or s.name in sites]
+    for s in chosen:
         if s.source_format is None or s.source_dir is None:
-            raise StepError(f"site {s.name!r} has no source_format/source_dir in {spec.path}: convert it yourself")
+            raise StepError(f"site {s.name!r} has no source_format/source_dir in {spec.path}: convert it yourself "
+                            f"(nnunetv2_fedkd convert FORMAT DIR -d {s.dataset_id})")
+    t = spec.test_set if test_set else None
+    if t is not None and (t.source_format is None or t.source_dir is None):
+        raise StepError(f"the test set has no source_format/source_dir in {spec.path}: convert it yourself or leave "
+                        f"it out (--no-test-set)")
+    out = []
+    for s in chosen:
         name = s.dataset.split("_", 1)[1]
         out.append(convert_dataset(s.source_format, s.source_dir, s.dataset_id, dataset_name=name,
                                    organs=s.organs, overwrite=overwrite, nnunet_raw=nnunet_raw))
-    t = spec.test_set
-    if t is not None and t.source_format is not None and t.source_dir is not None:
+    if t is not None:
         out.append(convert_dataset(t.source_format, t.source_dir, t.dataset_id,
                                    dataset_name=t.dataset.split("_", 1)[1], organs=spec.labels,
                                    overwrite=overwrite, nnunet_raw=nnunet_raw))
-    check_datasets(spec, nnunet_raw)
+    check_datasets(spec, nnunet_raw, sites=[s.name for s in chosen])
     return out
 
 

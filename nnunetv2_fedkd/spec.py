@@ -33,7 +33,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import tomli_w
 
@@ -277,13 +277,16 @@ def validate_spec(spec: FederationSpec) -> None:
             raise SpecError(f"{where}: {owner}: unknown source_format {fmt!r} (known: {', '.join(CONVERTER_FORMATS)})")
 
 
-def check_datasets(spec: FederationSpec, nnunet_raw: os.PathLike) -> None:
+def check_datasets(spec: FederationSpec, nnunet_raw: os.PathLike, sites: Optional[Sequence[str]] = None) -> None:
     """Check each site's converted dataset against the spec: it exists, and the organs its dataset.json records
-    as annotated (key ``fedkd.annotated``) are the organs the spec says the site annotates."""
+    as annotated (key ``fedkd.annotated``) are the organs the spec says the site annotates. ``sites``: only these
+    (names; default every site)."""
     import json
 
     where = spec._where()
     for s in spec.sites:
+        if sites is not None and s.name not in sites:
+            continue
         dj = Path(nnunet_raw) / s.dataset / "dataset.json"
         if not dj.is_file():
             raise SpecError(f"{where}: site {s.name!r}: {dj} does not exist (convert the site's data first)")

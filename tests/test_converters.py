@@ -533,3 +533,35 @@ def test_bad_dataset_id_and_name(raw, src):
     with pytest.raises(ConversionError, match="not usable"):
         convert_dataset("kits23", root, 5, dataset_name="Kits 23", nnunet_raw=raw)
     assert_nothing_written(raw)
+
+
+def test_convert_federation_from_the_spec(tmp_path, monkeypatch):
+    """``nnunetv2_fedkd convert-federation SPEC`` converts every site and the test set (restricted to the federation's
+    labels) from the spec's source_format / source_dir; ``--sites`` converts only a hospital's own; a wrong site name
+    is refused by name with nothing written."""
+    import subprocess
+    import sys
+
+    from nnunetv2_fedkd.env import subprocess_env
+    from nnunetv2_fedkd.synthetic import make_federation
+
+    spec = make_federation(tmp_path / "fed", seed=1, size=(16, 16, 12), cases_per_site=1, test_cases=1)
+    raw = tmp_path / "fed" / "nnUNet_raw"
+    env = subprocess_env(tmp_path / "fed")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "nnunetv2_fedkd.cli", "convert-federation", str(spec), *args],
+                              env=env, capture_output=True, text=True)
+
+    bad = cli("--sites", "liver_site", "no_such_site")
+    assert bad.returncode == 2 and "'no_such_site'" in bad.stderr and "liver_site" in bad.stderr, bad.stderr
+    assert not raw.exists() or not any(raw.iterdir())
+    one = cli("--sites", "kidney_site")
+    assert one.returncode == 0, one.stderr
+    assert sorted(p.name for p in raw.iterdir()) == ["Dataset502_SynthKidney"]
+    every = cli("--overwrite")
+    assert every.returncode == 0, every.stderr
+    names = sorted(p.name for p in raw.iterdir())
+    assert len(names) == 5 and "Dataset509_SynthBTCV" in names, names
+    test_labels = load_json(raw / "Dataset509_SynthBTCV")["labels"]
+    assert set(test_labels) == {"background", "liver", "kidney", "spleen", "pancreas"}, test_labels
