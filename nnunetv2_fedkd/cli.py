@@ -146,7 +146,7 @@ def _cmd_plan(args) -> int:
 
 def _cmd_federate(args) -> int:
     from nnunetv2_fedkd.federated.planning import PlansMismatch
-    from nnunetv2_fedkd.federated.round_core import FederationStateError
+    from nnunetv2_fedkd.federated.round_core import FederationStateError, SiteErrorWillRecur
     from nnunetv2_fedkd.federated.runner import FederateError, federate
     from nnunetv2_fedkd.spec import load_spec
 
@@ -166,7 +166,7 @@ def _cmd_federate(args) -> int:
                  trainer=args.trainer, plans=args.plans, settings_file=args.config, device=args.device,
                  min_sites=args.min_sites, evaluate=not args.no_evaluate, resume=not args.restart_refused,
                  seed=args.seed, sites=args.sites)
-    except (FederateError, FederationStateError, PlansMismatch, ValueError) as e:
+    except (FederateError, FederationStateError, SiteErrorWillRecur, PlansMismatch, ValueError) as e:
         print(f"nnunetv2_fedkd federate: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -86,3 +86,26 @@ def test_teacher_on_one_case_and_a_users_split_file(few_case_federation):
     fold = train(layout.views["liver_site"], "nnUNetTrainerFedKDBase", wd, settings, fold="0")
     log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
     assert "This split has 1 training and 1 validation cases" in log and "fewer than nnU-Net's" not in log, log[-2000:]
+
+
+@pytest.mark.slow
+def test_a_deterministic_site_error_stops_the_federation_in_round_1(few_case_federation, tmp_path):
+    """A site whose preprocessed data is gone fails the same way in every round: the run stops in round 1 naming the
+    site and the cause (before: the site was left out of every round until the run ended with nothing aggregated)."""
+    wd, spec, layout, settings = few_case_federation
+    data = Path(subprocess_env(wd)["nnUNet_preprocessed"]) / layout.views["kidney_site"] / "nnUNetPlans_3d_fullres"
+    moved = data.with_name(data.name + "_moved")
+    data.rename(moved)
+    try:
+        cmd = [sys.executable, "-m", "nnunetv2_fedkd.cli", "federate", str(spec.path), "--rounds", "3",
+               "--local-iterations", "2", "-tr", "nnUNetTrainerFedKD", "-p", "nnUNetPlansSmall", "-device", "cpu",
+               "--config", str(settings), "--no-evaluate"]
+        env = subprocess_env(wd, cpu=True, training=True, extra={"nnUNet_results": str(tmp_path / "results")})
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        moved.rename(data)
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "round 1: site 'kidney_site' failed with an error that would recur" in out.stderr, out.stderr[-3000:]
+    assert "round 2/" not in out.stdout
+    state = next((tmp_path / "results").rglob("state.json"))
+    assert json.loads(state.read_text())["completed_rounds"] == 0

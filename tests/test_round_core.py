@@ -155,3 +155,90 @@ def test_organ_dice_is_case_weighted_and_csv_has_organs():
     text = metrics_csv([{"round": 1, "aggregated": True, "accepted": ["a"], "dropped": [], "failed": [],
                          "seconds": 1.0, "sites": {"a": {"train_loss": 0.5}}, "organ_dice": {"liver": 0.875}}])
     assert text.splitlines()[1] == "1,True,a,,,1.0,0.5,0.875"
+
+
+@pytest.mark.parametrize("reason, recurs", [
+    ("ValueError: Cannot have number of splits n_splits=5 greater than the number of samples: n_samples=2.", True),
+    ("FileNotFoundError: [Errno 2] No such file or directory: '.../nnUNetPlansSmall.json'", True),
+    ("TrainerConfigError: trainer config x.json: unknown setting 'lr'", True),
+    ("IndexError: list index out of range", True),
+    # a Flower error reply carries the ClientApp's exception text
+    ("error reply (code 0): <class 'nnunetv2_fedkd.flower.client_app.SiteFailure'>:<'site 'liver_site': "
+     "KeyError: 'fedkd''>", True),
+    ("RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB", False),
+    ("OSError: [Errno 28] No space left on device", False),
+    ("ConnectionResetError: [Errno 104] Connection reset by peer", False),
+    ("no train reply within 600 s", False),
+    ("error reply (code 0): <class 'nnunetv2_fedkd.flower.client_app.SiteFailure'>:<'site 'liver_site': "
+     "RuntimeError: DataLoader worker (pid 4242) is killed by signal: Killed.'>", False),
+    ("MyValueError: not one of ours", False),
+])
+def test_failure_recurs_tells_deterministic_from_transient(reason, recurs):
+    from nnunetv2_fedkd.federated.round_core import failure_recurs
+
+    assert failure_recurs(reason) is recurs
+
+
+class BrokenSite(ToySite):
+    """Raises a deterministic error (its data is broken) from round ``broken_from`` on."""
+
+    def __init__(self, *args, broken_from=1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.broken_from, self.fixed = broken_from, False
+
+    def fit(self, global_file, instructions):
+        if instructions["round"] >= self.broken_from and not self.fixed:
+            self.seen.append(instructions["round"])
+            raise FileNotFoundError(f"{self.name}: nnUNetPlansSmall.json does not exist")
+        return super().fit(global_file, instructions)
+
+
+def engine_round(core, sites):
+    """One round the way both engines drive it: a failure is checked at once, then the round is aggregated."""
+    instr = core.fit_instructions()
+    ups, fails = [], []
+    for s in sites:
+        try:
+            ups.append(s.fit(core.global_weights_file, instr))
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}"
+            core.check_failure(s.name, reason)
+            fails.append((s.name, reason))
+    core.commit(core.aggregate(ups, fails))
+
+
+def test_a_deterministic_site_error_stops_the_federation_at_once_and_resumes_after_the_fix(tmp_path):
+    from nnunetv2_fedkd.federated.round_core import SiteErrorWillRecur
+
+    core = make_core(tmp_path, rounds=3)
+    core.start(init_weights())
+    broken, other = BrokenSite("liver", 2.0, broken_from=1), ToySite("kidney", 6.0)
+    engine_round(core, [broken, other])  # round 1 is fine
+    with pytest.raises(SiteErrorWillRecur) as e:
+        engine_round(core, [broken, other])
+    msg = str(e.value)
+    assert "round 2" in msg and "'liver'" in msg and "nnUNetPlansSmall.json does not exist" in msg
+    assert "resumes after round 1" in msg
+    assert other.seen == [0]  # the federation stopped at the failing site: nobody trained on after it
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["completed_rounds"] == 1
+    # the same error reported by aggregate() (Flower collects failures first) stops it too
+    with pytest.raises(SiteErrorWillRecur):
+        core.aggregate([], [("liver", "FileNotFoundError: gone")])
+    # after the fix, the same run resumes with round 2
+    broken.fixed = True
+    core2 = make_core(tmp_path, rounds=3)
+    core2.resume()
+    while not core2.done:
+        engine_round(core2, [broken, other])
+    assert [h["round"] for h in core2.state.history] == [1, 2, 3]
+
+
+def test_a_transient_site_error_leaves_the_site_out_of_one_round(tmp_path):
+    core = make_core(tmp_path, rounds=2)
+    core.start(init_weights())
+    flaky, other = ToySite("liver", 2.0, fail_rounds={0}), ToySite("kidney", 6.0)  # RuntimeError: lost connection
+    engine_round(core, [flaky, other])
+    engine_round(core, [flaky, other])
+    hist = core.state.history
+    assert hist[0]["accepted"] == ["kidney"] and hist[0]["failed"][0]["site"] == "liver"
+    assert hist[1]["accepted"] == ["liver", "kidney"]

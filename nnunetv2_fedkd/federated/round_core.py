@@ -6,7 +6,9 @@ ServerApp (:mod:`nnunetv2_fedkd.flower`) both drive a federation through :class:
 1. ``instructions = core.fit_instructions()`` - what every selected site receives with the global weights: the round
    index, the number of rounds, the federation's plans digest and the local-training settings (JSON-serialisable).
 2. each site trains locally and returns a :class:`~nnunetv2_fedkd.federated.aggregation.SiteUpdate`; a site that
-   fails or does not answer is reported as a failure ``(site, reason)``.
+   fails or does not answer is reported as a failure ``(site, reason)``. A deterministic failure (bad data, plans,
+   settings: :func:`failure_recurs`) stops the federation at once (:meth:`RoundCore.check_failure`); a transient one
+   (a killed site, a timeout, out of memory) leaves the site out of this round only.
 3. ``pending = core.aggregate(updates, failures)`` validates the updates (keys, shapes, dtypes, finite values,
    positive case counts), drops and logs bad ones, and aggregates the rest with the strategy. With fewer accepted
    updates than ``min_sites`` the global weights are kept and the round is recorded as not aggregated: the
@@ -31,6 +33,7 @@ import csv
 import io
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +57,27 @@ STATE_VERSION = 1
 
 class FederationStateError(RuntimeError):
     """The run folder cannot be resumed (names the file and why)."""
+
+
+class SiteErrorWillRecur(RuntimeError):
+    """A site failed with an error that the next round would raise again (bad data, settings, plans, code): the
+    federation stops at once instead of leaving the site out of every round."""
+
+
+# Exception types whose failure repeats when the same site runs the same code on the same data and settings. Anything
+# else (RuntimeError, e.g. CUDA out of memory; OSError, e.g. a full disk or a lost connection; a killed site process;
+# a Flower timeout) is taken as transient: the site is left out of the round and asked again in the next.
+DETERMINISTIC_ERRORS = ("ValueError", "KeyError", "TypeError", "IndexError", "AttributeError", "AssertionError",
+                        "FileNotFoundError", "NotADirectoryError", "IsADirectoryError", "ImportError",
+                        "ModuleNotFoundError", "NotImplementedError", "ZeroDivisionError", "TrainerConfigError",
+                        "PlansMismatch", "SpecError", "CorruptCheckpoint", "JSONDecodeError")
+_DETERMINISTIC_RE = re.compile(r"(?<![A-Za-z0-9_])(" + "|".join(DETERMINISTIC_ERRORS) + r"): ")
+
+
+def failure_recurs(reason: str) -> bool:
+    """Whether a site failure ``reason`` (``"<ExceptionType>: <message>"``, as both engines report it; a Flower error
+    reply carries the same text) is deterministic: raised by an exception type of :data:`DETERMINISTIC_ERRORS`."""
+    return bool(_DETERMINISTIC_RE.search(str(reason)))
 
 
 @dataclass
@@ -204,10 +228,25 @@ class RoundCore:
         return {"round": s.completed_rounds, "total_rounds": self.total_rounds, "plans_digest": self.plans_digest,
                 "strategy": self.strategy.name, **self.strategy.site_settings(), **self.settings}
 
+    def check_failure(self, site: str, reason: str, log_hint: Optional[str] = None) -> None:
+        """Stop the federation (:class:`SiteErrorWillRecur`, nothing of this round is committed) when ``site``'s
+        failure is deterministic (:func:`failure_recurs`); a transient one returns, and the site is left out of this
+        round only. Engines call it as soon as a site fails; :meth:`aggregate` calls it for every failure too."""
+        if not failure_recurs(reason):
+            return
+        r = self._need_state().completed_rounds
+        raise SiteErrorWillRecur(
+            f"round {r + 1}: site {site!r} failed with an error that would recur in every round: {reason}. "
+            f"The federation stops here (round {r + 1} is not committed). Fix the site's data, plans or settings "
+            f"that the message names{f' (site log: {log_hint})' if log_hint else ''}, then run the same command: "
+            f"it resumes after round {r}.")
+
     def aggregate(self, updates: Sequence[SiteUpdate], failures: Sequence[Tuple[str, str]] = (),
                   started: Optional[float] = None) -> PendingRound:
         s = self._need_state()
         r = s.completed_rounds
+        for site, reason in failures:
+            self.check_failure(site, reason)
         for site, reason in failures:
             self.log(f"round {r + 1}: site {site!r} failed and is left out of this round: {reason}")
         result = aggregate_round(self.strategy, s.weights, updates, r + 1, log=self.log)

@@ -250,8 +250,10 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
             log(f"round {r + 1}/{rounds} site {site.name}: local training ({site.dataset}) ...")
             try:
                 u = site.fit(core.global_weights_file, instructions)
-            except Exception as e:  # a failing site must not end the federation
-                failures.append((site.name, f"{type(e).__name__}: {e}"))
+            except Exception as e:  # a transient failure leaves the site out of this round; a deterministic one stops
+                reason = f"{type(e).__name__}: {e}"
+                core.check_failure(site.name, reason, log_hint=str(site.site_dir / f"round_{r + 1:04d}" / "train.log"))
+                failures.append((site.name, reason))
                 continue
             updates.append(u)
             fs.log_update(u, time.time() - ts)

@@ -67,6 +67,7 @@ def federation_arguments(rc: Mapping[str, Any]) -> Dict[str, Any]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from nnunetv2_fedkd.federated.round_core import SiteErrorWillRecur
     from nnunetv2_fedkd.federated.runner import prepare_federation
     from nnunetv2_fedkd.spec import load_spec
 
@@ -88,7 +89,11 @@ def main(grid: Grid, context: Context) -> None:
         updates, failures, trained = train_round(
             grid, nodes, weights_to_record(core.state.weights), instructions, directory, timeout,
             on_update=lambda u: fs.log_update(u, time.time() - t0))
-        pending = core.aggregate(updates, failures, started=t0)
+        try:
+            pending = core.aggregate(updates, failures, started=t0)
+        except SiteErrorWillRecur as e:  # a deterministic site error: stop now, not in every round
+            _log(f"stopping the federation: {e}")
+            raise
         evaluations = {}
         if bool(rc.get("evaluate", True)) and trained:
             evaluations = evaluate_round(grid, trained, weights_to_record(pending.result.weights), instructions,
