@@ -164,7 +164,7 @@ def _cmd_federate(args) -> int:
         federate(load_spec(args.spec), args.rounds, local_epochs=args.local_epochs,
                  local_iterations=args.local_iterations, strategy=args.strategy, strategy_options=options,
                  trainer=args.trainer, plans=args.plans, settings_file=args.config, device=args.device,
-                 min_sites=args.min_sites, evaluate=not args.no_evaluate, resume=not args.restart_refused,
+                 min_sites=args.min_sites, evaluate=not args.no_evaluate, evaluate_every=args.evaluate_every, resume=not args.restart_refused,
                  seed=args.seed, sites=args.sites)
     except (FederateError, FederationStateError, SiteErrorWillRecur, PlansMismatch, ValueError) as e:
         print(f"nnunetv2_fedkd federate: error: {e}", file=sys.stderr)
@@ -309,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("-device", dest="device", default="cuda", choices=["cuda", "cpu", "mps"])
     f.add_argument("--min-sites", type=int, default=1, help="least valid updates for a round to be aggregated")
     f.add_argument("--no-evaluate", action="store_true", help="skip the sites' validation of each global model")
+    f.add_argument("--evaluate-every", type=int, default=1, metavar="K",
+                   help="the sites validate the global model every K rounds and after the last (default 1)")
     f.add_argument("--seed", type=int, default=0, help="seed of the initial global weights")
     f.add_argument("--sites", nargs="+", default=None, help="only these sites of the spec (default: all)")
     f.add_argument("--no-resume", dest="restart_refused", action="store_true",

@@ -242,3 +242,17 @@ def test_a_transient_site_error_leaves_the_site_out_of_one_round(tmp_path):
     hist = core.state.history
     assert hist[0]["accepted"] == ["kidney"] and hist[0]["failed"][0]["site"] == "liver"
     assert hist[1]["accepted"] == ["liver", "kidney"]
+
+
+def test_evaluates_every_k_rounds_and_after_the_last(tmp_path):
+    core = make_core(tmp_path, rounds=5)
+    core.start(init_weights())
+    seen = {1: [], 2: [], 0: []}
+    sites = [ToySite("liver", 2.0)]
+    while not core.done:
+        for k in seen:
+            seen[k].append(core.evaluates_this_round(k))
+        engine_round(core, sites)
+    assert seen[1] == [True] * 5
+    assert seen[2] == [False, True, False, True, True]  # rounds 2, 4 and the last (5)
+    assert seen[0] == [False] * 5

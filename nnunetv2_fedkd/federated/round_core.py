@@ -222,6 +222,13 @@ class RoundCore:
             raise RuntimeError("call start() first")
         return self.state
 
+    def evaluates_this_round(self, every: int) -> bool:
+        """Whether the sites evaluate the global model of the round now in progress: every ``every``-th round and
+        always the last one (``every`` <= 0: never). Validating full volumes at every site in every round can cost
+        more than the round's training at real image sizes."""
+        n = self._need_state().completed_rounds + 1
+        return every > 0 and (n % every == 0 or n == self.total_rounds)
+
     def fit_instructions(self) -> Dict[str, Any]:
         """What every site receives for the next round (besides the global weights)."""
         s = self._need_state()

@@ -226,13 +226,14 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
              strategy_options: Optional[Mapping[str, Any]] = None, trainer: str = "nnUNetTrainerFedKD",
              plans: str = "nnUNetPlansSmall", settings_file: Optional[os.PathLike] = None,
              settings: Optional[Mapping[str, Any]] = None, device: str = "cpu", min_sites: int = 1,
-             evaluate: bool = True, resume: bool = True, seed: int = 0, sites: Optional[Sequence[str]] = None,
+             evaluate: bool = True, evaluate_every: int = 1, resume: bool = True, seed: int = 0, sites: Optional[Sequence[str]] = None,
              workdir: Optional[Path] = None, log=print) -> Dict[str, Any]:
     """Run (or resume) the federation; returns a summary (model folder, metrics files, last round's record).
 
     ``local_iterations`` N: one local epoch of N iterations per round; ``local_epochs`` E: E local epochs of
     ``num_iterations_per_epoch`` (settings, default nnU-Net's 250). The learning rate follows nnU-Net's poly schedule
-    over all rounds. ``settings``/``settings_file``: trainer settings (JSON) sent to every site."""
+    over all rounds. ``settings``/``settings_file``: trainer settings (JSON) sent to every site. ``evaluate``: the
+    sites validate the global model every ``evaluate_every`` rounds and after the last."""
     fs = prepare_federation(spec, rounds, local_epochs=local_epochs, local_iterations=local_iterations,
                             strategy=strategy, strategy_options=strategy_options, trainer=trainer, plans=plans,
                             settings_file=settings_file, settings=settings, device=device, min_sites=min_sites,
@@ -259,7 +260,7 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
             fs.log_update(u, time.time() - ts)
         pending = core.aggregate(updates, failures, started=t0)
         evaluations = {}
-        if evaluate:
+        if evaluate and core.evaluates_this_round(evaluate_every):
             for site in site_objs:
                 if site.name in dict(failures):
                     continue
