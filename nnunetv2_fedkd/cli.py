@@ -164,7 +164,8 @@ def _cmd_federate(args) -> int:
         federate(load_spec(args.spec), args.rounds, local_epochs=args.local_epochs,
                  local_iterations=args.local_iterations, strategy=args.strategy, strategy_options=options,
                  trainer=args.trainer, plans=args.plans, settings_file=args.config, device=args.device,
-                 min_sites=args.min_sites, evaluate=not args.no_evaluate, evaluate_every=args.evaluate_every, resume=not args.restart_refused,
+                 min_sites=args.min_sites, evaluate=not args.no_evaluate, evaluate_every=args.evaluate_every,
+                 resume=not args.restart_refused,
                  seed=args.seed, sites=args.sites)
     except (FederateError, FederationStateError, SiteErrorWillRecur, PlansMismatch, ValueError) as e:
         print(f"nnunetv2_fedkd federate: error: {e}", file=sys.stderr)

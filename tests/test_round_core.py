@@ -41,20 +41,27 @@ class ToySite:
         return {"dice": {self.name: float(weights["b"][0]) / 10}, "num_cases": 1}
 
 
+def engine_round(core, sites, evaluate=False):
+    """One round the way both engines drive it: a failure is checked at once (a deterministic one stops), then the
+    round is aggregated and committed (with every site's evaluation when ``evaluate``)."""
+    instr = core.fit_instructions()
+    ups, fails = [], []
+    for s in sites:
+        try:
+            ups.append(s.fit(core.global_weights_file, instr))
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}"
+            core.check_failure(s.name, reason)
+            fails.append((s.name, reason))
+    pending = core.aggregate(ups, fails)
+    core.commit(pending, {s.name: s.evaluate(pending.result.weights, instr) for s in sites} if evaluate else None)
+
+
 def run(core, sites, stop_after=None):
     while not core.done:
-        r = core.state.completed_rounds
-        if stop_after is not None and r >= stop_after:
+        if stop_after is not None and core.state.completed_rounds >= stop_after:
             return
-        instr = core.fit_instructions()
-        ups, fails = [], []
-        for s in sites:
-            try:
-                ups.append(s.fit(core.global_weights_file, instr))
-            except Exception as e:
-                fails.append((s.name, str(e)))
-        pending = core.aggregate(ups, fails)
-        core.commit(pending, {s.name: s.evaluate(pending.result.weights, instr) for s in sites})
+        engine_round(core, sites, evaluate=True)
 
 
 def make_core(tmp_path, rounds=3, min_sites=1, strategy="fedavg", digest=DIGEST, log=None):
@@ -191,20 +198,6 @@ class BrokenSite(ToySite):
             self.seen.append(instructions["round"])
             raise FileNotFoundError(f"{self.name}: nnUNetPlansSmall.json does not exist")
         return super().fit(global_file, instructions)
-
-
-def engine_round(core, sites):
-    """One round the way both engines drive it: a failure is checked at once, then the round is aggregated."""
-    instr = core.fit_instructions()
-    ups, fails = [], []
-    for s in sites:
-        try:
-            ups.append(s.fit(core.global_weights_file, instr))
-        except Exception as e:
-            reason = f"{type(e).__name__}: {e}"
-            core.check_failure(s.name, reason)
-            fails.append((s.name, reason))
-    core.commit(core.aggregate(ups, fails))
 
 
 def test_a_deterministic_site_error_stops_the_federation_at_once_and_resumes_after_the_fix(tmp_path):

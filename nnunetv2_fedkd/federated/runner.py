@@ -226,8 +226,8 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
              strategy_options: Optional[Mapping[str, Any]] = None, trainer: str = "nnUNetTrainerFedKD",
              plans: str = "nnUNetPlansSmall", settings_file: Optional[os.PathLike] = None,
              settings: Optional[Mapping[str, Any]] = None, device: str = "cpu", min_sites: int = 1,
-             evaluate: bool = True, evaluate_every: int = 1, resume: bool = True, seed: int = 0, sites: Optional[Sequence[str]] = None,
-             workdir: Optional[Path] = None, log=print) -> Dict[str, Any]:
+             evaluate: bool = True, evaluate_every: int = 1, resume: bool = True, seed: int = 0,
+             sites: Optional[Sequence[str]] = None, workdir: Optional[Path] = None, log=print) -> Dict[str, Any]:
     """Run (or resume) the federation; returns a summary (model folder, metrics files, last round's record).
 
     ``local_iterations`` N: one local epoch of N iterations per round; ``local_epochs`` E: E local epochs of
@@ -253,7 +253,8 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
                 u = site.fit(core.global_weights_file, instructions)
             except Exception as e:  # a transient failure leaves the site out of this round; a deterministic one stops
                 reason = f"{type(e).__name__}: {e}"
-                core.check_failure(site.name, reason, log_hint=str(site.site_dir / f"round_{r + 1:04d}" / "train.log"))
+                core.check_failure(site.name, reason,
+                                   log_hint=str(site.site_dir / f"round_{r + 1:04d}" / "train.log"))
                 failures.append((site.name, reason))
                 continue
             updates.append(u)

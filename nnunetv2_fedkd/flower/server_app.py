@@ -95,7 +95,8 @@ def main(grid: Grid, context: Context) -> None:
             _log(f"stopping the federation: {e}")
             raise
         evaluations = {}
-        if bool(rc.get("evaluate", True)) and trained and core.evaluates_this_round(int(rc.get("evaluate-every", 1))):
+        every = int(rc.get("evaluate-every", 1))
+        if bool(rc.get("evaluate", True)) and trained and core.evaluates_this_round(every):
             evaluations = evaluate_round(grid, trained, weights_to_record(pending.result.weights), instructions,
                                          directory, timeout, _log)
         fs.finish_round(pending, evaluations)
