@@ -165,7 +165,7 @@ def _cmd_federate(args) -> int:
                  local_iterations=args.local_iterations, strategy=args.strategy, strategy_options=options,
                  trainer=args.trainer, plans=args.plans, settings_file=args.config, device=args.device,
                  min_sites=args.min_sites, evaluate=not args.no_evaluate, evaluate_every=args.evaluate_every,
-                 resume=not args.restart_refused,
+                 evaluate_patches=args.evaluate_patches, resume=not args.restart_refused,
                  seed=args.seed, sites=args.sites)
     except (FederateError, FederationStateError, SiteErrorWillRecur, PlansMismatch, ValueError) as e:
         print(f"nnunetv2_fedkd federate: error: {e}", file=sys.stderr)
@@ -312,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-evaluate", action="store_true", help="skip the sites' validation of each global model")
     f.add_argument("--evaluate-every", type=int, default=1, metavar="K",
                    help="the sites validate the global model every K rounds and after the last (default 1)")
+    f.add_argument("--evaluate-patches", type=int, default=None, metavar="N",
+                   help="each site's validation of a global model predicts at most N patches: whole validation "
+                        "volumes when nnU-Net's sliding window over them needs no more, else N validation patches "
+                        "(default 100; 0: always whole volumes)")
     f.add_argument("--seed", type=int, default=0, help="seed of the initial global weights")
     f.add_argument("--sites", nargs="+", default=None, help="only these sites of the spec (default: all)")
     f.add_argument("--no-resume", dest="restart_refused", action="store_true",

@@ -76,6 +76,11 @@ def test_round_content_and_replies_round_trip():
     site, ev = task.read_evaluation(task.evaluation_content("liver_site", ["liver"],
                                                             {"dice": {"liver": 0.75, "kidney": None}, "num_cases": 2}))
     assert site == "liver_site" and ev == {"dice": {"liver": 0.75, "kidney": None}, "num_cases": 2}
+    # what the evaluation cost travels too (NnUNetSite.evaluate's figures)
+    figures = {"sampled_patches": 100, "network_passes": 100, "seconds": 3.5}
+    _, ev = task.read_evaluation(task.evaluation_content("liver_site", ["liver"],
+                                                         {"dice": {"liver": 0.5}, "num_cases": 1, **figures}))
+    assert ev == {"dice": {"liver": 0.5}, "num_cases": 1, **figures}
     with pytest.raises(task.MessageContentError):
         task.read_update(task.evaluation_content("liver_site", ["liver"], {"dice": {}, "num_cases": 1}))
 

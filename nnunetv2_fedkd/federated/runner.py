@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from nnunetv2_fedkd.federated.aggregation import SiteUpdate, make_strategy
-from nnunetv2_fedkd.federated.nnunet_site import NnUNetSite, _env, quiet
+from nnunetv2_fedkd.federated.nnunet_site import DEFAULT_EVALUATION_PATCHES, NnUNetSite, _env, quiet
 from nnunetv2_fedkd.federated.round_core import PendingRound, RoundCore, plot_progress
 from nnunetv2_fedkd.spec import FederationSpec, Site
 from nnunetv2_fedkd.utils import atomic_write_json
@@ -226,14 +226,19 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
              strategy_options: Optional[Mapping[str, Any]] = None, trainer: str = "nnUNetTrainerFedKD",
              plans: str = "nnUNetPlansSmall", settings_file: Optional[os.PathLike] = None,
              settings: Optional[Mapping[str, Any]] = None, device: str = "cpu", min_sites: int = 1,
-             evaluate: bool = True, evaluate_every: int = 1, resume: bool = True, seed: int = 0,
+             evaluate: bool = True, evaluate_every: int = 1,
+             evaluate_patches: Optional[int] = None, resume: bool = True, seed: int = 0,
              sites: Optional[Sequence[str]] = None, workdir: Optional[Path] = None, log=print) -> Dict[str, Any]:
     """Run (or resume) the federation; returns a summary (model folder, metrics files, last round's record).
 
     ``local_iterations`` N: one local epoch of N iterations per round; ``local_epochs`` E: E local epochs of
     ``num_iterations_per_epoch`` (settings, default nnU-Net's 250). The learning rate follows nnU-Net's poly schedule
     over all rounds. ``settings``/``settings_file``: trainer settings (JSON) sent to every site. ``evaluate``: the
-    sites validate the global model every ``evaluate_every`` rounds and after the last."""
+    sites validate the global model every ``evaluate_every`` rounds and after the last, each within
+    ``evaluate_patches`` network passes of one patch (:meth:`NnUNetSite.evaluate`; <= 0: whole volumes; None:
+    :data:`DEFAULT_EVALUATION_PATCHES`)."""
+    if evaluate_patches is None:
+        evaluate_patches = DEFAULT_EVALUATION_PATCHES
     fs = prepare_federation(spec, rounds, local_epochs=local_epochs, local_iterations=local_iterations,
                             strategy=strategy, strategy_options=strategy_options, trainer=trainer, plans=plans,
                             settings_file=settings_file, settings=settings, device=device, min_sites=min_sites,
@@ -266,7 +271,8 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
                 if site.name in dict(failures):
                     continue
                 try:
-                    evaluations[site.name] = site.evaluate(pending.result.weights, instructions)
+                    evaluations[site.name] = site.evaluate(pending.result.weights,
+                                                           {**instructions, "evaluate_patches": evaluate_patches})
                 except Exception as e:
                     log(f"round {r + 1}: site {site.name!r} could not evaluate: {type(e).__name__}: {e}")
         fs.finish_round(pending, evaluations)

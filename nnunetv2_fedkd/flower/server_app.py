@@ -28,6 +28,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from nnunetv2_fedkd.env import apply_env
+from nnunetv2_fedkd.federated.nnunet_site import DEFAULT_EVALUATION_PATCHES
 from nnunetv2_fedkd.flower.strategy import SiteDirectory, evaluate_round, train_round, wait_for_nodes
 from nnunetv2_fedkd.flower.task import weights_to_record
 
@@ -97,7 +98,8 @@ def main(grid: Grid, context: Context) -> None:
         evaluations = {}
         every = int(rc.get("evaluate-every", 1))
         if bool(rc.get("evaluate", True)) and trained and core.evaluates_this_round(every):
-            evaluations = evaluate_round(grid, trained, weights_to_record(pending.result.weights), instructions,
-                                         directory, timeout, _log)
+            budget = int(rc.get("evaluate-patches", DEFAULT_EVALUATION_PATCHES))
+            evaluations = evaluate_round(grid, trained, weights_to_record(pending.result.weights),
+                                         {**instructions, "evaluate_patches": budget}, directory, timeout, _log)
         fs.finish_round(pending, evaluations)
     fs.finish()

@@ -8,8 +8,9 @@ Message contents (:class:`flwr.app.RecordDict`), by record name:
 * site -> server, ``train`` reply: ``"arrays"`` the site's updated weights, ``"metrics"`` (:class:`~flwr.app.
   MetricRecord`) ``num-examples`` (Flower's name for the case count) and the site's numeric training metrics,
   ``"site"`` (:class:`~flwr.app.ConfigRecord`) the site's name and organs.
-* site -> server, ``evaluate`` reply: ``"metrics"`` ``num-cases`` and ``dice-<organ>`` per organ with a Dice value,
-  ``"site"`` as above (an organ listed there without a Dice entry has Dice None: absent in reference and prediction).
+* site -> server, ``evaluate`` reply: ``"metrics"`` ``num-cases``, ``sampled-patches`` (0: whole volumes),
+  ``network-passes``, ``seconds`` and ``dice-<organ>`` per organ with a Dice value, ``"site"`` as above (an organ
+  listed there without a Dice entry has Dice None: absent in reference and prediction).
 
 Weights travel as numpy arrays (``np.save``/``np.load`` with ``allow_pickle=False`` inside Flower's ``Array``; the
 numeric conversion is :func:`~nnunetv2_fedkd.federated.weights_io.to_numpy_arrays` and ``from_numpy_arrays``, which
@@ -43,6 +44,8 @@ APP_DIR = Path(__file__).resolve().parent / "app"  # the Flower app project: `fl
 
 ARRAYS, CONFIG, METRICS, SITE = "arrays", "config", "metrics", "site"
 NUM_EXAMPLES, NUM_CASES, DICE = "num-examples", "num-cases", "dice-"
+# the other numbers of an evaluate reply: Flower's metric name -> NnUNetSite.evaluate's key
+EVALUATION_FIGURES = {"sampled-patches": "sampled_patches", "network-passes": "network_passes", "seconds": "seconds"}
 
 
 class MessageContentError(ValueError):
@@ -132,7 +135,8 @@ def evaluation_content(site: str, organs, evaluation: Mapping[str, Any]) -> Reco
     """A site's ``evaluate`` reply (``evaluation``: :meth:`NnUNetSite.evaluate`'s ``{"dice": ..., "num_cases"}``)."""
     dice = {f"{DICE}{o}": float(d) for o, d in (evaluation.get("dice") or {}).items() if d is not None}
     organs = list(organs) + [o for o in (evaluation.get("dice") or {}) if o not in organs]
-    return RecordDict({METRICS: MetricRecord({NUM_CASES: int(evaluation.get("num_cases", 0)), **dice}),
+    figures = {m: evaluation[k] for m, k in EVALUATION_FIGURES.items() if evaluation.get(k) is not None}
+    return RecordDict({METRICS: MetricRecord({NUM_CASES: int(evaluation.get("num_cases", 0)), **figures, **dice}),
                        SITE: _site_record(site, organs)})
 
 
@@ -140,7 +144,8 @@ def read_evaluation(content: RecordDict) -> Tuple[str, Dict[str, Any]]:
     """(site, ``{"dice": {organ: value or None}, "num_cases": n}``) from an ``evaluate`` reply."""
     name, organs = reply_site(content)
     m = _record(content, METRICS, MetricRecord)
-    return name, {"dice": {o: m.get(f"{DICE}{o}") for o in organs}, "num_cases": int(m.get(NUM_CASES, 0))}
+    figures = {k: m[f] for f, k in EVALUATION_FIGURES.items() if f in m}
+    return name, {"dice": {o: m.get(f"{DICE}{o}") for o in organs}, "num_cases": int(m.get(NUM_CASES, 0)), **figures}
 
 
 # -- the site of a SuperNode ------------------------------------------------------------------------------------------
