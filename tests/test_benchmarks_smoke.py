@@ -126,3 +126,24 @@ def test_accuracy_benchmark_resumes_per_seed_and_method(tmp_path, monkeypatch):
     assert prepared == [0, 1] and len(ran) == 4
     assert accuracy.main(args + ["--fresh"]) == 0
     assert prepared == [0, 1, 0, 1]
+
+
+@pytest.mark.slow
+def test_validation_cost_benchmark_smallest(tiny_federation, planned_federation, tmp_path):
+    """benchmarks/validation_cost.py --smallest on the planned tiny federation, one site: the three runs (no
+    evaluation, the default patch budget, whole volumes) and the files they write, not the figures."""
+    fed = tiny_federation
+    out = tmp_path / "valcost"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "validation_cost.py"), "--out", str(out),
+           "--workdir", str(fed.workdir), "--prepared", "--smallest", "--sites", "1"]
+    p = subprocess.run(cmd, env=fed.env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rec = json.loads((out / "results.json").read_text())
+    assert [r["mode"] for r in rec["runs"]] == ["no_evaluation", "default_budget", "whole_volumes"]
+    site = fed.spec.sites[0].name
+    assert rec["sites"] == [site] and rec["versions"]["nnunetv2"] and "validation_cost.py" in rec["command"]
+    off, default, whole = ((run["rounds"][0]) for run in rec["runs"])
+    assert off["evaluation_seconds"] == {} and off["fit_seconds"][site] > 0 and off["round_over_local_sum"] > 0
+    assert default["network_passes"][site] > 0 and whole["sampled_patches"] == {site: 0}
+    assert "--evaluate-patches 0" in rec["runs"][2]["command"]
+    assert "| whole_volumes | 1 |" in (out / "results.md").read_text()
