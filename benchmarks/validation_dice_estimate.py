@@ -6,9 +6,10 @@
 ``--workdir``: a planned federation (e.g. ``benchmarks/validation_cost.py``'s); ``--run``: a ``federation`` folder
 of a ``federate`` run in it (its last ``global_round_NNNN.fedkd`` is scored). Each site scores that model with
 :meth:`NnUNetSite.evaluate` once per budget (0: whole volumes with nnU-Net's sliding window). ``--oversample-
-foreground``: the share of patches forced to hold foreground (0: uniform positions, the default of the site's
+foreground``: nnU-Net's share of patches forced to hold foreground (0: uniform positions, the default of the site's
 evaluation; 0.33: nnU-Net's training value, as in its per-epoch pseudo Dice). Run it with the nnU-Net variables of
-that workdir (``eval "$(nnunetv2_fedkd env --workdir DIR --cpu)"``) and ``nnUNet_results`` of the run.
+that workdir (``eval "$(nnunetv2_fedkd env --workdir DIR --cpu)"``) and ``nnUNet_results`` of the run. The sites
+score with ``nnUNetTrainerFedKD`` / ``nnUNetPlansSmall`` and without any FedBN local layers (a fresh site folder).
 """
 from __future__ import annotations
 

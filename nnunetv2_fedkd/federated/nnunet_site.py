@@ -13,7 +13,8 @@ Used by the in-process runner and by the Flower ClientApp alike (it takes and re
   :data:`DEFAULT_EVALUATION_PATCHES`) network passes of one patch: when nnU-Net's sliding window over the whole
   validation volumes needs no more tiles than that, it predicts the whole volumes (nnU-Net's predictor, tile step
   0.5); otherwise it predicts that many validation patches drawn by nnU-Net's own data loader at uniform positions
-  (no foreground oversampling, so that the pooled Dice estimates the whole-volume Dice; the same patches every
+  (no foreground oversampling, so that the pooled Dice approximates the whole-volume Dice, centre-weighted: patch
+  origins are uniform, so border voxels are seen less often; each case is drawn equally often; the same patches every
   round), so that at real image sizes validating each round's global model costs about as much as nnU-Net's own
   validation of an epoch, not a sliding window over every volume. ``evaluate_patches`` <= 0: always whole volumes.
 
@@ -168,8 +169,9 @@ class NnUNetSite:
         with quiet():
             if sampled:
                 net.load_state_dict(weights)
-                for data, ref in validation_patches(ds, trainer, budget):
-                    dice.add(predict_patches(net, data, lm, self.device), ref)
+                with contextlib.closing(validation_patches(ds, trainer, budget)) as patches:  # restores numpy's RNG
+                    for data, ref in patches:
+                        dice.add(predict_patches(net, data, lm, self.device), ref)
             else:
                 for _, pred, ref in predict_volumes(net, weights, trainer, ds, val_keys, self.device):
                     dice.add(pred, ref)
@@ -217,11 +219,12 @@ def sliding_window_tiles(shape: Sequence[int], patch_size: Sequence[int], tile_s
 
 def validation_patches(dataset, trainer, count: int, seed: int = 0, oversample_foreground: float = 0.0):
     """``count`` (data, reference) validation patches, in batches, from nnU-Net's own data loader with the plans'
-    patch size and batch size, no transforms. ``oversample_foreground`` 0 (default): patch positions uniform over
-    each case, so the Dice pooled over them estimates the whole-volume Dice; nnU-Net's training value (0.33, its
-    per-epoch pseudo Dice) puts the organs into more patches but scores them optimistically (fewer background
-    voxels, so fewer false positives). The draw is seeded (and numpy's global random state restored afterwards:
-    nnU-Net's loader draws from it), so every round scores the same patches."""
+    patch size and batch size, no transforms. ``oversample_foreground`` 0 (default): patch origins uniform over
+    each case, so the Dice pooled over them approximates the whole-volume Dice (centre-weighted); nnU-Net's training
+    value (0.33: with batch 2, one patch of each batch on foreground; its per-epoch pseudo Dice) puts the organs into
+    more patches but scores them optimistically (fewer background voxels, so fewer false positives). The draw is
+    seeded (and numpy's global random state restored afterwards, also when the caller stops early and closes the
+    generator: nnU-Net's loader draws from it), so every round scores the same patches."""
     from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
     cm = trainer.configuration_manager  # the trainer is not initialised: its batch size is the plans'
