@@ -2,11 +2,13 @@
 the partial-label trainers learn organs that most training cases leave unlabelled; the naive baseline (unlabelled =
 background) does not. Stock nnU-Net trains, predicts and evaluates (nnUNetv2_evaluate_folder) every model.
 
-Measured (fov_scale 0.7, 40x40x32, patch 32^3, 8 x 100 iterations, lr 0.03, 2 test cases), Dice
-liver/spleen/kidney/pancreas, two runs (by hand / in CI):
-Naive 0/0/0/0 and 0/0/0/0; Marginal .77/0/.67/0 and .62/0/0/0; MultiHead .85/0/.11/0 and .74/0/.79/0.
-Whether the kidney is learned at this budget varies from run to run and spleen and pancreas are never learned, so the
-assertions are about the liver (labelled in 5 of the 20 training cases, background in the other 15)."""
+Every trainer gets the CI-size oracle's budget (960 iterations, the short-CPU-run settings: no augmentation, lr 0.03)
+and is held to every organ that oracle learns (Dice > 0.5), as tests/test_federated_training.py holds FedKD: the liver
+is asserted, an organ the oracle learns and a partial-label trainer misses is an expected failure with the numbers.
+Measured (40x40x32, fov 0.7, patch 32^3, 2 test cases), Dice liver/spleen/kidney/pancreas: with nnU-Net's augmentation
+at 800 iterations (earlier runs, by hand / in CI) naive 0/0/0/0 and 0/0/0/0, marginal .77/0/.67/0, .62/0/0/0 and
+.44/0/0/0, multi-head .85/0/.11/0, .74/0/.79/0 and .82/0/.21/0; without augmentation at 800 iterations (2026-12-02)
+naive 0/0/0/0, marginal .883/0/.716/0, multi-head .894/.501/.669/.571, oracle (960) .918/.803/.841/.356."""
 from __future__ import annotations
 
 import json
@@ -16,15 +18,17 @@ import pytest
 import SimpleITK as sitk
 
 from nnunetv2_fedkd.pipeline import evaluate, predict, train
+from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN
 
 TRAINERS = ("nnUNetTrainerNaivePartial", "nnUNetTrainerMarginal", "nnUNetTrainerMultiHead")
-# the same small plans and the same budget for all three: 8 epochs x 100 iterations, batch 2
-BUDGET = {"num_epochs": 8, "num_iterations_per_epoch": 100, "num_val_iterations_per_epoch": 2, "initial_lr": 0.03,
-          "final_validation": False}
+# the same small plans and the same budget for all three, the CI-size oracle's (conftest.ORACLE_ITERATIONS = 960:
+# 12 epochs x 80 iterations, batch 2) with the short-CPU-run settings of every other evidence test (no augmentation)
+BUDGET = {**SHORT_CPU_RUN, "num_epochs": 12, "num_iterations_per_epoch": 80, "final_validation": False}
 
 
 @pytest.mark.slow
-def test_partial_label_trainers_beat_naive_on_unlabelled_organs(tiny_federation, pooled_federation, tmp_path):
+def test_partial_label_trainers_beat_naive_on_unlabelled_organs(tiny_federation, pooled_federation, ci_oracle,
+                                                                 tmp_path):
     fed, pooled = tiny_federation, pooled_federation
     cfg = tmp_path / "budget.json"
     cfg.write_text(json.dumps(BUDGET))
@@ -37,7 +41,7 @@ def test_partial_label_trainers_beat_naive_on_unlabelled_organs(tiny_federation,
         fold = train(pooled.name, trainer, fed.workdir, cfg, fold="all", log_dir=fed.workdir / "logs")
         used = json.loads((fold / "fedkd_trainer_config.json").read_text())
         assert used["trainer"] == trainer and used["config_file"] == str(cfg)
-        assert used["settings"]["num_iterations_per_epoch"] == 100
+        assert used["settings"]["num_iterations_per_epoch"] == 80
         pred = predict(test / "imagesTr", tmp_path / trainer, pooled.name, trainer, fed.workdir, fold="all",
                        log_dir=fed.workdir / "logs")
         for img in sorted((test / "imagesTr").glob("*_0000.nii.gz")):  # label maps on the images' own grids
@@ -50,7 +54,20 @@ def test_partial_label_trainers_beat_naive_on_unlabelled_organs(tiny_federation,
     (fed.workdir / "partial_label_comparison.json").write_text(json.dumps(report, indent=1))
 
     naive = dice["nnUNetTrainerNaivePartial"]
+    report["oracle (central, fully labelled)"] = {o: round(v, 3) for o, v in ci_oracle.items()}
+    learned = [o for o, d in ci_oracle.items() if d == d and d > 0.5]  # Dice > 0.5 (NaN: absent)
+    print("organs the CI-size oracle learns:", learned)
+    assert "liver" in learned, report  # the upper bound itself must work at this size, or nothing below means much
     # 15 of the 20 training cases show a liver labelled as background: the naive model learns "liver = background"
-    assert np.nan_to_num(naive["liver"]) < 0.2, report
+    assert max(np.nan_to_num(naive[o]) for o in fed.spec.labels) < 0.2, report
     for t in ("nnUNetTrainerMarginal", "nnUNetTrainerMultiHead"):
         assert dice[t]["liver"] > 0.5, report
+    # every organ the upper bound learns at this size and budget, the partial-label trainers should learn too
+    missed = {t: [o for o in learned if not dice[t][o] > 0.5] for t in ("nnUNetTrainerMarginal",
+                                                                          "nnUNetTrainerMultiHead")}
+    if any(missed.values()):
+        # OPEN (issue 13): measured 2026-12-02 without augmentation at 800 iterations, marginal .883/0/.716/0 and
+        # multi-head .894/.501/.669/.571 while the oracle reached .918/.803/.841/.356 at 960: the marginal loss does
+        # not learn the spleen (labelled in 5 of the 20 cases) at this budget. Reported as an expected failure with the
+        # numbers; it is not a pass.
+        pytest.xfail(f"partial-label trainers miss organs the CI-size oracle learns: {missed}; {json.dumps(report)}")
