@@ -367,7 +367,8 @@ def run_flower(workdir: Path, sites: Sequence[str], rounds: int, iters: int, run
     before = loadavg()
     with TreeSampler() as mem:
         t0 = time.perf_counter()
-        with loopback.deployment(run_root, env, nodes) as (run_env, log_files):
+        with loopback.deployment(run_root, env, nodes) as lb:
+            run_env, log_files = lb.env, lb.logs
             t_started = time.perf_counter()
             run_id, status = loopback.run_app(run_config, run_env, timeout=timeout, poll=1)
             t_done = time.perf_counter()

@@ -5,11 +5,14 @@ config. Slow, on loopback: ``flower-superlink`` and two ``flower-supernode`` pro
 of the package's Flower app, the run polled with ``flwr ls`` until it has finished. Checks the run's status
 (``flwr run`` exits 0 even when the ServerApp fails), the round records the ServerApp's round core wrote (both sites
 aggregated in rounds 1 and 2), that what the sites sent is what was aggregated, that training went on from the global
-model (the mean local training loss drops from round 1 to round 2), and the final nnU-Net checkpoint."""
+model (the mean local training loss drops from round 1 to round 2), and the final nnU-Net checkpoint. Faults on
+loopback: a SuperNode killed mid-round and restarted, the SuperLink killed mid-round and the run resumed; and the
+secure deployment: TLS with SuperNode authentication, a registered key trains, an unregistered one is refused."""
 from __future__ import annotations
 
 import io
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -37,7 +40,8 @@ def run_deployment(spec: Path, sites: Sequence, views: Dict[str, str], env: Dict
     app, poll until the run finishes; returns the run's final status, the run id and the log files. All processes are
     stopped on the way out."""
     nodes = {s.name: loopback.node_config(s.name, views[s.name], s.organs, tmp / "sites" / s.name) for s in sites}
-    with loopback.deployment(tmp, env, nodes) as (run_env, logs):
+    with loopback.deployment(tmp, env, nodes) as lb:
+        run_env, logs = lb.env, lb.logs
         run_config = (f'spec="{spec}" rounds={ROUNDS} local-iterations={ITERATIONS} plans="nnUNetPlansSmall" '
                       f'min-sites={min_sites or len(sites)} sites="{",".join(s.name for s in sites)}" device="cpu" '
                       f'wait-for-nodes=120 round-timeout=300 settings=\'{{"num_val_iterations_per_epoch": 1}}\'')
@@ -153,3 +157,143 @@ def test_flower_deployment_two_sites(tiny_federation, planned_federation, tmp_pa
     print(f"flower deployment: {ROUNDS} rounds in {out['seconds']:.0f} s; rounds "
           f"{[h['seconds'] for h in history]} s; mean local loss {mean_loss}; organ Dice "
           f"{[h['organ_dice'] for h in history]}")
+
+
+def _poll(condition, timeout: float, what: str, logs: Dict[str, Path], poll: float = 0.5):
+    """Wait until ``condition()`` returns something truthy (returned), or fail with the deployment's log tails."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    tails = "\n".join(f"--- {k}\n{p.read_text()[-3000:]}" for k, p in logs.items())
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
+
+
+def _rounds_received(site_dir: Path) -> int:
+    """How many completed rounds the global model this site last received had (-1: none yet); the file is written
+    atomically when a ``train`` message arrives, i.e. when the site starts that round's local training."""
+    try:
+        return int(load_weights(site_dir / "received_global.fedkd")[1]["completed_rounds"])
+    except (FileNotFoundError, OSError, ValueError, KeyError):
+        return -1
+
+
+def _committed_rounds(run: Path) -> int:
+    try:
+        return len(json.loads((run / "metrics.json").read_text()))
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+@pytest.mark.slow
+def test_flower_faults_a_supernode_dies_and_rejoins_and_the_superlink_restarts(tiny_federation, planned_federation,
+                                                                               tmp_path):
+    """Issue 14, item 8, on loopback. Three rounds, two sites, ``min-sites=1``:
+
+    * round 2: the kidney site's SuperNode (and the ClientApp training under it) is SIGKILLed while it trains; the
+      SuperLink reports the node unavailable once its heartbeats stop, round 2 is aggregated from the liver site
+      alone and records the kidney site as failed; the kidney SuperNode, restarted at once under a new node id,
+      trains again in round 3 under its site name;
+    * round 3: the SuperLink (with the ServerApp under it) is SIGKILLed mid-round; a new SuperLink and SuperNodes
+      and the same ``flwr run`` resume after round 2: every round is recorded once, none lost, none repeated."""
+    fed, layout = tiny_federation, planned_federation
+    liver, kidney = fed.spec.sites[0], next(s for s in fed.spec.sites if s.name == "kidney_site")
+    sites = [liver, kidney]
+    results = tmp_path / "nnUNet_results"
+    env = fed.env(training=True, nnUNet_results=str(results))
+    site_dirs = {s.name: tmp_path / "sites" / s.name for s in sites}
+    nodes = {s.name: loopback.node_config(s.name, layout.views[s.name], s.organs, site_dirs[s.name]) for s in sites}
+    run = results / layout.coordinator / "nnUNetTrainerFedKD__nnUNetPlansSmall__3d_fullres" / "federation"
+    rounds = 3
+    run_config = (f'spec="{fed.spec.path}" rounds={rounds} local-iterations={ITERATIONS} plans="nnUNetPlansSmall" '
+                  f'min-sites=1 sites="{",".join(s.name for s in sites)}" device="cpu" wait-for-nodes=120 '
+                  f'round-timeout=300 settings=\'{{"num_val_iterations_per_epoch": 1}}\'')
+
+    with loopback.deployment(tmp_path / "first", env, nodes) as lb:
+        first_run = loopback.submit_app(run_config, lb.env)
+        # round 2 has reached the kidney site: kill its SuperNode while it trains, restart it at once
+        _poll(lambda: _rounds_received(site_dirs[kidney.name]) == 1, 300, "round 2 at the kidney site", lb.logs)
+        lb.kill(kidney.name)
+        assert _committed_rounds(run) == 1
+        lb.start_node(kidney.name)
+        # round 3 has started at a site (round 2 committed): kill the SuperLink and the ServerApp under it
+        _poll(lambda: _committed_rounds(run) == 2 and any(_rounds_received(d) == 2 for d in site_dirs.values()),
+              300, "round 3 to start", lb.logs)
+        lb.kill("superlink")
+        first_logs = dict(lb.logs)
+    assert _committed_rounds(run) == 2, "round 3 must not be committed by a killed ServerApp"
+    killed = json.loads((run / "metrics.json").read_text())
+    assert sorted(killed[0]["accepted"]) == sorted(nodes), killed[0]
+    assert killed[1]["aggregated"] and killed[1]["accepted"] == [liver.name], killed[1]
+    (failure,) = killed[1]["failed"]
+    assert failure["site"] == kidney.name and "error reply" in failure["reason"], failure
+    assert set(killed[1]["evaluation"]) == {liver.name}, killed[1]
+
+    # a new SuperLink and SuperNodes; the same run config resumes the federation after round 2
+    with loopback.deployment(tmp_path / "second", env, nodes) as lb:
+        run_id = loopback.submit_app(run_config, lb.env)
+        status = loopback.wait_for_run(run_id, lb.env, timeout=480, poll=3)
+        log = loopback.flwr(["log", run_id, loopback.CONNECTION, "--show"], lb.env, timeout=60)
+        server_log = log.stdout + log.stderr
+        tails = "\n".join(f"--- {k}\n{p.read_text()[-3000:]}" for k, p in {**first_logs, **lb.logs}.items())
+    assert status == "finished:completed", f"run {run_id}: {status}\n{server_log[-4000:]}\n{tails}"
+    assert f"after round 2/{rounds}" in server_log, server_log[-4000:]
+    history = json.loads((run / "metrics.json").read_text())
+    assert [h["round"] for h in history] == [1, 2, 3], history
+    assert history[:2] == killed  # the resumed run kept the earlier rounds' records as they were
+    # the restarted kidney SuperNode trained in round 3 (a new node id, bound again to its site's name)
+    assert sorted(history[2]["accepted"]) == sorted(nodes) and not history[2]["failed"], history[2]
+    assert all(_rounds_received(d) == 2 for d in site_dirs.values())
+    state = json.loads((run / "state.json").read_text())
+    assert state["completed_rounds"] == rounds
+    assert load_weights(run / state["global_weights"])[1]["completed_rounds"] == rounds
+    assert (run.parent / "fold_all" / "checkpoint_final.pth").is_file()
+    print(f"flower faults: first run {first_run}, resumed run {run_id}; round 2 failure: {failure['reason']}")
+
+
+@pytest.mark.slow
+def test_flower_tls_and_supernode_authentication(tiny_federation, planned_federation, tmp_path):
+    """Issue 14, item 8: the README's secure deployment on loopback. The SuperLink serves TLS (a throw-away CA; the
+    SuperNodes and ``flwr`` trust only it) and admits only registered SuperNode keys (``--enable-supernode-auth``,
+    ``flwr supernode register KEY.pub``): the liver site's registered key connects and trains a round; the kidney
+    site's unregistered key is refused and never receives a message."""
+    fed, layout = tiny_federation, planned_federation
+    liver, kidney = fed.spec.sites[0], next(s for s in fed.spec.sites if s.name == "kidney_site")
+    results = tmp_path / "nnUNet_results"
+    env = fed.env(training=True, nnUNet_results=str(results))
+    tls = loopback.tls_files(tmp_path / "tls")
+    keys = {s.name: loopback.node_key_pair(tmp_path / "keys", s.name) for s in (liver, kidney)}
+    configs = {s.name: loopback.node_config(s.name, layout.views[s.name], s.organs, tmp_path / "sites" / s.name)
+               for s in (liver, kidney)}
+    run = results / layout.coordinator / "nnUNetTrainerFedKD__nnUNetPlansSmall__3d_fullres" / "federation"
+    with loopback.deployment(tmp_path / "secure", env, {}, tls=tls, supernode_auth=True) as lb:
+        assert "insecure" not in (tmp_path / "secure" / "flwr_home" / "config.toml").read_text()
+        reg = loopback.flwr(["supernode", "register", str(keys[liver.name][1]), loopback.CONNECTION, "--format",
+                             "json"], lb.env)
+        assert reg.returncode == 0, reg.stdout + reg.stderr
+        registered = str(json.loads(reg.stdout)["node-id"])
+        lb.start_node(liver.name, configs[liver.name], private_key=keys[liver.name][0])
+        intruder = lb.start_node(kidney.name, configs[kidney.name], private_key=keys[kidney.name][0], wait=False)
+        try:
+            code = intruder.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            code = None
+        refused = lb.logs[kidney.name].read_text()
+        assert code not in (0, None) and "Failed to activate SuperNode" in refused, (code, refused[-3000:])
+        listed = loopback.flwr(["supernode", "list", loopback.CONNECTION, "--format", "json"], lb.env)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        online = [n["node-id"] for n in json.loads(listed.stdout)["nodes"] if n["status"] == "online"]
+        assert online == [registered], listed.stdout
+        run_config = (f'spec="{fed.spec.path}" rounds=1 local-iterations={ITERATIONS} plans="nnUNetPlansSmall" '
+                      f'min-sites=1 sites="{liver.name},{kidney.name}" device="cpu" wait-for-nodes=60 '
+                      f'round-timeout=300 evaluate=false settings=\'{{"num_val_iterations_per_epoch": 1}}\'')
+        run_id = loopback.submit_app(run_config, lb.env)
+        status = loopback.wait_for_run(run_id, lb.env, timeout=360, poll=3)
+        log = loopback.flwr(["log", run_id, loopback.CONNECTION, "--show"], lb.env, timeout=60)
+        tails = "\n".join(f"--- {k}\n{p.read_text()[-3000:]}" for k, p in lb.logs.items())
+    assert status == "finished:completed", f"run {run_id}: {status}\n{(log.stdout + log.stderr)[-4000:]}\n{tails}"
+    (record,) = json.loads((run / "metrics.json").read_text())
+    assert record["accepted"] == [liver.name] and not record["failed"], record
+    assert not (tmp_path / "sites" / kidney.name).exists()  # the refused site never received a message

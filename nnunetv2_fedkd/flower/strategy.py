@@ -84,9 +84,13 @@ def _exchange(grid: Grid, nodes: Sequence[int], kind: str, weights: ArrayRecord,
                         ttl=timeout) for n in nodes]
     replies: Dict[int, Message] = {}
     failed: Dict[int, str] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
-        if node not in nodes:
+    received = grid.send_and_receive(messages, timeout=timeout)
+    # a reply names the message it answers; its sender is not always the node: for a node that stopped sending
+    # heartbeats the SuperLink itself answers (error NODE_UNAVAILABLE, src_node_id = the SuperLink's id)
+    to_node = {m.metadata.message_id: n for m, n in zip(messages, nodes)}
+    for reply in received:
+        node = to_node.get(reply.metadata.reply_to_message_id)
+        if node is None:
             continue
         if reply.has_error():
             failed[node] = f"error reply (code {reply.error.code}): {reply.error.reason}"
