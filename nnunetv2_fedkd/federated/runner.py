@@ -54,6 +54,100 @@ def load_settings(path: Optional[os.PathLike]) -> Dict[str, Any]:
     return raw
 
 
+def site_trainer_names() -> List[str]:
+    """The plugin's federated site trainers (:func:`~nnunetv2_fedkd.trainers.fedkd.is_site_trainer`)."""
+    import nnunetv2_fedkd.trainers as plugin
+    from nnunetv2_fedkd.trainers.fedkd import is_site_trainer
+
+    return sorted(n for n in plugin.__all__ if is_site_trainer(getattr(plugin, n)))
+
+
+def find_site_trainer(name: str):
+    """The site trainer class called ``name`` (the plugin's, else nnU-Net's own lookup, ``nnUNet_extTrainer``
+    included); :class:`FederateError` naming the valid ones if there is none or it is not a site trainer."""
+    import nnunetv2_fedkd.trainers as plugin
+    from nnunetv2_fedkd.trainers.fedkd import is_site_trainer
+
+    cls = getattr(plugin, name, None) if name in plugin.__all__ else None
+    if cls is None:
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+        try:
+            with quiet():
+                cls = recursive_find_trainer_class_by_name(name)
+        except (RuntimeError, AssertionError, ImportError):
+            cls = None
+    valid = ", ".join(site_trainer_names())
+    if cls is None:
+        raise FederateError(f"trainer {name!r} does not exist; a federation trains one of: {valid}")
+    if not is_site_trainer(cls):
+        raise FederateError(f"trainer {name!r} is not a federated site trainer (it would run its own schedule and "
+                            f"never send an update); a federation trains one of: {valid}")
+    return cls
+
+
+def check_settings_keys(trainer_cls, settings: Mapping[str, Any], source: str) -> None:
+    """Every key of ``settings`` (from ``source``: the user's file or the command line) is a setting some plugin
+    trainer knows, and every key of its ``trainers[<trainer>]`` section one that ``trainer_cls`` knows (the rule of
+    :func:`~nnunetv2_fedkd.trainers.config.load_trainer_config`, checked here so that the error names the user's
+    file and not the run folder's copy)."""
+    shared = trainer_cls.all_plugin_config_keys()
+    unknown = sorted(k for k in settings if k != "trainers" and k not in shared)
+    section = settings.get("trainers") or {}
+    if not isinstance(section, dict):
+        raise FederateError(f"{source}: 'trainers' must map trainer names to settings")
+    own = section.get(trainer_cls.__name__) or {}
+    if not isinstance(own, dict):
+        raise FederateError(f"{source}: trainers.{trainer_cls.__name__} must hold settings")
+    unknown += sorted(f"trainers.{trainer_cls.__name__}.{k}" for k in own if k not in trainer_cls.config_defaults)
+    if unknown:
+        raise FederateError(f"{source}: unknown setting(s) {', '.join(unknown)} for {trainer_cls.__name__}; known: "
+                            f"{', '.join(sorted(trainer_cls.config_defaults))}")
+
+
+def _count(value: Any, name: str, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise FederateError(f"{name} must be an integer >= {least}, got {value!r}")
+    return value
+
+
+def preflight(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int], local_iterations: Optional[int],
+              strategy: str, strategy_options: Optional[Mapping[str, Any]], trainer: str,
+              settings_file: Optional[os.PathLike], settings: Optional[Mapping[str, Any]], min_sites: int,
+              sites: Optional[Sequence[str]]):
+    """What must hold before anything is written or trained, in both engines: the trainer is a federated site
+    trainer, the counts are in range, ``min_sites`` <= the selected sites, every settings key is known (the error
+    names the user's file), the strategy and its options build. Returns (trainer class, selected sites, merged
+    settings from the file and ``settings``, the strategy). Raises :class:`FederateError` naming the argument or
+    file."""
+    trainer_cls = find_site_trainer(trainer)
+    _count(rounds, "rounds", 1)
+    if (local_epochs is None) == (local_iterations is None):
+        raise FederateError("give exactly one of local_epochs and local_iterations")
+    if local_iterations is not None:
+        _count(local_iterations, "local_iterations", 1)
+    else:
+        _count(local_epochs, "local_epochs", 1)
+    unknown = sorted(set(sites or ()) - {s.name for s in spec.sites})
+    if unknown:
+        raise FederateError(f"sites {unknown} are not in {spec.path} (its sites: {[s.name for s in spec.sites]})")
+    chosen = [s for s in spec.sites if sites is None or s.name in sites]
+    if not chosen:
+        raise FederateError(f"no site of {spec.path} is selected ({sites})")
+    _count(min_sites, "min_sites", 1)
+    if min_sites > len(chosen):
+        raise FederateError(f"min_sites {min_sites} is more than the {len(chosen)} site(s) selected "
+                            f"({', '.join(s.name for s in chosen)}): no round could ever be committed")
+    from_file = load_settings(settings_file)
+    if settings_file is not None:
+        check_settings_keys(trainer_cls, from_file, f"trainer settings {settings_file}")
+    check_settings_keys(trainer_cls, dict(settings or {}), "settings given with the command")
+    try:
+        strat = make_strategy(strategy, **dict(strategy_options or {}))
+    except (ValueError, TypeError) as e:
+        raise FederateError(f"strategy {strategy!r} with options {dict(strategy_options or {})}: {e}") from e
+    return trainer_cls, chosen, {**from_file, **dict(settings or {})}, strat
+
+
 class ServerModel:
     """The global model's definition: the trainer class instantiated (not initialised: the plans dataset has no
     data) on the image-free plans dataset. It builds the network and writes the final nnU-Net results folder with
@@ -174,8 +268,10 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
     from nnunetv2_fedkd.federated.planning import check_site_plans as check_plans
     from nnunetv2_fedkd.federated.planning import federation_plans_digest, resolve_layout
 
-    if (local_epochs is None) == (local_iterations is None):
-        raise FederateError("give exactly one of local_epochs and local_iterations")
+    _, chosen, trainer_settings, strat = preflight(
+        spec, rounds, local_epochs=local_epochs, local_iterations=local_iterations, strategy=strategy,
+        strategy_options=strategy_options, trainer=trainer, settings_file=settings_file, settings=settings,
+        min_sites=min_sites, sites=sites)
     layout = resolve_layout(spec, workdir)
     pre = Path(os.environ["nnUNet_preprocessed"]) if workdir is None else Path(workdir) / "nnUNet_preprocessed"
     res = Path(os.environ["nnUNet_results"]) if workdir is None else Path(workdir) / "nnUNet_results"
@@ -184,19 +280,12 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
         raise FederateError(f"{coord_plans} does not exist: run `nnunetv2_fedkd plan` (and derive {plans} for every "
                             f"site and the plans dataset) first")
     digest = federation_plans_digest(json.loads(coord_plans.read_text()))
-    unknown = sorted(set(sites or ()) - {s.name for s in spec.sites})
-    if unknown:
-        raise FederateError(f"sites {unknown} are not in {spec.path} (its sites: {[s.name for s in spec.sites]})")
-    chosen = [s for s in spec.sites if sites is None or s.name in sites]
-    if not chosen:
-        raise FederateError(f"no site of {spec.path} is selected ({sites})")
     for s in chosen if check_site_plans else ():
         f = pre / layout.views[s.name] / f"{plans}.json"
         if not f.is_file():
             raise FederateError(f"site {s.name!r}: {f} does not exist")
         check_plans(s.name, json.loads(f.read_text()), digest)
 
-    trainer_settings = {**load_settings(settings_file), **dict(settings or {})}
     if local_iterations is not None:
         trainer_settings.update(num_epochs=1, num_iterations_per_epoch=int(local_iterations))
     else:
@@ -208,7 +297,6 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
     run_dir.mkdir(parents=True, exist_ok=True)
     server_cfg = atomic_write_json(run_dir / "server_trainer.json", {**trainer_settings, "global_model": None})
     server = ServerModel(layout.coordinator, trainer, plans, server_cfg, device)
-    strat = make_strategy(strategy, **dict(strategy_options or {}))
     core = RoundCore(run_dir, strat, rounds, digest, trainer_settings, min_sites=min_sites, log=log)
     core.start(server.initial_weights(seed), resume=resume)
     atomic_write_json(run_dir / "run.json", {

@@ -304,3 +304,10 @@ class nnUNetTrainerFedNaive(_FedKDMixin, nnUNetTrainerNaivePartial):
 
     config_defaults = {**nnUNetTrainerNaivePartial.config_defaults, **_FedKDMixin.config_extra,
                        "global_kd_weight": 0.0}
+
+
+def is_site_trainer(cls) -> bool:
+    """Whether ``cls`` is a federated site trainer: it trains from the round's global model and writes the site's
+    update (``nnUNetTrainerFedKD``, ``nnUNetTrainerFedKDMultiHead``, ``nnUNetTrainerFedNaive`` and their
+    subclasses). Any other nnU-Net trainer would run its own schedule and never write an update."""
+    return isinstance(cls, type) and issubclass(cls, _FedKDMixin)

@@ -1,0 +1,93 @@
+"""Preflight of a federation run (issue 15, item 1): what cannot work is refused before round 1, in both engines
+(``prepare_federation`` serves ``federate`` and the Flower ServerApp), with an error that names the argument or the
+user's file, and nothing is written to the run folder."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nnunetv2_fedkd.cli import main
+from nnunetv2_fedkd.federated.runner import FederateError, preflight, prepare_federation, site_trainer_names
+from nnunetv2_fedkd.spec import FederationSpec, Site, save_spec
+from nnunetv2_fedkd.spec import TestSet as HeldOutSet  # (pytest would try to collect a name starting with Test)
+
+
+@pytest.fixture
+def spec(tmp_path):
+    sites = [Site("liver_site", "Dataset501_A", ["liver"]), Site("kidney_site", "Dataset502_B", ["kidney"])]
+    s = FederationSpec(name="f", labels=["liver", "kidney"], sites=sites, test_set=HeldOutSet("Dataset509_T", "btcv"))
+    path = save_spec(s, tmp_path / "federation.toml")
+    from nnunetv2_fedkd.spec import load_spec
+    return load_spec(path)
+
+
+GOOD = dict(local_epochs=None, local_iterations=5, strategy="fedavg", strategy_options=None,
+            trainer="nnUNetTrainerFedKD", settings_file=None, settings=None, min_sites=1, sites=None)
+
+
+def test_valid_arguments_pass(spec, tmp_path):
+    f = tmp_path / "settings.json"
+    f.write_text(json.dumps({"initial_lr": 0.03, "trainers": {"nnUNetTrainerFedKD": {"global_kd_weight": 0.5}}}))
+    trainer_cls, chosen, settings, strat = preflight(spec, 3, **{**GOOD, "settings_file": f, "min_sites": 2,
+                                                                 "strategy": "fedprox",
+                                                                 "strategy_options": {"mu": 0.1}})
+    assert trainer_cls.__name__ == "nnUNetTrainerFedKD" and [s.name for s in chosen] == ["liver_site", "kidney_site"]
+    assert settings["initial_lr"] == 0.03 and strat.name == "fedprox"
+    assert site_trainer_names() == ["nnUNetTrainerFedKD", "nnUNetTrainerFedKDMultiHead", "nnUNetTrainerFedNaive"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"trainer": "nnUNetTrainer"}, r"'nnUNetTrainer' is not a federated site trainer .* nnUNetTrainerFedKD, "
+                                   r"nnUNetTrainerFedKDMultiHead, nnUNetTrainerFedNaive"),
+    ({"trainer": "nnUNetTrainerMarginal"}, "'nnUNetTrainerMarginal' is not a federated site trainer"),
+    ({"trainer": "nnUNetTrainerFoo"}, "'nnUNetTrainerFoo' does not exist; a federation trains one of"),
+    ({"local_iterations": -5}, r"local_iterations must be an integer >= 1, got -5"),
+    ({"local_iterations": None, "local_epochs": 0}, r"local_epochs must be an integer >= 1, got 0"),
+    ({"local_epochs": 2}, "exactly one of local_epochs and local_iterations"),
+    ({"min_sites": 9}, r"min_sites 9 is more than the 2 site\(s\) selected \(liver_site, kidney_site\)"),
+    ({"min_sites": 2, "sites": ["liver_site"]}, r"min_sites 2 is more than the 1 site\(s\) selected"),
+    ({"min_sites": 0}, "min_sites must be an integer >= 1"),
+    ({"sites": ["lung_site"]}, r"sites \['lung_site'\] are not in"),
+    ({"strategy": "fedfoo"}, "unknown aggregation strategy 'fedfoo'"),
+    ({"strategy": "fedprox", "strategy_options": {"mu": "abc"}}, r"strategy 'fedprox' with options \{'mu': 'abc'\}"),
+    ({"strategy": "fedprox", "strategy_options": {"nu": 1}}, "unknown option"),
+    ({"settings": {"num_epoch": 3}}, "settings given with the command: unknown setting.* num_epoch"),
+])
+def test_what_cannot_work_is_refused_before_anything_is_written(spec, tmp_path, change, message):
+    with pytest.raises(FederateError, match=message):
+        prepare_federation(spec, 3, **{**GOOD, **change}, workdir=tmp_path / "wd")
+    assert not (tmp_path / "wd").exists()
+
+
+def test_rounds_must_be_positive(spec, tmp_path):
+    with pytest.raises(FederateError, match="rounds must be an integer >= 1, got 0"):
+        prepare_federation(spec, 0, **GOOD, workdir=tmp_path / "wd")
+    assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"num_epoch": 3}, "unknown setting.* num_epoch for nnUNetTrainerFedKD"),
+    ({"trainers": {"nnUNetTrainerFedKD": {"exclusion_weigth": 1}}},
+     r"unknown setting.* trainers\.nnUNetTrainerFedKD\.exclusion_weigth"),
+    ({"trainers": ["x"]}, "'trainers' must map trainer names to settings"),
+])
+def test_unknown_settings_name_the_users_file(spec, tmp_path, content, message):
+    f = tmp_path / "my_settings.json"
+    f.write_text(json.dumps(content))
+    with pytest.raises(FederateError, match=f"trainer settings {f}: {message}"):
+        prepare_federation(spec, 3, **{**GOOD, "settings_file": f}, workdir=tmp_path / "wd")
+    assert not (tmp_path / "wd").exists()
+
+
+def test_the_cli_refuses_with_one_line_and_exit_code_2(spec, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    code = main(["federate", str(spec.path), "--rounds", "2", "--local-iterations", "5", "-tr", "nnUNetTrainer",
+                 "-device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "'nnUNetTrainer' is not a federated site trainer" in err[0], err
+    assert not (tmp_path / "results").exists()
+    code = main(["federate", str(spec.path), "--rounds", "2", "--local-iterations", "5", "--strategy", "fedprox",
+                 "--strategy-option", "mu=abc", "-device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "strategy 'fedprox'" in err[0] and "mu" in err[0], err
