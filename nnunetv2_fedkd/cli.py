@@ -166,7 +166,8 @@ def _cmd_federate(args) -> int:
                  trainer=args.trainer, plans=args.plans, settings_file=args.config, device=args.device,
                  min_sites=args.min_sites, evaluate=not args.no_evaluate, evaluate_every=args.evaluate_every,
                  evaluate_patches=args.evaluate_patches, resume=not args.restart_refused,
-                 seed=args.seed, sites=args.sites)
+                 seed=args.seed, sites=args.sites,
+                 **({} if args.keep_checkpoints is None else {"keep_checkpoints": args.keep_checkpoints}))
     except (FederateError, FederationStateError, SiteErrorWillRecur, PlansMismatch, ValueError) as e:
         print(f"nnunetv2_fedkd federate: error: {e}", file=sys.stderr)
         return 2
@@ -317,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "volumes when nnU-Net's sliding window over them needs no more, else N validation patches "
                         "(default 100; 0: always whole volumes)")
     f.add_argument("--seed", type=int, default=0, help="seed of the initial global weights")
+    f.add_argument("--keep-checkpoints", type=int, default=None, metavar="N",
+                   help="the newest N global checkpoints stay in the run folder; a resume whose newest one is "
+                        "damaged goes back to the newest intact one (default: 2)")
     f.add_argument("--sites", nargs="+", default=None, help="only these sites of the spec (default: all)")
     f.add_argument("--no-resume", dest="restart_refused", action="store_true",
                    help="refuse to continue an existing run folder instead of resuming it")

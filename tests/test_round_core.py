@@ -85,10 +85,11 @@ def test_rounds_average_and_record(tmp_path):
     assert hist[0]["accepted"] == ["liver", "kidney"] and hist[0]["sites"]["kidney"]["num_examples"] == 3
     csv_rows = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
     assert len(csv_rows) == 4 and csv_rows[0].startswith("round,aggregated")
-    # only the latest global checkpoint is kept, and state.json names it
+    # the newest two global checkpoints are kept (keep_checkpoints), and state.json names the newest
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["global_weights"] == "global_round_0003.fedkd"
-    assert sorted(p.name for p in (tmp_path / "run").glob("global_round_*")) == ["global_round_0003.fedkd"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("global_round_*")) == ["global_round_0002.fedkd",
+                                                                                 "global_round_0003.fedkd"]
     assert core.fit_instructions()["plans_digest"] == DIGEST
 
 
@@ -149,10 +150,51 @@ def test_resume_refuses_other_plans_settings_and_corrupt_checkpoints(tmp_path):
         make_core(tmp_path, rounds=5).start(init_weights())
     with pytest.raises(FederationStateError, match="exists"):
         make_core(tmp_path).start(init_weights(), resume=False)
-    g = tmp_path / "run" / "global_round_0001.fedkd"
-    g.write_bytes(g.read_bytes()[: g.stat().st_size // 2])  # truncated on disk
+    for n in (1, 0):  # every kept checkpoint truncated on disk: nothing to resume from
+        g = tmp_path / "run" / f"global_round_{n:04d}.fedkd"
+        g.write_bytes(g.read_bytes()[: g.stat().st_size // 2])
     with pytest.raises(CorruptCheckpoint, match="global_round_0001.fedkd"):
         make_core(tmp_path).start(init_weights())
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path, strategy):
+    lines = []
+    core = make_core(tmp_path, rounds=5, strategy=strategy)
+    core.start(init_weights())
+    sites = [ToySite("liver", 2.0), ToySite("kidney", 6.0)]
+    run(core, sites, stop_after=3)
+    before = core.state.history
+    round_2 = load_weights(tmp_path / "run" / "global_round_0002.fedkd")[0]
+    g = tmp_path / "run" / "global_round_0003.fedkd"
+    g.write_bytes(g.read_bytes()[: g.stat().st_size // 2])  # the crash hit while the disk lost the newest file
+    resumed = make_core(tmp_path, rounds=5, strategy=strategy, log=lines.append)
+    st = resumed.start(init_weights())
+    assert st.completed_rounds == 2 and torch.equal(st.weights["w"], round_2["w"])
+    assert any("global_round_0003.fedkd" in l and "resuming from round 2" in l and "3-3 will be trained again" in l
+               for l in lines), lines
+    assert st.history == before[:2]  # round 3's record goes with its checkpoint
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["completed_rounds"] == 2 and state["global_weights"] == "global_round_0002.fedkd"
+    assert [h["round"] for h in json.loads((tmp_path / "run" / "metrics.json").read_text())] == [1, 2]
+    run(resumed, sites)
+    assert [h["round"] for h in resumed.state.history] == [1, 2, 3, 4, 5]
+    # the same run done without the damage gives the same weights (FedAdam's moments came from round 2's state)
+    ref = make_core(tmp_path / "ref", rounds=5, strategy=strategy)
+    ref.start(init_weights())
+    run(ref, [ToySite("liver", 2.0), ToySite("kidney", 6.0)])
+    assert torch.allclose(ref.state.weights["w"], resumed.state.weights["w"])
+
+
+def test_keep_checkpoints(tmp_path):
+    core = RoundCore(tmp_path / "run", make_strategy("fedadam"), 4, DIGEST, {}, keep_checkpoints=3,
+                     log=lambda s: None)
+    core.start(init_weights())
+    run(core, [ToySite("liver", 2.0)])
+    names = sorted(p.name for p in (tmp_path / "run").glob("*_round_*"))
+    assert names == [f"{kind}_round_{n:04d}.fedkd" for kind in ("global", "strategy") for n in (2, 3, 4)]
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        RoundCore(tmp_path / "r2", make_strategy("fedavg"), 4, DIGEST, {}, keep_checkpoints=0)
 
 
 def test_organ_dice_is_case_weighted_and_csv_has_organs():

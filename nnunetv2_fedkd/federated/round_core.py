@@ -98,6 +98,10 @@ class FederationState:
     history: List[Dict[str, Any]] = field(default_factory=list)
 
 
+#: the newest global checkpoints kept in a run folder (``--keep-checkpoints``)
+DEFAULT_KEEP_CHECKPOINTS = 2
+
+
 def _global_file(run: Path, completed: int) -> Path:
     return run / f"global_round_{completed:04d}.fedkd"
 
@@ -116,16 +120,21 @@ class RoundCore:
         plans_digest: the federation's plans digest; travels with every round (sites refuse other plans).
         settings: JSON-serialisable local-training settings sent to every site each round.
         min_sites: the least number of accepted updates a round needs to be aggregated.
+        keep_checkpoints: how many of the newest global checkpoints (and strategy states) stay on disk; a resume
+            whose newest checkpoint is damaged goes back to the newest intact one, saying so.
         log: callable taking one line (progress and warnings).
     """
 
     def __init__(self, run_dir: Path, strategy: Strategy, total_rounds: int, plans_digest: str,
                  settings: Optional[Mapping[str, Any]] = None, min_sites: int = 1,
-                 log: Callable[[str], Any] = print):
+                 log: Callable[[str], Any] = print, keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS):
         if total_rounds < 1:
             raise ValueError(f"total_rounds must be >= 1, got {total_rounds}")
         if min_sites < 1:
             raise ValueError(f"min_sites must be >= 1, got {min_sites}")
+        if keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
+        self.keep_checkpoints = int(keep_checkpoints)
         self.run_dir = Path(run_dir)
         self.strategy = strategy
         self.total_rounds = int(total_rounds)
@@ -171,16 +180,48 @@ class RoundCore:
                 f"{f} was started with {raw.get('total_rounds')} rounds of {raw.get('strategy')!r}; resume it with "
                 f"the same settings (asked: {self.total_rounds} rounds of {self.strategy.name!r})")
         done = int(raw["completed_rounds"])
-        weights, meta = load_weights(self.run_dir / raw["global_weights"])
-        if meta.get("completed_rounds") != done:
-            raise CorruptCheckpoint(self.run_dir / raw["global_weights"],
-                                    f"holds round {meta.get('completed_rounds')}, state.json says {done}")
-        if raw.get("strategy_state"):
-            sstate, _ = load_weights(self.run_dir / raw["strategy_state"])
+        history = list(raw.get("history", []))
+        stateful = bool(raw.get("strategy_state"))
+        try:
+            weights, sstate = self._load_round(done, raw["global_weights"], raw.get("strategy_state"))
+        except (CorruptCheckpoint, FileNotFoundError) as damaged:
+            older = self._newest_intact_round(below=done, stateful=stateful)
+            if older is None:
+                raise
+            k, weights, sstate = older
+            self.log(f"{damaged}; resuming from round {k}, the newest intact checkpoint: round(s) {k + 1}-{done} "
+                     f"will be trained again")
+            history = [h for h in history if int(h.get("round", 0)) <= k]
+            done = k
+        if sstate is not None:
             self.strategy.load_state_dict(sstate)
-        self.state = FederationState(done, weights, list(raw.get("history", [])))
+        self.state = FederationState(done, weights, history)
+        if done != int(raw["completed_rounds"]):
+            self._write_state()  # state.json and metrics.json now name the round resumed from
         self.log(f"resuming {self.run_dir} after round {done}/{self.total_rounds}")
         return self.state
+
+    def _load_round(self, completed: int, weights_name: str, strategy_name: Optional[str]):
+        """(global weights, strategy state or None) checkpointed after round ``completed``; CorruptCheckpoint if a
+        file is damaged or holds another round."""
+        weights, meta = load_weights(self.run_dir / weights_name)
+        if meta.get("completed_rounds") != completed:
+            raise CorruptCheckpoint(self.run_dir / weights_name,
+                                    f"holds round {meta.get('completed_rounds')}, expected {completed}")
+        sstate = load_weights(self.run_dir / strategy_name)[0] if strategy_name else None
+        return weights, sstate
+
+    def _newest_intact_round(self, below: int, stateful: bool):
+        """(round, weights, strategy state) of the newest intact checkpoint before round ``below``, or None."""
+        for k in range(below - 1, -1, -1):
+            g = _global_file(self.run_dir, k)
+            if not g.exists():
+                continue
+            try:
+                return (k, *self._load_round(k, g.name, _strategy_file(self.run_dir, k).name if stateful else None))
+            except (CorruptCheckpoint, FileNotFoundError) as e:
+                self.log(f"{e}; trying an older checkpoint")
+        return None
 
     def _meta(self, completed: int) -> Dict[str, Any]:
         return {"completed_rounds": completed, "plans_digest": self.plans_digest, "strategy": self.strategy.name}
@@ -202,8 +243,8 @@ class RoundCore:
             "global_weights": _global_file(self.run_dir, s.completed_rounds).name, "strategy_state": sfile,
             "history": s.history,
         })
-        # older checkpoints are no longer needed once state.json names the new ones
-        for old in range(0, s.completed_rounds):
+        # only the newest keep_checkpoints checkpoints stay, once state.json names the new ones
+        for old in range(0, s.completed_rounds - self.keep_checkpoints + 1):
             for p in (_global_file(self.run_dir, old), _strategy_file(self.run_dir, old)):
                 if p.exists():
                     p.unlink()

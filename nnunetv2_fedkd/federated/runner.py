@@ -29,7 +29,7 @@ import torch
 
 from nnunetv2_fedkd.federated.aggregation import SiteUpdate, make_strategy
 from nnunetv2_fedkd.federated.nnunet_site import DEFAULT_EVALUATION_PATCHES, NnUNetSite, _env, quiet
-from nnunetv2_fedkd.federated.round_core import PendingRound, RoundCore, plot_progress
+from nnunetv2_fedkd.federated.round_core import DEFAULT_KEEP_CHECKPOINTS, PendingRound, RoundCore, plot_progress
 from nnunetv2_fedkd.spec import FederationSpec, Site
 from nnunetv2_fedkd.utils import atomic_write_json
 
@@ -259,7 +259,7 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
                        settings: Optional[Mapping[str, Any]] = None, device: str = "cpu", min_sites: int = 1,
                        resume: bool = True, seed: int = 0, sites: Optional[Sequence[str]] = None,
                        workdir: Optional[Path] = None, check_site_plans: bool = True,
-                       log=print) -> FederationServer:
+                       keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS, log=print) -> FederationServer:
     """Everything before the first round (arguments as :func:`federate`): the federation's plans and digest, the
     trainer settings, the global model's definition, the strategy and the round core, started (or resumed) in
     ``$nnUNet_results/<plans dataset>/<trainer>__<plans>__3d_fullres/federation``, and ``run.json``.
@@ -272,6 +272,7 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
         spec, rounds, local_epochs=local_epochs, local_iterations=local_iterations, strategy=strategy,
         strategy_options=strategy_options, trainer=trainer, settings_file=settings_file, settings=settings,
         min_sites=min_sites, sites=sites)
+    _count(keep_checkpoints, "keep_checkpoints", 1)
     layout = resolve_layout(spec, workdir)
     pre = Path(os.environ["nnUNet_preprocessed"]) if workdir is None else Path(workdir) / "nnUNet_preprocessed"
     res = Path(os.environ["nnUNet_results"]) if workdir is None else Path(workdir) / "nnUNet_results"
@@ -297,7 +298,8 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
     run_dir.mkdir(parents=True, exist_ok=True)
     server_cfg = atomic_write_json(run_dir / "server_trainer.json", {**trainer_settings, "global_model": None})
     server = ServerModel(layout.coordinator, trainer, plans, server_cfg, device)
-    core = RoundCore(run_dir, strat, rounds, digest, trainer_settings, min_sites=min_sites, log=log)
+    core = RoundCore(run_dir, strat, rounds, digest, trainer_settings, min_sites=min_sites, log=log,
+                     keep_checkpoints=keep_checkpoints)
     core.start(server.initial_weights(seed), resume=resume)
     atomic_write_json(run_dir / "run.json", {
         "spec": str(spec.path) if spec.path else None, "plans_dataset": layout.coordinator, "trainer": trainer,
@@ -316,7 +318,8 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
              settings: Optional[Mapping[str, Any]] = None, device: str = "cpu", min_sites: int = 1,
              evaluate: bool = True, evaluate_every: int = 1,
              evaluate_patches: Optional[int] = None, resume: bool = True, seed: int = 0,
-             sites: Optional[Sequence[str]] = None, workdir: Optional[Path] = None, log=print) -> Dict[str, Any]:
+             sites: Optional[Sequence[str]] = None, workdir: Optional[Path] = None,
+             keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS, log=print) -> Dict[str, Any]:
     """Run (or resume) the federation; returns a summary (model folder, metrics files, last round's record).
 
     ``local_iterations`` N: one local epoch of N iterations per round; ``local_epochs`` E: E local epochs of
@@ -330,7 +333,8 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
     fs = prepare_federation(spec, rounds, local_epochs=local_epochs, local_iterations=local_iterations,
                             strategy=strategy, strategy_options=strategy_options, trainer=trainer, plans=plans,
                             settings_file=settings_file, settings=settings, device=device, min_sites=min_sites,
-                            resume=resume, seed=seed, sites=sites, workdir=workdir, log=log)
+                            resume=resume, seed=seed, sites=sites, workdir=workdir,
+                            keep_checkpoints=keep_checkpoints, log=log)
     core = fs.core
     site_objs = [NnUNetSite(s.name, fs.layout.views[s.name], s.organs, fs.site_dir(s.name), trainer, plans,
                             device=device, log=log) for s in fs.sites]

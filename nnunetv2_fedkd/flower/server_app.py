@@ -29,6 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from nnunetv2_fedkd.env import apply_env
 from nnunetv2_fedkd.federated.nnunet_site import DEFAULT_EVALUATION_PATCHES
+from nnunetv2_fedkd.federated.round_core import DEFAULT_KEEP_CHECKPOINTS
 from nnunetv2_fedkd.flower.strategy import SiteDirectory, evaluate_round, train_round, wait_for_nodes
 from nnunetv2_fedkd.flower.task import weights_to_record
 
@@ -63,7 +64,8 @@ def federation_arguments(rc: Mapping[str, Any]) -> Dict[str, Any]:
                 settings_file=str(rc["settings-file"]) if rc.get("settings-file") else None,
                 settings=_json_object(rc, "settings"),
                 device=str(rc.get("device", "cpu")), min_sites=int(rc.get("min-sites", 1)),
-                resume=bool(rc.get("resume", True)), seed=int(rc.get("seed", 0)), sites=sites or None)
+                resume=bool(rc.get("resume", True)), seed=int(rc.get("seed", 0)), sites=sites or None,
+                keep_checkpoints=int(rc.get("keep-checkpoints", DEFAULT_KEEP_CHECKPOINTS)))
 
 
 @app.main()
