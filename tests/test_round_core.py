@@ -291,3 +291,33 @@ def test_evaluates_every_k_rounds_and_after_the_last(tmp_path):
     assert seen[1] == [True] * 5
     assert seen[2] == [False, True, False, True, True]  # rounds 2, 4 and the last (5)
     assert seen[0] == [False] * 5
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda st: [st], "is not a federation state file"),
+    (lambda st: {k: v for k, v in st.items() if k != "completed_rounds"}, "'completed_rounds' must be an integer, got "
+                                                                         "'<missing>'"),
+    (lambda st: {**st, "completed_rounds": "two"}, "'completed_rounds' must be an integer, got 'two'"),
+    (lambda st: {**st, "global_weights": None}, "'global_weights' must be a file name, got None"),
+    (lambda st: {**st, "history": {}}, "'history' must be a list"),
+    (lambda st: {**st, "completed_rounds": 7}, "completed_rounds 7 is not within 0..3"),
+])
+def test_a_damaged_state_file_is_refused_naming_it(tmp_path, damage, message):
+    core = make_core(tmp_path)
+    core.start(init_weights())
+    run(core, [ToySite("liver", 2.0)], stop_after=1)
+    f = tmp_path / "run" / "state.json"
+    f.write_text(json.dumps(damage(json.loads(f.read_text()))))
+    with pytest.raises(FederationStateError, match=f"state.json.*{message}"):
+        make_core(tmp_path).start(init_weights())
+
+
+def test_a_run_folder_without_its_state_file_is_not_restarted_silently(tmp_path):
+    core = make_core(tmp_path)
+    core.start(init_weights())
+    run(core, [ToySite("liver", 2.0)], stop_after=2)
+    (tmp_path / "run" / "state.json").unlink()
+    metrics = (tmp_path / "run" / "metrics.json").read_text()
+    with pytest.raises(FederationStateError, match="global_round_0002.fedkd.*metrics.json.*but no state.json"):
+        make_core(tmp_path).start(init_weights())
+    assert (tmp_path / "run" / "metrics.json").read_text() == metrics  # nothing wiped

@@ -158,6 +158,12 @@ class RoundCore:
             if not resume:
                 raise FederationStateError(f"{self.state_file} exists: resume it, or use a new run folder")
             return self.resume()
+        leftovers = sorted(p.name for p in self.run_dir.glob("global_round_*.fedkd")) + \
+            [n for n in ("metrics.json",) if (self.run_dir / n).exists()]
+        if leftovers:  # a run that lost its state file must not silently start again over its records
+            raise FederationStateError(
+                f"{self.run_dir} holds the files of an earlier run ({', '.join(leftovers[-3:])}) but no state.json: "
+                f"restore {self.state_file.name} to resume it, or move the folder away to start a new run")
         weights = {k: v.detach().cpu().clone() for k, v in initial_weights.items()}
         save_weights(_global_file(self.run_dir, 0), weights, self._meta(0))
         self.state = FederationState(0, weights, [])
@@ -170,8 +176,19 @@ class RoundCore:
             raw = json.loads(f.read_text())
         except (OSError, ValueError) as e:
             raise FederationStateError(f"cannot read {f}: {e}") from e
-        if raw.get("format") != STATE_FORMAT:
+        if not isinstance(raw, dict) or raw.get("format") != STATE_FORMAT:
             raise FederationStateError(f"{f} is not a federation state file")
+        for key, kind, what in (("completed_rounds", int, "an integer"), ("total_rounds", int, "an integer"),
+                                ("strategy", str, "a string"), ("plans_digest", str, "a string"),
+                                ("global_weights", str, "a file name"), ("history", list, "a list")):
+            if isinstance(raw.get(key), bool) or not isinstance(raw.get(key), kind):
+                raise FederationStateError(f"{f} is damaged: {key!r} must be {what}, got "
+                                           f"{raw.get(key, '<missing>')!r}")
+        if not 0 <= raw["completed_rounds"] <= raw["total_rounds"]:
+            raise FederationStateError(f"{f} is damaged: completed_rounds {raw['completed_rounds']} is not within "
+                                       f"0..{raw['total_rounds']}")
+        if raw.get("strategy_state") is not None and not isinstance(raw.get("strategy_state"), str):
+            raise FederationStateError(f"{f} is damaged: 'strategy_state' must be a file name or null")
         if raw.get("plans_digest") != self.plans_digest:
             raise FederationStateError(f"{f} belongs to a federation with other plans (digest "
                                        f"{str(raw.get('plans_digest'))[:12]}..., now {self.plans_digest[:12]}...)")
