@@ -166,7 +166,8 @@ def _cmd_federate(args) -> int:
                  trainer=args.trainer, plans=args.plans, settings_file=args.config, device=args.device,
                  min_sites=args.min_sites, evaluate=not args.no_evaluate, evaluate_every=args.evaluate_every,
                  evaluate_patches=args.evaluate_patches, resume=not args.restart_refused,
-                 seed=args.seed, sites=args.sites,
+                 seed=args.seed, sites=args.sites, large_updates=args.large_updates,
+                 max_update_ratio=args.max_update_ratio or None, max_num_examples=args.max_num_examples or None,
                  **({} if args.keep_checkpoints is None else {"keep_checkpoints": args.keep_checkpoints}))
     except (FederateError, FederationStateError, SiteErrorWillRecur, PlansMismatch, ValueError) as e:
         print(f"nnunetv2_fedkd federate: error: {e}", file=sys.stderr)
@@ -181,6 +182,7 @@ def _cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nnunetv2_fedkd.federated.aggregation import DEFAULT_MAX_UPDATE_RATIO
     from nnunetv2_fedkd.spec import CONVERTER_FORMATS
 
     p = argparse.ArgumentParser(prog="nnunetv2_fedkd", description=__doc__,
@@ -302,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = f.add_mutually_exclusive_group(required=True)
     g.add_argument("--local-epochs", type=int, help="local epochs per round (num_iterations_per_epoch from --config)")
     g.add_argument("--local-iterations", type=int, help="local iterations per round (one local epoch)")
-    f.add_argument("--strategy", default="fedavg", help="fedavg | fedprox | fedbn | fedopt | fedavgm | fedadam")
+    f.add_argument("--strategy", default="fedavg",
+                   help="fedavg | fedprox | fedbn | fedopt | fedavgm | fedadam | median | trimmed_mean")
     f.add_argument("--strategy-option", action="append", metavar="KEY=VALUE",
                    help="strategy option, e.g. mu=0.01 (fedprox), weighting=equal; repeatable")
     f.add_argument("-tr", dest="trainer", default="nnUNetTrainerFedKD", help="site trainer (default: nnUNetTrainerFedKD)")
@@ -321,6 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--keep-checkpoints", type=int, default=None, metavar="N",
                    help="the newest N global checkpoints stay in the run folder; a resume whose newest one is "
                         "damaged goes back to the newest intact one (default: 2)")
+    f.add_argument("--max-update-ratio", type=float, default=DEFAULT_MAX_UPDATE_RATIO, metavar="R",
+                   help="an update whose change ||w_site - w_global|| exceeds R times ||w_global|| is rejected (or "
+                        f"clipped, --large-updates clip); 0: unbounded (default {DEFAULT_MAX_UPDATE_RATIO:g})")
+    f.add_argument("--large-updates", choices=["reject", "clip"], default="reject",
+                   help="what to do with an update beyond --max-update-ratio (default: reject)")
+    f.add_argument("--max-num-examples", type=int, default=None, metavar="N",
+                   help="an update claiming more than N training cases is rejected (every site is also bounded by "
+                        "the cases it had when the federation was planned)")
     f.add_argument("--sites", nargs="+", default=None, help="only these sites of the spec (default: all)")
     f.add_argument("--no-resume", dest="restart_refused", action="store_true",
                    help="refuse to continue an existing run folder instead of resuming it")

@@ -3,7 +3,9 @@ aggregation strategies, update validation, the federation-wide learning-rate sch
 from nnunetv2_fedkd.federated.aggregation import (
     NORM_MODULE_TYPES,
     STRATEGIES,
+    DEFAULT_MAX_UPDATE_RATIO,
     AggregationInfo,
+    CoordinateMedian,
     FedAdam,
     FedAvg,
     FedAvgM,
@@ -13,6 +15,8 @@ from nnunetv2_fedkd.federated.aggregation import (
     RoundResult,
     SiteUpdate,
     Strategy,
+    TrimmedMean,
+    UpdateBounds,
     UpdateRejected,
     Weights,
     aggregate_round,
@@ -24,6 +28,7 @@ from nnunetv2_fedkd.federated.aggregation import (
     organ_head_mapper,
     proximal_term,
     split_local_state,
+    update_ratio,
     validate_update,
 )
 from nnunetv2_fedkd.federated.weights_io import (
@@ -53,6 +58,11 @@ __all__ = [
     "FedOpt",
     "FedAvgM",
     "FedAdam",
+    "TrimmedMean",
+    "CoordinateMedian",
+    "UpdateBounds",
+    "DEFAULT_MAX_UPDATE_RATIO",
+    "update_ratio",
     "STRATEGIES",
     "make_strategy",
     "aggregate_round",

@@ -27,6 +27,13 @@ All share :class:`Strategy`: ``aggregate(global_weights, updates, round_idx) -> 
 ``FedOpt``   the mean update ``avg - global`` is a pseudo-gradient for a server optimiser (Reddi et al. 2021):
              ``FedAvgM`` (server momentum, Hsu et al. 2019), ``FedAdam``, and through ``optimizer=`` also FedAdagrad
              and FedYogi.
+``median``   coordinate-wise median of the site models (Yin et al. 2018); robust to a minority of arbitrary updates.
+``trimmed_mean`` coordinate-wise mean after dropping the ``k`` largest and ``k`` smallest site values of every
+             coordinate, ``k = min(ceil(beta * n), (n - 1) // 2)`` (Yin et al. 2018).
+
+Before any strategy sees an update, :func:`aggregate_round` checks its form (:func:`validate_update`) and, with
+:class:`UpdateBounds`, its plausibility: the case count a site claims against what it had at planning or a cap, and
+the size of its change relative to the global model (rejected or clipped).
 
 Every strategy takes ``organ_aware_heads``: the weights of organ ``k``'s segmentation head are averaged only over the
 sites that label organ ``k`` (after Fed-MENU, Xu et al. 2023); see :class:`Strategy`.
@@ -39,6 +46,8 @@ References:
     T.-M. H. Hsu, H. Qi, M. Brown. "Measuring the effects of non-identical data distribution for federated visual
     classification." arXiv:1909.06335, 2019 (FedAvgM).
     X. Xu et al. "Federated multi-organ segmentation with inconsistent labels." IEEE TMI 42(10), 2023 (Fed-MENU).
+    D. Yin et al. "Byzantine-robust distributed learning: towards optimal statistical rates." ICML 2018 (median,
+    trimmed mean).
 """
 from __future__ import annotations
 
@@ -67,6 +76,11 @@ __all__ = [
     "FedOpt",
     "FedAvgM",
     "FedAdam",
+    "TrimmedMean",
+    "CoordinateMedian",
+    "UpdateBounds",
+    "DEFAULT_MAX_UPDATE_RATIO",
+    "update_ratio",
     "STRATEGIES",
     "make_strategy",
     "aggregate_round",
@@ -168,6 +182,114 @@ def _check_num_examples(update: SiteUpdate) -> None:
     n = update.num_examples
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise UpdateRejected(update.site, f"num_examples must be a positive integer, got {n!r}")
+
+
+#: default of :attr:`UpdateBounds.max_update_ratio`: a site's model ten times farther from the global model than the
+#: global model is from zero. Honest local training moves a model by a fraction of its norm per round (every round's
+#: record lists the accepted sites' ratios, ``update_ratios``), so 10 only catches broken or hostile updates
+DEFAULT_MAX_UPDATE_RATIO = 10.0
+
+
+def update_ratio(weights: Mapping[str, torch.Tensor], global_weights: Mapping[str, torch.Tensor],
+                 skip: Collection[str] = (), global_norm: Optional[float] = None) -> float:
+    """``||w - g||_2 / ||g||_2`` over the floating-point keys not in ``skip`` (computed in float64); ``inf`` when
+    ``g`` is zero and ``w`` is not, 0 when both are. nnU-Net's aliased keys count once per name in both norms."""
+    num = 0.0
+    den = 0.0 if global_norm is None else None
+    for key, g in global_weights.items():
+        if key in skip or not g.is_floating_point():
+            continue
+        g64 = g.detach().to("cpu", torch.float64)
+        num += float((weights[key].detach().to("cpu", torch.float64) - g64).pow(2).sum())
+        if den is not None:
+            den += float(g64.pow(2).sum())
+    gn = math.sqrt(den) if den is not None else float(global_norm)
+    if gn == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return math.sqrt(num) / gn
+
+
+@dataclass(frozen=True)
+class UpdateBounds:
+    """Plausibility bounds on a site's update, checked by :func:`aggregate_round` after the form checks and before
+    the strategy aggregates: one site must not dominate (a case count it cannot have) or destroy (an absurdly large
+    change) the global model.
+
+    Attributes:
+        site_cases: the most training cases each site can claim, by site name (the cases it contributed to the
+            federation's fingerprint when the federation was planned); a site not listed is not bounded by it.
+        max_num_examples: a cap on every site's ``num_examples`` (None: no cap).
+        max_update_ratio: the most ``||w_site - w_global|| / ||w_global||`` (:func:`update_ratio`, over the keys the
+            strategy aggregates: FedBN's local keys are skipped) an update may have; None: unbounded. Not checked
+            while the global model is all zeros.
+        large_updates: what to do with an update beyond ``max_update_ratio``: ``"reject"`` (drop it, logged) or
+            ``"clip"`` (scale its change ``w_site - w_global`` down to ``max_update_ratio * ||w_global||``).
+    """
+
+    site_cases: Mapping[str, int] = field(default_factory=dict)
+    max_num_examples: Optional[int] = None
+    max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO
+    large_updates: str = "reject"
+
+    def __post_init__(self):
+        if self.large_updates not in ("reject", "clip"):
+            raise ValueError(f"large_updates must be 'reject' or 'clip', got {self.large_updates!r}")
+        r = self.max_update_ratio
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r)
+                              or r <= 0):
+            raise ValueError(f"max_update_ratio must be a finite number > 0 or None, got {r!r}")
+        for label, n in [("max_num_examples", self.max_num_examples), *self.site_cases.items()]:
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise ValueError(f"case bound {label!r} must be a positive integer, got {n!r}")
+
+    def record(self) -> Dict[str, Any]:
+        """JSON-serialisable settings (for run records)."""
+        return {"site_cases": dict(self.site_cases), "max_num_examples": self.max_num_examples,
+                "max_update_ratio": self.max_update_ratio, "large_updates": self.large_updates}
+
+    def apply(self, update: SiteUpdate, global_weights: Mapping[str, torch.Tensor], skip: Collection[str] = (),
+              global_norm: Optional[float] = None) -> Tuple[SiteUpdate, Optional[str], Optional[float]]:
+        """``(update, note, ratio)``: the update as it may be aggregated (clipped, with a note saying so) and its
+        :func:`update_ratio` (None when not checked), or :class:`UpdateRejected` naming the site, what it sent and the
+        bound. ``global_norm``: ``||w_global||`` over
+        the same keys, when the caller computed it once for the round."""
+        n = update.num_examples
+        planned = self.site_cases.get(update.site)
+        if planned is not None and n > planned:
+            raise UpdateRejected(update.site, f"claims {n} training cases, more than the {planned} it had when the "
+                                              f"federation was planned")
+        if self.max_num_examples is not None and n > self.max_num_examples:
+            raise UpdateRejected(update.site, f"claims {n} training cases, more than the cap max_num_examples="
+                                              f"{self.max_num_examples}")
+        if self.max_update_ratio is None:
+            return update, None, None
+        if global_norm is None:
+            global_norm = _norm(global_weights, skip)
+        if global_norm == 0.0:
+            return update, None, None
+        ratio = update_ratio(update.weights, global_weights, skip, global_norm)
+        if ratio <= self.max_update_ratio:
+            return update, None, ratio
+        if self.large_updates == "reject":
+            raise UpdateRejected(update.site, f"its change is {ratio:.3g} times the norm of the global model, more "
+                                              f"than max_update_ratio={self.max_update_ratio:g}")
+        scale = self.max_update_ratio / ratio
+        clipped: Weights = {}
+        for key, g in global_weights.items():
+            w = update.weights[key]
+            if key in skip or not g.is_floating_point():
+                clipped[key] = w
+                continue
+            g64 = g.detach().to("cpu", torch.float64)
+            clipped[key] = (g64 + (w.detach().to("cpu", torch.float64) - g64) * scale).to(g.dtype)
+        note = (f"the update of site {update.site!r} changes the global model by {ratio:.3g} times its norm; clipped "
+                f"to max_update_ratio={self.max_update_ratio:g}")
+        return SiteUpdate(update.site, clipped, update.num_examples, update.metrics, update.organs), note, ratio
+
+
+def _norm(weights: Mapping[str, torch.Tensor], skip: Collection[str] = ()) -> float:
+    return math.sqrt(sum(float(t.detach().to("cpu", torch.float64).pow(2).sum()) for k, t in weights.items()
+                         if k not in skip and t.is_floating_point()))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -417,16 +539,20 @@ class Strategy:
                     heads_kept.add(organ)
                     continue
             if g.is_floating_point():
-                acc = torch.zeros(g.shape, dtype=torch.float64)
-                for u, c in zip(members, coeffs):
-                    acc.add_(u.weights[key].detach().to("cpu", torch.float64), alpha=c)
-                out[key] = acc.to(g.dtype)
+                out[key] = self._combine([u.weights[key] for u in members], coeffs).to(g.dtype)
             else:
                 out[key] = members[0].weights[key].detach().to("cpu").clone()
         if self.head_organ_of is not None and not any_head:
             raise ValueError(f"{self.name}: organ_aware_heads is set, but no weight key belongs to an organ head "
                              f"(expected names like 'decoder.seg_layers.0.heads.0.weight')")
         return out, kept, heads_kept
+
+    def _combine(self, values: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
+        """One key's value from the sites' values (float64 result): the weighted mean ``sum_i c_i w_i``."""
+        acc = torch.zeros(values[0].shape, dtype=torch.float64)
+        for v, c in zip(values, coeffs):
+            acc.add_(v.detach().to("cpu", torch.float64), alpha=c)
+        return acc
 
     def _server_step(self, global_weights: Mapping[str, torch.Tensor], averaged: Weights, kept: Set[str],
                      round_idx: int) -> Weights:
@@ -658,6 +784,54 @@ class FedAdam(FedOpt):
                          weighting=weighting, organ_aware_heads=organ_aware_heads)
 
 
+class TrimmedMean(Strategy):
+    """Coordinate-wise trimmed mean (Yin et al. 2018): for every coordinate, the ``k`` largest and the ``k`` smallest
+    of the ``n`` site values are dropped and the rest averaged with equal weights, ``k = min(ceil(beta * n),
+    (n - 1) // 2)``. Up to ``k`` arbitrary (broken or hostile) site models cannot move a coordinate outside the range
+    of the honest ones. Case counts are not used (a site could inflate them). Organ-aware heads trim over the sites
+    that label the organ.
+
+    Args:
+        beta: the fraction trimmed at each end, in [0, 0.5).
+    """
+
+    name = "trimmed_mean"
+
+    def __init__(self, *, beta: float = 0.1, organ_aware_heads: Union[None, Sequence[str], HeadOrganFn] = None):
+        super().__init__(weighting="equal", organ_aware_heads=organ_aware_heads)
+        beta = float(beta)
+        if not 0.0 <= beta < 0.5:
+            raise ValueError(f"{self.name}: beta must be in [0, 0.5), got {beta}")
+        self.beta = beta
+        self._hparams["beta"] = beta
+
+    def trimmed(self, n: int) -> int:
+        """How many site values are dropped at each end of a coordinate with ``n`` sites."""
+        return min(math.ceil(self.beta * n), (n - 1) // 2)
+
+    def _combine(self, values: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
+        n = len(values)
+        k = self.trimmed(n)
+        stacked = torch.stack([v.detach().to("cpu", torch.float64) for v in values])
+        if k == 0:
+            return stacked.mean(dim=0)
+        return stacked.sort(dim=0).values[k:n - k].mean(dim=0)
+
+
+class CoordinateMedian(TrimmedMean):
+    """Coordinate-wise median (Yin et al. 2018): the middle site value of every coordinate (the mean of the two
+    middle ones for an even number of sites), i.e. :class:`TrimmedMean` with ``k = (n - 1) // 2``."""
+
+    name = "median"
+
+    def __init__(self, *, organ_aware_heads: Union[None, Sequence[str], HeadOrganFn] = None):
+        super().__init__(beta=0.0, organ_aware_heads=organ_aware_heads)
+        del self._hparams["beta"]
+
+    def trimmed(self, n: int) -> int:
+        return (n - 1) // 2
+
+
 STRATEGIES: Dict[str, type] = {
     "fedavg": FedAvg,
     "fedprox": FedProx,
@@ -665,6 +839,8 @@ STRATEGIES: Dict[str, type] = {
     "fedopt": FedOpt,
     "fedavgm": FedAvgM,
     "fedadam": FedAdam,
+    "median": CoordinateMedian,
+    "trimmed_mean": TrimmedMean,
 }
 
 
@@ -674,8 +850,8 @@ def _option_names(cls: type) -> List[str]:
 
 
 def make_strategy(name: str, **options: Any) -> Strategy:
-    """The strategy called ``name`` (``fedavg``, ``fedprox``, ``fedbn``, ``fedopt``, ``fedavgm``, ``fedadam``; case
-    insensitive) with ``options`` (its keyword arguments). Unknown names or options raise ValueError listing the
+    """The strategy called ``name`` (a key of :data:`STRATEGIES`: ``fedavg``, ``fedprox``, ``fedbn``, ``fedopt``,
+    ``fedavgm``, ``fedadam``, ``median``, ``trimmed_mean``; case insensitive) with ``options`` (its keyword arguments). Unknown names or options raise ValueError listing the
     accepted ones."""
     key = name.strip().lower() if isinstance(name, str) else name
     cls = STRATEGIES.get(key)
@@ -695,7 +871,8 @@ def make_strategy(name: str, **options: Any) -> Strategy:
 class RoundResult:
     """Outcome of :func:`aggregate_round`. ``weights``: the new global weights; ``accepted``: sites aggregated;
     ``dropped``: ``(site, reason)`` of rejected updates; ``aggregated``: False when no update survived and the
-    global weights were kept; ``heads_kept``: organs whose head kept its global value (no labelling site)."""
+    global weights were kept; ``heads_kept``: organs whose head kept its global value (no labelling site);
+    ``update_ratios``: each accepted site's :func:`update_ratio` (when :class:`UpdateBounds` checked it)."""
 
     weights: Weights
     round_idx: int
@@ -704,12 +881,13 @@ class RoundResult:
     dropped: List[Tuple[str, str]]
     aggregated: bool
     heads_kept: Tuple[str, ...] = ()
+    update_ratios: Dict[str, float] = field(default_factory=dict)
 
     def record(self) -> Dict[str, Any]:
         """JSON-serialisable summary (no weights) for run logs."""
         return {"round": self.round_idx, "strategy": self.strategy, "aggregated": self.aggregated,
                 "accepted": list(self.accepted), "dropped": [{"site": s, "reason": r} for s, r in self.dropped],
-                "heads_kept": list(self.heads_kept)}
+                "heads_kept": list(self.heads_kept), "update_ratios": dict(self.update_ratios)}
 
 
 def _emit(log: LogTarget, level: str, message: str) -> None:
@@ -724,9 +902,10 @@ def _emit(log: LogTarget, level: str, message: str) -> None:
 
 
 def aggregate_round(strategy: Strategy, global_weights: Mapping[str, torch.Tensor], updates: Sequence[SiteUpdate],
-                    round_idx: int, log: LogTarget = None) -> RoundResult:
+                    round_idx: int, log: LogTarget = None, bounds: Optional[UpdateBounds] = None) -> RoundResult:
     """Validate every update against ``global_weights`` (:func:`validate_update`, positive ``num_examples``, one
-    update per site), drop and log the bad ones (naming site and reason), aggregate the rest with ``strategy``.
+    update per site, and ``bounds``: :class:`UpdateBounds`), drop and log the bad ones (naming site and reason),
+    aggregate the rest with ``strategy``.
 
     ``log`` is a ``logging.Logger`` (warnings for drops, info otherwise), any callable taking one string (e.g.
     nnU-Net's ``print_to_log_file``), or None (this module's logger). If no update survives, the global weights are
@@ -735,12 +914,24 @@ def aggregate_round(strategy: Strategy, global_weights: Mapping[str, torch.Tenso
     accepted: List[SiteUpdate] = []
     dropped: List[Tuple[str, str]] = []
     seen: Set[str] = set()
+    ratios: Dict[str, float] = {}
+    skip: FrozenSet[str] = frozenset()
+    global_norm: Optional[float] = None
+    if bounds is not None and bounds.max_update_ratio is not None:
+        skip = strategy.local_keys(global_weights)
+        global_norm = _norm(global_weights, skip)
     for u in updates:
         try:
             if u.site in seen:
                 raise UpdateRejected(u.site, "duplicate update: this site already sent one in this round")
             _check_num_examples(u)
             validate_update(u.weights, global_weights, u.site)
+            if bounds is not None:
+                u, note, ratio = bounds.apply(u, global_weights, skip, global_norm)
+                if note:
+                    _emit(log, "warning", f"round {round_idx}: {note}")
+                if ratio is not None:
+                    ratios[u.site] = round(ratio, 6)
         except UpdateRejected as e:
             dropped.append((e.site, e.reason))
             _emit(log, "warning", f"round {round_idx}: dropped the update of site {e.site!r}: {e.reason}")
@@ -761,7 +952,8 @@ def aggregate_round(strategy: Strategy, global_weights: Mapping[str, torch.Tenso
     sites = [u.site for u in accepted]
     _emit(log, "info", f"round {round_idx}: {strategy.name} aggregated {len(sites)} site(s): {', '.join(sites)}"
                        + (f"; dropped: {', '.join(s for s, _ in dropped)}" if dropped else ""))
-    return RoundResult(weights, round_idx, strategy.name, sites, dropped, aggregated=True, heads_kept=info.heads_kept)
+    return RoundResult(weights, round_idx, strategy.name, sites, dropped, aggregated=True, heads_kept=info.heads_kept,
+                       update_ratios={s: ratios[s] for s in sites if s in ratios})
 
 
 # ----------------------------------------------------------------------------------------------------------------------

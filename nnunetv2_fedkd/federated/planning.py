@@ -513,6 +513,24 @@ def load_federation_record(spec: FederationSpec, plans_name: str = "nnUNetPlans"
     return record
 
 
+def planned_case_counts(coordinator_preprocessed: Path) -> Dict[str, int]:
+    """``{site: number of cases}`` the sites contributed when the federation was planned (the newest
+    ``federation_<plans>.json`` record in the plans dataset's preprocessed folder; empty if there is none). A site
+    cannot train on more cases than were preprocessed for it, so this bounds the case count it may claim."""
+    records = sorted(Path(coordinator_preprocessed).glob("federation_*.json"), key=lambda f: f.stat().st_mtime)
+    for f in reversed(records):
+        try:
+            record = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+            continue
+        sites = record.get("sites") or {}
+        return {name: int(entry["num_cases"]) for name, entry in sites.items()
+                if isinstance(entry, dict) and _is_int(entry.get("num_cases")) and entry["num_cases"] > 0}
+    return {}
+
+
 def verify_site_plans(record: Mapping[str, Any]) -> None:
     """Check every site's plans file named in a federation record against the record's digest."""
     for site, entry in record["sites"].items():

@@ -10,7 +10,8 @@ ServerApp (:mod:`nnunetv2_fedkd.flower`) both drive a federation through :class:
    settings: :func:`failure_recurs`) stops the federation at once (:meth:`RoundCore.check_failure`); a transient one
    (a killed site, a timeout, out of memory) leaves the site out of this round only.
 3. ``pending = core.aggregate(updates, failures)`` validates the updates (keys, shapes, dtypes, finite values,
-   positive case counts), drops and logs bad ones, and aggregates the rest with the strategy. With fewer accepted
+   positive case counts, and the :class:`~nnunetv2_fedkd.federated.aggregation.UpdateBounds`: claimed case counts,
+   size of the change), drops (or clips) and logs bad ones, and aggregates the rest with the strategy. With fewer accepted
    updates than ``min_sites`` the global weights are kept and the round is recorded as not aggregated: the
    federation goes on, and a failed site can rejoin in the next round.
 4. the sites evaluate the new global weights on their own validation cases (optional).
@@ -45,6 +46,7 @@ from nnunetv2_fedkd.federated.aggregation import (
     RoundResult,
     SiteUpdate,
     Strategy,
+    UpdateBounds,
     Weights,
     aggregate_round,
 )
@@ -122,12 +124,15 @@ class RoundCore:
         min_sites: the least number of accepted updates a round needs to be aggregated.
         keep_checkpoints: how many of the newest global checkpoints (and strategy states) stay on disk; a resume
             whose newest checkpoint is damaged goes back to the newest intact one, saying so.
+        bounds: plausibility bounds on every update (:class:`~nnunetv2_fedkd.federated.aggregation.UpdateBounds`);
+            None: form checks only.
         log: callable taking one line (progress and warnings).
     """
 
     def __init__(self, run_dir: Path, strategy: Strategy, total_rounds: int, plans_digest: str,
                  settings: Optional[Mapping[str, Any]] = None, min_sites: int = 1,
-                 log: Callable[[str], Any] = print, keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS):
+                 log: Callable[[str], Any] = print, keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
+                 bounds: Optional[UpdateBounds] = None):
         if total_rounds < 1:
             raise ValueError(f"total_rounds must be >= 1, got {total_rounds}")
         if min_sites < 1:
@@ -141,6 +146,7 @@ class RoundCore:
         self.plans_digest = plans_digest
         self.settings = dict(settings or {})
         self.min_sites = int(min_sites)
+        self.bounds = bounds
         self.log = log
         self.state: Optional[FederationState] = None
         json.dumps(self.settings)  # must travel as JSON
@@ -257,6 +263,7 @@ class RoundCore:
             "total_rounds": self.total_rounds, "strategy": self.strategy.name,
             "strategy_hyperparameters": self.strategy.hyperparameters(), "plans_digest": self.plans_digest,
             "settings": self.settings, "min_sites": self.min_sites,
+            "update_bounds": self.bounds.record() if self.bounds is not None else None,
             "global_weights": _global_file(self.run_dir, s.completed_rounds).name, "strategy_state": sfile,
             "history": s.history,
         })
@@ -314,7 +321,7 @@ class RoundCore:
             self.check_failure(site, reason)
         for site, reason in failures:
             self.log(f"round {r + 1}: site {site!r} failed and is left out of this round: {reason}")
-        result = aggregate_round(self.strategy, s.weights, updates, r + 1, log=self.log)
+        result = aggregate_round(self.strategy, s.weights, updates, r + 1, log=self.log, bounds=self.bounds)
         if result.aggregated and len(result.accepted) < self.min_sites:
             self.log(f"round {r + 1}: only {len(result.accepted)} valid update(s), fewer than min_sites="
                      f"{self.min_sites}: the global weights are kept")

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from nnunetv2_fedkd.federated.aggregation import SiteUpdate, make_strategy
+from nnunetv2_fedkd.federated.aggregation import DEFAULT_MAX_UPDATE_RATIO, SiteUpdate, UpdateBounds, make_strategy
 from nnunetv2_fedkd.federated.nnunet_site import DEFAULT_EVALUATION_PATCHES, NnUNetSite, _env, quiet
 from nnunetv2_fedkd.federated.round_core import DEFAULT_KEEP_CHECKPOINTS, PendingRound, RoundCore, plot_progress
 from nnunetv2_fedkd.spec import FederationSpec, Site
@@ -259,12 +259,17 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
                        settings: Optional[Mapping[str, Any]] = None, device: str = "cpu", min_sites: int = 1,
                        resume: bool = True, seed: int = 0, sites: Optional[Sequence[str]] = None,
                        workdir: Optional[Path] = None, check_site_plans: bool = True,
-                       keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS, log=print) -> FederationServer:
+                       keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
+                       max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO, large_updates: str = "reject",
+                       max_num_examples: Optional[int] = None, log=print) -> FederationServer:
     """Everything before the first round (arguments as :func:`federate`): the federation's plans and digest, the
     trainer settings, the global model's definition, the strategy and the round core, started (or resumed) in
     ``$nnUNet_results/<plans dataset>/<trainer>__<plans>__3d_fullres/federation``, and ``run.json``.
     ``check_site_plans``: also check every selected site's plans file here (possible only where the sites' data is
-    visible, as in :func:`federate`; a site refuses other plans itself anyway)."""
+    visible, as in :func:`federate`; a site refuses other plans itself anyway). ``max_update_ratio``,
+    ``large_updates``, ``max_num_examples``: the :class:`~nnunetv2_fedkd.federated.aggregation.UpdateBounds` every
+    update must keep (None: unbounded); every site's claimed case count is also bounded by the cases it had when the
+    federation was planned (the plans record)."""
     from nnunetv2_fedkd.federated.planning import check_site_plans as check_plans
     from nnunetv2_fedkd.federated.planning import federation_plans_digest, resolve_layout
 
@@ -273,8 +278,18 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
         strategy_options=strategy_options, trainer=trainer, settings_file=settings_file, settings=settings,
         min_sites=min_sites, sites=sites)
     _count(keep_checkpoints, "keep_checkpoints", 1)
+    if max_num_examples is not None:
+        _count(max_num_examples, "max_num_examples", 1)
     layout = resolve_layout(spec, workdir)
     pre = Path(os.environ["nnUNet_preprocessed"]) if workdir is None else Path(workdir) / "nnUNet_preprocessed"
+    from nnunetv2_fedkd.federated.planning import planned_case_counts
+    try:
+        bounds = UpdateBounds(site_cases={k: v for k, v in planned_case_counts(pre / layout.coordinator).items()
+                                          if k in {s.name for s in chosen}},
+                              max_num_examples=max_num_examples, max_update_ratio=max_update_ratio,
+                              large_updates=large_updates)
+    except ValueError as e:
+        raise FederateError(str(e)) from e
     res = Path(os.environ["nnUNet_results"]) if workdir is None else Path(workdir) / "nnUNet_results"
     coord_plans = pre / layout.coordinator / f"{plans}.json"
     if not coord_plans.is_file():
@@ -299,12 +314,13 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
     server_cfg = atomic_write_json(run_dir / "server_trainer.json", {**trainer_settings, "global_model": None})
     server = ServerModel(layout.coordinator, trainer, plans, server_cfg, device)
     core = RoundCore(run_dir, strat, rounds, digest, trainer_settings, min_sites=min_sites, log=log,
-                     keep_checkpoints=keep_checkpoints)
+                     keep_checkpoints=keep_checkpoints, bounds=bounds)
     core.start(server.initial_weights(seed), resume=resume)
     atomic_write_json(run_dir / "run.json", {
         "spec": str(spec.path) if spec.path else None, "plans_dataset": layout.coordinator, "trainer": trainer,
         "plans": plans, "rounds": rounds, "strategy": strat.hyperparameters(), "settings": trainer_settings,
-        "sites": {s.name: layout.views[s.name] for s in chosen}, "min_sites": min_sites, "seed": seed})
+        "sites": {s.name: layout.views[s.name] for s in chosen}, "min_sites": min_sites, "seed": seed,
+        "update_bounds": bounds.record()})
     log(f"federation {spec.name}: {len(chosen)} sites, {rounds} rounds of {strat.name}, trainer {trainer}, "
         f"plans {plans}; run folder {run_dir}")
     return FederationServer(spec, layout, chosen, trainer, plans, trainer_settings, model_dir, run_dir, server, core,
@@ -319,7 +335,9 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
              evaluate: bool = True, evaluate_every: int = 1,
              evaluate_patches: Optional[int] = None, resume: bool = True, seed: int = 0,
              sites: Optional[Sequence[str]] = None, workdir: Optional[Path] = None,
-             keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS, log=print) -> Dict[str, Any]:
+             keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
+             max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO, large_updates: str = "reject",
+             max_num_examples: Optional[int] = None, log=print) -> Dict[str, Any]:
     """Run (or resume) the federation; returns a summary (model folder, metrics files, last round's record).
 
     ``local_iterations`` N: one local epoch of N iterations per round; ``local_epochs`` E: E local epochs of
@@ -334,7 +352,8 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
                             strategy=strategy, strategy_options=strategy_options, trainer=trainer, plans=plans,
                             settings_file=settings_file, settings=settings, device=device, min_sites=min_sites,
                             resume=resume, seed=seed, sites=sites, workdir=workdir,
-                            keep_checkpoints=keep_checkpoints, log=log)
+                            keep_checkpoints=keep_checkpoints, max_update_ratio=max_update_ratio,
+                            large_updates=large_updates, max_num_examples=max_num_examples, log=log)
     core = fs.core
     site_objs = [NnUNetSite(s.name, fs.layout.views[s.name], s.organs, fs.site_dir(s.name), trainer, plans,
                             device=device, log=log) for s in fs.sites]

@@ -28,6 +28,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from nnunetv2_fedkd.env import apply_env
+from nnunetv2_fedkd.federated.aggregation import DEFAULT_MAX_UPDATE_RATIO
 from nnunetv2_fedkd.federated.nnunet_site import DEFAULT_EVALUATION_PATCHES
 from nnunetv2_fedkd.federated.round_core import DEFAULT_KEEP_CHECKPOINTS
 from nnunetv2_fedkd.flower.strategy import SiteDirectory, evaluate_round, train_round, wait_for_nodes
@@ -65,7 +66,10 @@ def federation_arguments(rc: Mapping[str, Any]) -> Dict[str, Any]:
                 settings=_json_object(rc, "settings"),
                 device=str(rc.get("device", "cpu")), min_sites=int(rc.get("min-sites", 1)),
                 resume=bool(rc.get("resume", True)), seed=int(rc.get("seed", 0)), sites=sites or None,
-                keep_checkpoints=int(rc.get("keep-checkpoints", DEFAULT_KEEP_CHECKPOINTS)))
+                keep_checkpoints=int(rc.get("keep-checkpoints", DEFAULT_KEEP_CHECKPOINTS)),
+                max_update_ratio=float(rc.get("max-update-ratio", DEFAULT_MAX_UPDATE_RATIO)) or None,
+                large_updates=str(rc.get("large-updates", "reject")),
+                max_num_examples=int(rc.get("max-num-examples", 0)) or None)
 
 
 @app.main()
