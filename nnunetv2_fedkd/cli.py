@@ -167,6 +167,7 @@ def _cmd_federate(args) -> int:
                  min_sites=args.min_sites, evaluate=not args.no_evaluate, evaluate_every=args.evaluate_every,
                  evaluate_patches=args.evaluate_patches, resume=not args.restart_refused,
                  seed=args.seed, sites=args.sites, large_updates=args.large_updates,
+                 resume_with_new_settings=args.resume_with_new_settings,
                  max_update_ratio=args.max_update_ratio or None, max_num_examples=args.max_num_examples or None,
                  **({} if args.keep_checkpoints is None else {"keep_checkpoints": args.keep_checkpoints}))
     except (FederateError, FederationStateError, SiteErrorWillRecur, PlansMismatch, ValueError) as e:
@@ -335,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--sites", nargs="+", default=None, help="only these sites of the spec (default: all)")
     f.add_argument("--no-resume", dest="restart_refused", action="store_true",
                    help="refuse to continue an existing run folder instead of resuming it")
+    f.add_argument("--resume-with-new-settings", action="store_true",
+                   help="resume a run folder that was trained with other settings (rounds, local iterations, "
+                        "trainer settings, strategy options, sites, min-sites, ...) instead of refusing it; the "
+                        "changes are recorded in its state.json")
     f.set_defaults(func=_cmd_federate)
 
     k = sub.add_parser("check-spec", help="validate a federation spec (and, with --datasets, the sites' datasets)")

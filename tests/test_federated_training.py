@@ -87,7 +87,16 @@ def test_fedkd_resume_privacy_stock_predict_and_beats_naive_fedavg(tiny_federati
     assert killed, log1.read_text()[-3000:]
     assert json.loads((run / "state.json").read_text())["completed_rounds"] == 1
 
-    # 2. the same command resumes with round 2; no round is lost or repeated
+    # 2. a resume with other settings is refused before any training, naming the difference; the same command
+    #    resumes with round 2; no round is lost or repeated
+    state_before = (run / "state.json").read_text()
+    other = federate_cmd(fed.spec.path, settings_file, "nnUNetTrainerFedKD", "fedavg", ROUNDS, ITERATIONS // 2,
+                         "--no-evaluate")
+    out = subprocess.run(other, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"settings.num_iterations_per_epoch: {ITERATIONS} -> {ITERATIONS // 2}" in out.stderr, out.stderr[-3000:]
+    assert "--resume-with-new-settings" in out.stderr and "Traceback" not in out.stderr
+    assert (run / "state.json").read_text() == state_before
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"after round 1/{ROUNDS}" in out.stdout
@@ -97,6 +106,10 @@ def test_fedkd_resume_privacy_stock_predict_and_beats_naive_fedavg(tiny_federati
     sites = [s.name for s in fed.spec.sites]
     for h in history:
         assert h["aggregated"] and sorted(h["accepted"]) == sorted(sites), h
+        # every honest update passes the default update bound, and its size relative to the global model is recorded
+        assert sorted(h["update_ratios"]) == sorted(sites) and all(0 < r < 10 for r in h["update_ratios"].values())
+    print("update ratios ||w_site - w_global|| / ||w_global|| per round:",
+          json.dumps([h["update_ratios"] for h in history]))
     assert len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + ROUNDS
     assert (run / "progress.png").stat().st_size > 1000
 

@@ -60,6 +60,17 @@ def test_what_cannot_work_is_refused_before_anything_is_written(spec, tmp_path, 
     assert not (tmp_path / "wd").exists()
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"max_update_ratio": -1.0}, "max_update_ratio must be a finite number > 0 or None, got -1.0"),
+    ({"large_updates": "ignore"}, "large_updates must be 'reject' or 'clip', got 'ignore'"),
+    ({"max_num_examples": 0}, "max_num_examples must be an integer >= 1, got 0"),
+])
+def test_update_bounds_that_cannot_work_are_refused_before_anything_is_written(spec, tmp_path, change, message):
+    with pytest.raises(FederateError, match=message):
+        prepare_federation(spec, 3, **GOOD, **change, workdir=tmp_path / "wd")
+    assert not (tmp_path / "wd").exists()
+
+
 def test_rounds_must_be_positive(spec, tmp_path):
     with pytest.raises(FederateError, match="rounds must be an integer >= 1, got 0"):
         prepare_federation(spec, 0, **GOOD, workdir=tmp_path / "wd")

@@ -64,9 +64,12 @@ def run(core, sites, stop_after=None):
         engine_round(core, sites, evaluate=True)
 
 
-def make_core(tmp_path, rounds=3, min_sites=1, strategy="fedavg", digest=DIGEST, log=None):
-    return RoundCore(tmp_path / "run", make_strategy(strategy), rounds, digest, {"num_epochs": 1},
-                     min_sites=min_sites, log=log or (lambda s: None))
+def make_core(tmp_path, rounds=3, min_sites=1, strategy="fedavg", digest=DIGEST, log=None, settings=None,
+              options=None, run_settings=None, allow_new_settings=False):
+    return RoundCore(tmp_path / "run", make_strategy(strategy, **(options or {})), rounds, digest,
+                     settings or {"num_epochs": 1}, min_sites=min_sites, log=log or (lambda s: None),
+                     run_settings=run_settings or {"trainer": "nnUNetTrainerFedKD", "sites": ["kidney", "liver"]},
+                     allow_new_settings=allow_new_settings)
 
 
 def test_rounds_average_and_record(tmp_path):
@@ -146,7 +149,7 @@ def test_resume_refuses_other_plans_settings_and_corrupt_checkpoints(tmp_path):
     run(core, [ToySite("liver", 2.0)], stop_after=1)
     with pytest.raises(FederationStateError, match="other plans"):
         make_core(tmp_path, digest="cd" * 32).start(init_weights())
-    with pytest.raises(FederationStateError, match="5 rounds"):
+    with pytest.raises(FederationStateError, match="total_rounds: 3 -> 5"):
         make_core(tmp_path, rounds=5).start(init_weights())
     with pytest.raises(FederationStateError, match="exists"):
         make_core(tmp_path).start(init_weights(), resume=False)
@@ -321,3 +324,82 @@ def test_a_run_folder_without_its_state_file_is_not_restarted_silently(tmp_path)
     with pytest.raises(FederationStateError, match="global_round_0002.fedkd.*metrics.json.*but no state.json"):
         make_core(tmp_path).start(init_weights())
     assert (tmp_path / "run" / "metrics.json").read_text() == metrics  # nothing wiped
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the resume contract
+# ----------------------------------------------------------------------------------------------------------------------
+def test_a_resume_with_other_settings_is_refused_listing_every_difference(tmp_path):
+    core = make_core(tmp_path)
+    core.start(init_weights())
+    run(core, [ToySite("liver", 2.0)], stop_after=1)
+    before = (tmp_path / "run" / "state.json").read_text()
+    changed = dict(settings={"num_epochs": 2, "initial_lr": 0.1}, min_sites=2,
+                   run_settings={"trainer": "nnUNetTrainerFedKD", "sites": ["liver"]})
+    with pytest.raises(FederationStateError) as e:
+        make_core(tmp_path, **changed).start(init_weights())
+    msg = str(e.value)
+    for diff in ("settings.num_epochs: 1 -> 2", "settings.initial_lr: None -> 0.1", "min_sites: 1 -> 2",
+                 "sites: ['kidney', 'liver'] -> ['liver']", "--resume-with-new-settings"):
+        assert diff in msg, (diff, msg)
+    with pytest.raises(FederationStateError, match="strategy 'fedavg', not 'fedprox'"):
+        make_core(tmp_path, strategy="fedprox").start(init_weights())
+    with pytest.raises(FederationStateError, match=r"strategy.mu: 0.01 -> 0.1"):
+        core2 = make_core(tmp_path / "prox", strategy="fedprox")
+        core2.start(init_weights())
+        run(core2, [ToySite("liver", 2.0)], stop_after=1)
+        make_core(tmp_path / "prox", strategy="fedprox", options={"mu": 0.1}).start(init_weights())
+    assert (tmp_path / "run" / "state.json").read_text() == before  # a refused resume writes nothing
+
+
+def test_resume_with_new_settings_on_purpose_records_them_per_round(tmp_path):
+    core = make_core(tmp_path, rounds=3)
+    core.start(init_weights())
+    run(core, [ToySite("liver", 2.0)], stop_after=1)
+    with pytest.raises(FederationStateError, match="strategy"):  # never another strategy, even when asked
+        make_core(tmp_path, rounds=3, strategy="fedadam", allow_new_settings=True).start(init_weights())
+    lines = []
+    more = make_core(tmp_path, rounds=4, settings={"num_epochs": 2}, allow_new_settings=True, log=lines.append)
+    more.start(init_weights())
+    assert more.state.completed_rounds == 1
+    assert any("resuming with new settings after round 1" in line for line in lines)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())  # recorded at once, before any training
+    assert state["settings_changes"] == [{"after_round": 1, "changes": {
+        "settings.num_epochs": {"was": 1, "now": 2}, "total_rounds": {"was": 3, "now": 4}}}]
+    assert state["contract"]["settings"] == {"num_epochs": 2}
+    run(more, [ToySite("liver", 2.0)])
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["completed_rounds"] == 4 and len(state["settings_changes"]) == 1  # kept by every later commit
+    # the new settings are the contract now: resuming with them needs no flag, with the old ones is refused
+    assert make_core(tmp_path, rounds=4, settings={"num_epochs": 2}).start(init_weights()).completed_rounds == 4
+    with pytest.raises(FederationStateError, match="settings.num_epochs: 2 -> 1"):
+        make_core(tmp_path, rounds=4).start(init_weights())
+    with pytest.raises(FederationStateError, match="completed 4 rounds, more than the 3 asked"):
+        make_core(tmp_path, rounds=3, settings={"num_epochs": 2}, allow_new_settings=True).start(init_weights())
+
+
+def test_a_state_file_from_before_the_contract_is_compared_on_what_it_recorded(tmp_path):
+    core = make_core(tmp_path)
+    core.start(init_weights())
+    run(core, [ToySite("liver", 2.0)], stop_after=1)
+    f = tmp_path / "run" / "state.json"
+    old = {k: v for k, v in json.loads(f.read_text()).items() if k not in ("contract", "settings_changes")}
+    f.write_text(json.dumps(old))
+    assert make_core(tmp_path, run_settings={"trainer": "other"}).start(init_weights()).completed_rounds == 1
+    with pytest.raises(FederationStateError, match="settings.num_epochs: 1 -> 5"):
+        make_core(tmp_path, settings={"num_epochs": 5}).start(init_weights())
+
+
+def test_a_run_that_completed_no_round_starts_again_with_new_settings(tmp_path):
+    core = make_core(tmp_path)
+    core.start(init_weights())  # then a crash (or a deterministic site error) in round 1
+    lines = []
+    again = make_core(tmp_path, settings={"num_epochs": 3}, strategy="fedadam", log=lines.append)
+    assert again.start({k: v + 1 for k, v in init_weights().items()}).completed_rounds == 0
+    assert any("completed no round yet" in line for line in lines)
+    assert float(again.state.weights["w"][0]) == 1.0
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["contract"]["settings"] == {"num_epochs": 3}
+    # a crash between the initial checkpoint and the first state.json leaves only round 0: not an earlier run
+    (tmp_path / "run" / "state.json").unlink()
+    (tmp_path / "run" / "metrics.json").unlink()
+    assert make_core(tmp_path).start(init_weights()).completed_rounds == 0

@@ -19,6 +19,13 @@ ServerApp (:mod:`nnunetv2_fedkd.flower`) both drive a federation through :class:
    completed exactly when ``state.json`` names it. :meth:`RoundCore.resume` restarts after the last completed round,
    so after a crash no round is lost and none is repeated.
 
+Resume is a contract (:meth:`RoundCore.contract`): ``state.json`` records every setting that shapes training (rounds,
+strategy and its options, the sites' training settings, min_sites, update bounds and the engine's run settings:
+trainer, plans, sites, seed). A resume with any of them different is refused, listing each difference, unless it is
+asked for (``allow_new_settings``); then the differences are recorded in ``settings_changes`` with the round they
+apply after, so the earlier rounds' settings are never lost. Another strategy is always refused (its server state
+would not carry over).
+
 Checkpoint folder layout (``<run>/``)::
 
     state.json                 completed_rounds, files of the current global weights and strategy state, history
@@ -126,13 +133,18 @@ class RoundCore:
             whose newest checkpoint is damaged goes back to the newest intact one, saying so.
         bounds: plausibility bounds on every update (:class:`~nnunetv2_fedkd.federated.aggregation.UpdateBounds`);
             None: form checks only.
+        run_settings: the engine's other settings that shape training (JSON: trainer, plans, sites, seed, ...),
+            part of the resume contract.
+        allow_new_settings: resume a run folder whose contract differs (recorded in ``settings_changes``) instead of
+            refusing it.
         log: callable taking one line (progress and warnings).
     """
 
     def __init__(self, run_dir: Path, strategy: Strategy, total_rounds: int, plans_digest: str,
                  settings: Optional[Mapping[str, Any]] = None, min_sites: int = 1,
                  log: Callable[[str], Any] = print, keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
-                 bounds: Optional[UpdateBounds] = None):
+                 bounds: Optional[UpdateBounds] = None, run_settings: Optional[Mapping[str, Any]] = None,
+                 allow_new_settings: bool = False):
         if total_rounds < 1:
             raise ValueError(f"total_rounds must be >= 1, got {total_rounds}")
         if min_sites < 1:
@@ -147,9 +159,13 @@ class RoundCore:
         self.settings = dict(settings or {})
         self.min_sites = int(min_sites)
         self.bounds = bounds
+        self.run_settings = dict(run_settings or {})
+        self.allow_new_settings = bool(allow_new_settings)
+        self.settings_changes: List[Dict[str, Any]] = []
         self.log = log
         self.state: Optional[FederationState] = None
         json.dumps(self.settings)  # must travel as JSON
+        json.dumps(self.run_settings)
 
     # -- state --------------------------------------------------------------------------------------------------------
     @property
@@ -163,20 +179,49 @@ class RoundCore:
         if self.state_file.exists():
             if not resume:
                 raise FederationStateError(f"{self.state_file} exists: resume it, or use a new run folder")
-            return self.resume()
+            return self.resume(initial_weights)
         leftovers = sorted(p.name for p in self.run_dir.glob("global_round_*.fedkd")) + \
             [n for n in ("metrics.json",) if (self.run_dir / n).exists()]
+        if leftovers == [_global_file(self.run_dir, 0).name]:
+            leftovers = []  # a crash between the initial checkpoint and the first state.json: nothing was trained
         if leftovers:  # a run that lost its state file must not silently start again over its records
             raise FederationStateError(
                 f"{self.run_dir} holds the files of an earlier run ({', '.join(leftovers[-3:])}) but no state.json: "
                 f"restore {self.state_file.name} to resume it, or move the folder away to start a new run")
+        return self._fresh_start(initial_weights)
+
+    def _fresh_start(self, initial_weights: Mapping[str, torch.Tensor]) -> FederationState:
         weights = {k: v.detach().cpu().clone() for k, v in initial_weights.items()}
         save_weights(_global_file(self.run_dir, 0), weights, self._meta(0))
         self.state = FederationState(0, weights, [])
         self._write_state()
         return self.state
 
-    def resume(self) -> FederationState:
+    def contract(self) -> Dict[str, Any]:
+        """Every setting that shapes training, as recorded in ``state.json``: a resume must match it (or be asked
+        to continue with new settings)."""
+        return {"total_rounds": self.total_rounds, "strategy": self.strategy.hyperparameters(),
+                "settings": self.settings, "min_sites": self.min_sites,
+                "update_bounds": self.bounds.record() if self.bounds is not None else None, **self.run_settings}
+
+    def _contract_changes(self, raw: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+        """``{dotted key: {"was": ..., "now": ...}}`` between the recorded contract and this one. A state file from
+        before the contract is compared on what it recorded."""
+        was = raw.get("contract")
+        if not isinstance(was, dict):
+            was = {"total_rounds": raw.get("total_rounds"), "strategy": raw.get("strategy_hyperparameters"),
+                   "settings": raw.get("settings"), "min_sites": raw.get("min_sites")}
+            was = {k: v for k, v in was.items() if v is not None}
+        now = json.loads(json.dumps(self.contract()))  # as it reads back from the file (tuples are lists, ...)
+        a, b = _flatten(was), _flatten({k: v for k, v in now.items() if k in was})
+        missing = object()
+        return {k: {"was": a.get(k), "now": b.get(k)} for k in sorted(set(a) | set(b))
+                if a.get(k, missing) != b.get(k, missing)}
+
+    def resume(self, initial_weights: Optional[Mapping[str, torch.Tensor]] = None) -> FederationState:
+        """Continue after the last completed round recorded in ``state.json`` (see the module's resume contract).
+        With ``initial_weights``, a run folder that completed no round yet starts again with the new settings
+        instead of refusing them (nothing was trained under the old ones)."""
         f = self.state_file
         try:
             raw = json.loads(f.read_text())
@@ -195,13 +240,33 @@ class RoundCore:
                                        f"0..{raw['total_rounds']}")
         if raw.get("strategy_state") is not None and not isinstance(raw.get("strategy_state"), str):
             raise FederationStateError(f"{f} is damaged: 'strategy_state' must be a file name or null")
+        if raw["completed_rounds"] == 0 and not raw["history"] and initial_weights is not None:
+            changes = self._contract_changes(raw)
+            if changes or raw["plans_digest"] != self.plans_digest or raw["strategy"] != self.strategy.name:
+                listed = "; ".join(f"{k}: {v['was']!r} -> {v['now']!r}" for k, v in changes.items())
+                self.log(f"{f} completed no round yet: starting again with the new settings ({listed or 'plans'})")
+                return self._fresh_start(initial_weights)
         if raw.get("plans_digest") != self.plans_digest:
             raise FederationStateError(f"{f} belongs to a federation with other plans (digest "
                                        f"{str(raw.get('plans_digest'))[:12]}..., now {self.plans_digest[:12]}...)")
-        if raw.get("total_rounds") != self.total_rounds or raw.get("strategy") != self.strategy.name:
+        if raw["strategy"] != self.strategy.name:
             raise FederationStateError(
-                f"{f} was started with {raw.get('total_rounds')} rounds of {raw.get('strategy')!r}; resume it with "
-                f"the same settings (asked: {self.total_rounds} rounds of {self.strategy.name!r})")
+                f"{f} is a run of strategy {raw['strategy']!r}, not {self.strategy.name!r}: its server state does not "
+                f"carry over to another strategy; resume it with {raw['strategy']!r} or use a new run folder")
+        if raw["completed_rounds"] > self.total_rounds:
+            raise FederationStateError(f"{f} has completed {raw['completed_rounds']} rounds, more than the "
+                                       f"{self.total_rounds} asked")
+        changes = self._contract_changes(raw)
+        listed = "; ".join(f"{k}: {v['was']!r} -> {v['now']!r}" for k, v in changes.items())
+        if changes and not self.allow_new_settings:
+            raise FederationStateError(
+                f"{f} was trained with other settings ({listed}). Resume it with the same settings, or continue "
+                f"with the new ones on purpose (`--resume-with-new-settings`; Flower run config "
+                f"resume-with-new-settings=true: recorded in its settings_changes), or use a new run folder")
+        past = raw.get("settings_changes") or []
+        if not isinstance(past, list):
+            raise FederationStateError(f"{f} is damaged: 'settings_changes' must be a list")
+        self.settings_changes = list(past)
         done = int(raw["completed_rounds"])
         history = list(raw.get("history", []))
         stateful = bool(raw.get("strategy_state"))
@@ -219,8 +284,11 @@ class RoundCore:
         if sstate is not None:
             self.strategy.load_state_dict(sstate)
         self.state = FederationState(done, weights, history)
-        if done != int(raw["completed_rounds"]):
-            self._write_state()  # state.json and metrics.json now name the round resumed from
+        if changes:
+            self.settings_changes.append({"after_round": done, "changes": changes})
+            self.log(f"resuming with new settings after round {done}: {listed} (recorded in {f.name})")
+        if changes or done != int(raw["completed_rounds"]):
+            self._write_state()  # state.json names the round resumed from and the settings from now on
         self.log(f"resuming {self.run_dir} after round {done}/{self.total_rounds}")
         return self.state
 
@@ -264,6 +332,7 @@ class RoundCore:
             "strategy_hyperparameters": self.strategy.hyperparameters(), "plans_digest": self.plans_digest,
             "settings": self.settings, "min_sites": self.min_sites,
             "update_bounds": self.bounds.record() if self.bounds is not None else None,
+            "contract": self.contract(), "settings_changes": self.settings_changes,
             "global_weights": _global_file(self.run_dir, s.completed_rounds).name, "strategy_state": sfile,
             "history": s.history,
         })
@@ -348,6 +417,16 @@ class RoundCore:
         self.state = FederationState(done, pending.result.weights, s.history + [record])
         self._write_state()
         return record
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _jsonable(d: Mapping[str, Any]) -> Dict[str, Any]:

@@ -261,7 +261,8 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
                        workdir: Optional[Path] = None, check_site_plans: bool = True,
                        keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
                        max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO, large_updates: str = "reject",
-                       max_num_examples: Optional[int] = None, log=print) -> FederationServer:
+                       max_num_examples: Optional[int] = None, resume_with_new_settings: bool = False,
+                       log=print) -> FederationServer:
     """Everything before the first round (arguments as :func:`federate`): the federation's plans and digest, the
     trainer settings, the global model's definition, the strategy and the round core, started (or resumed) in
     ``$nnUNet_results/<plans dataset>/<trainer>__<plans>__3d_fullres/federation``, and ``run.json``.
@@ -269,7 +270,8 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
     visible, as in :func:`federate`; a site refuses other plans itself anyway). ``max_update_ratio``,
     ``large_updates``, ``max_num_examples``: the :class:`~nnunetv2_fedkd.federated.aggregation.UpdateBounds` every
     update must keep (None: unbounded); every site's claimed case count is also bounded by the cases it had when the
-    federation was planned (the plans record)."""
+    federation was planned (the plans record). ``resume_with_new_settings``: resume a run folder trained with other
+    settings (recorded in its ``state.json``) instead of refusing it."""
     from nnunetv2_fedkd.federated.planning import check_site_plans as check_plans
     from nnunetv2_fedkd.federated.planning import federation_plans_digest, resolve_layout
 
@@ -314,13 +316,15 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
     server_cfg = atomic_write_json(run_dir / "server_trainer.json", {**trainer_settings, "global_model": None})
     server = ServerModel(layout.coordinator, trainer, plans, server_cfg, device)
     core = RoundCore(run_dir, strat, rounds, digest, trainer_settings, min_sites=min_sites, log=log,
-                     keep_checkpoints=keep_checkpoints, bounds=bounds)
+                     keep_checkpoints=keep_checkpoints, bounds=bounds, allow_new_settings=resume_with_new_settings,
+                     run_settings={"trainer": trainer, "plans": plans, "sites": sorted(s.name for s in chosen),
+                                   "seed": seed})
     core.start(server.initial_weights(seed), resume=resume)
     atomic_write_json(run_dir / "run.json", {
         "spec": str(spec.path) if spec.path else None, "plans_dataset": layout.coordinator, "trainer": trainer,
         "plans": plans, "rounds": rounds, "strategy": strat.hyperparameters(), "settings": trainer_settings,
         "sites": {s.name: layout.views[s.name] for s in chosen}, "min_sites": min_sites, "seed": seed,
-        "update_bounds": bounds.record()})
+        "update_bounds": bounds.record(), "settings_changes": core.settings_changes})
     log(f"federation {spec.name}: {len(chosen)} sites, {rounds} rounds of {strat.name}, trainer {trainer}, "
         f"plans {plans}; run folder {run_dir}")
     return FederationServer(spec, layout, chosen, trainer, plans, trainer_settings, model_dir, run_dir, server, core,
@@ -337,7 +341,8 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
              sites: Optional[Sequence[str]] = None, workdir: Optional[Path] = None,
              keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
              max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO, large_updates: str = "reject",
-             max_num_examples: Optional[int] = None, log=print) -> Dict[str, Any]:
+             max_num_examples: Optional[int] = None, resume_with_new_settings: bool = False,
+             log=print) -> Dict[str, Any]:
     """Run (or resume) the federation; returns a summary (model folder, metrics files, last round's record).
 
     ``local_iterations`` N: one local epoch of N iterations per round; ``local_epochs`` E: E local epochs of
@@ -353,7 +358,8 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
                             settings_file=settings_file, settings=settings, device=device, min_sites=min_sites,
                             resume=resume, seed=seed, sites=sites, workdir=workdir,
                             keep_checkpoints=keep_checkpoints, max_update_ratio=max_update_ratio,
-                            large_updates=large_updates, max_num_examples=max_num_examples, log=log)
+                            large_updates=large_updates, max_num_examples=max_num_examples,
+                            resume_with_new_settings=resume_with_new_settings, log=log)
     core = fs.core
     site_objs = [NnUNetSite(s.name, fs.layout.views[s.name], s.organs, fs.site_dir(s.name), trainer, plans,
                             device=device, log=log) for s in fs.sites]

@@ -69,7 +69,8 @@ def federation_arguments(rc: Mapping[str, Any]) -> Dict[str, Any]:
                 keep_checkpoints=int(rc.get("keep-checkpoints", DEFAULT_KEEP_CHECKPOINTS)),
                 max_update_ratio=float(rc.get("max-update-ratio", DEFAULT_MAX_UPDATE_RATIO)) or None,
                 large_updates=str(rc.get("large-updates", "reject")),
-                max_num_examples=int(rc.get("max-num-examples", 0)) or None)
+                max_num_examples=int(rc.get("max-num-examples", 0)) or None,
+                resume_with_new_settings=bool(rc.get("resume-with-new-settings", False)))
 
 
 @app.main()
