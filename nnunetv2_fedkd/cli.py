@@ -146,7 +146,7 @@ def _cmd_plan(args) -> int:
 
 def _cmd_federate(args) -> int:
     from nnunetv2_fedkd.federated.planning import PlansMismatch
-    from nnunetv2_fedkd.federated.round_core import FederationStateError, SiteErrorWillRecur
+    from nnunetv2_fedkd.federated.round_core import FederationStateError, FederationStopped
     from nnunetv2_fedkd.federated.runner import FederateError, federate
     from nnunetv2_fedkd.spec import load_spec
 
@@ -167,10 +167,10 @@ def _cmd_federate(args) -> int:
                  min_sites=args.min_sites, evaluate=not args.no_evaluate, evaluate_every=args.evaluate_every,
                  evaluate_patches=args.evaluate_patches, resume=not args.restart_refused,
                  seed=args.seed, sites=args.sites, large_updates=args.large_updates,
-                 resume_with_new_settings=args.resume_with_new_settings,
+                 resume_with_new_settings=args.resume_with_new_settings, round_attempts=args.round_attempts,
                  max_update_ratio=args.max_update_ratio or None, max_num_examples=args.max_num_examples or None,
                  **({} if args.keep_checkpoints is None else {"keep_checkpoints": args.keep_checkpoints}))
-    except (FederateError, FederationStateError, SiteErrorWillRecur, PlansMismatch, ValueError) as e:
+    except (FederateError, FederationStateError, FederationStopped, PlansMismatch, ValueError) as e:
         print(f"nnunetv2_fedkd federate: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -184,6 +184,7 @@ def _cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from nnunetv2_fedkd.federated.aggregation import DEFAULT_MAX_UPDATE_RATIO
+    from nnunetv2_fedkd.federated.round_core import DEFAULT_ROUND_ATTEMPTS
     from nnunetv2_fedkd.spec import CONVERTER_FORMATS
 
     p = argparse.ArgumentParser(prog="nnunetv2_fedkd", description=__doc__,
@@ -313,7 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     f.add_argument("--config", type=Path, default=None, help="trainer settings (JSON) sent to every site")
     f.add_argument("-device", dest="device", default="cuda", choices=["cuda", "cpu", "mps"])
-    f.add_argument("--min-sites", type=int, default=1, help="least valid updates for a round to be aggregated")
+    f.add_argument("--min-sites", type=int, default=1,
+                   help="least valid updates for a round to be aggregated and committed (default 1)")
+    f.add_argument("--round-attempts", type=int, default=DEFAULT_ROUND_ATTEMPTS, metavar="N",
+                   help="a round with fewer than --min-sites valid updates runs again, at most N times in a row, "
+                        f"then the federation stops with nothing of that round committed (default "
+                        f"{DEFAULT_ROUND_ATTEMPTS})")
     f.add_argument("--no-evaluate", action="store_true", help="skip the sites' validation of each global model")
     f.add_argument("--evaluate-every", type=int, default=1, metavar="K",
                    help="the sites validate the global model every K rounds and after the last (default 1)")

@@ -54,7 +54,10 @@ def engine_round(core, sites, evaluate=False):
             core.check_failure(s.name, reason)
             fails.append((s.name, reason))
     pending = core.aggregate(ups, fails)
+    if not core.accept(pending):
+        return False
     core.commit(pending, {s.name: s.evaluate(pending.result.weights, instr) for s in sites} if evaluate else None)
+    return True
 
 
 def run(core, sites, stop_after=None):
@@ -113,13 +116,69 @@ def test_failed_and_nonfinite_sites_are_dropped_and_rejoin(tmp_path):
     assert any("liver" in l and "lost its connection" in l for l in lines)
 
 
-def test_min_sites_keeps_global_weights(tmp_path):
-    core = make_core(tmp_path, rounds=1, min_sites=2)
+class FlakySite(ToySite):
+    """Loses its connection in its first ``failures`` attempts (whatever the round)."""
+
+    def __init__(self, *args, failures=1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.failures = failures
+
+    def fit(self, global_file, instructions):
+        if self.failures > 0:
+            self.failures -= 1
+            self.seen.append(instructions["round"])
+            raise RuntimeError(f"{self.name} lost its connection")
+        return super().fit(global_file, instructions)
+
+
+def test_a_round_with_fewer_than_min_sites_updates_is_not_committed_but_run_again(tmp_path):
+    lines = []
+    core = make_core(tmp_path, rounds=1, min_sites=2, log=lines.append)
     core.start(init_weights())
-    run(core, [ToySite("liver", 2.0), ToySite("kidney", 6.0, fail_rounds={0})])
+    flaky, other = FlakySite("kidney", 6.0, failures=1), ToySite("liver", 2.0)
+    assert engine_round(core, [other, flaky]) is False  # 1 valid update < min_sites 2: nothing committed
+    assert core.state.completed_rounds == 0 and json.loads((tmp_path / "run" / "state.json").read_text())[
+        "completed_rounds"] == 0
+    assert any("1 valid update(s), fewer than min_sites=2" in l and "round 1 runs again (attempt 2/3)" in l
+               and "kidney lost its connection" in l for l in lines)
+    with pytest.raises(RuntimeError, match="not committed"):  # the engine cannot commit it by mistake either
+        core.commit(core.aggregate([other.fit(core.global_weights_file, core.fit_instructions())],
+                                   [("kidney", "RuntimeError: lost")]))
+    assert engine_round(core, [other, flaky]) is True  # the site is back: round 1 is committed from both
     rec = core.state.history[0]
-    assert rec["aggregated"] is False and rec["accepted"] == []
+    assert rec["aggregated"] and rec["accepted"] == ["liver", "kidney"]
+    assert rec["attempts"] == 2 and len(rec["failed_attempts"]) == 1
+    assert rec["failed_attempts"][0]["failed"][0]["site"] == "kidney"
+
+
+def test_too_few_updates_round_after_round_stops_the_federation(tmp_path):
+    from nnunetv2_fedkd.federated.round_core import TooFewUpdates
+
+    core = make_core(tmp_path, rounds=2, min_sites=2)
+    core.start(init_weights())
+    sites = [ToySite("liver", 2.0), FlakySite("kidney", 6.0, failures=10)]
+    assert engine_round(core, sites) is False and engine_round(core, sites) is False
+    with pytest.raises(TooFewUpdates) as e:
+        engine_round(core, sites)
+    msg = str(e.value)
+    assert "round 1: fewer than min_sites=2 valid updates in 3 attempt(s)" in msg and "kidney" in msg
+    assert "resumes after round 0" in msg
+    assert core.state.completed_rounds == 0 and not core.state.history
     assert torch.equal(core.state.weights["w"], torch.zeros(3))
+
+
+def test_every_site_failing_the_same_way_is_a_configuration_error(tmp_path):
+    from nnunetv2_fedkd.federated.round_core import SiteErrorWillRecur
+
+    core = make_core(tmp_path, rounds=2)
+    core.start(init_weights())
+    same = [("liver", "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB (liver: 3.1 GiB free)"),
+            ("kidney", "RuntimeError: CUDA out of memory. Tried to allocate 4.00 GiB (kidney: 1.2 GiB free)")]
+    with pytest.raises(SiteErrorWillRecur, match="every site \\(liver, kidney\\) failed the same way"):
+        core.aggregate([], same)
+    # different transient failures, or one site still training: the round runs again
+    assert not core.aggregate([], [same[0], ("kidney", "OSError: connection reset")]).result.aggregated
+    assert not core.aggregate([], same[:1]).result.aggregated
 
 
 def test_resume_after_crash_loses_and_repeats_no_round(tmp_path):

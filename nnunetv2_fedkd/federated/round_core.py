@@ -11,9 +11,11 @@ ServerApp (:mod:`nnunetv2_fedkd.flower`) both drive a federation through :class:
    (a killed site, a timeout, out of memory) leaves the site out of this round only.
 3. ``pending = core.aggregate(updates, failures)`` validates the updates (keys, shapes, dtypes, finite values,
    positive case counts, and the :class:`~nnunetv2_fedkd.federated.aggregation.UpdateBounds`: claimed case counts,
-   size of the change), drops (or clips) and logs bad ones, and aggregates the rest with the strategy. With fewer accepted
-   updates than ``min_sites`` the global weights are kept and the round is recorded as not aggregated: the
-   federation goes on, and a failed site can rejoin in the next round.
+   size of the change), drops (or clips) and logs bad ones, and aggregates the rest with the strategy. A round is committed only with at
+   least ``min_sites`` accepted updates: with fewer, ``core.accept(pending)`` is False and the engine runs the round
+   again (the sites that failed transiently may be back), at most ``round_attempts`` times in a row, then the
+   federation stops (:class:`TooFewUpdates`) with nothing of that round committed. When every site of a round failed
+   the same way, that is a configuration error: the federation stops at once (:class:`SiteErrorWillRecur`).
 4. the sites evaluate the new global weights on their own validation cases (optional).
 5. ``core.commit(pending, evaluations)`` writes the round's checkpoint and its record, atomically: the round counts as
    completed exactly when ``state.json`` names it. :meth:`RoundCore.resume` restarts after the last completed round,
@@ -68,9 +70,18 @@ class FederationStateError(RuntimeError):
     """The run folder cannot be resumed (names the file and why)."""
 
 
-class SiteErrorWillRecur(RuntimeError):
-    """A site failed with an error that the next round would raise again (bad data, settings, plans, code): the
-    federation stops at once instead of leaving the site out of every round."""
+class FederationStopped(RuntimeError):
+    """The federation cannot go on: nothing of the round in progress is committed, and the same command resumes after
+    the last committed round once the cause (named in the message) is fixed."""
+
+
+class SiteErrorWillRecur(FederationStopped):
+    """A site failed with an error that the next round would raise again (bad data, settings, plans, code), or every
+    site failed the same way: the federation stops at once instead of leaving sites out of every round."""
+
+
+class TooFewUpdates(FederationStopped):
+    """A round had fewer than ``min_sites`` valid updates in every one of its ``round_attempts`` attempts."""
 
 
 # Exception types whose failure repeats when the same site runs the same code on the same data and settings. Anything
@@ -109,6 +120,14 @@ class FederationState:
 
 #: the newest global checkpoints kept in a run folder (``--keep-checkpoints``)
 DEFAULT_KEEP_CHECKPOINTS = 2
+#: how many times in a row a round with fewer than min_sites valid updates is run before the federation stops
+DEFAULT_ROUND_ATTEMPTS = 3
+_TOO_FEW = "fewer valid updates than min_sites"
+
+
+def _same_failure(site: str, reason: str) -> str:
+    """A failure's text with the site's own name and every number taken out, to compare failures across sites."""
+    return re.sub(r"\d+", "#", str(reason).replace(site, "<site>")).strip()
 
 
 def _global_file(run: Path, completed: int) -> Path:
@@ -137,6 +156,8 @@ class RoundCore:
             part of the resume contract.
         allow_new_settings: resume a run folder whose contract differs (recorded in ``settings_changes``) instead of
             refusing it.
+        round_attempts: how many times in a row a round with fewer than ``min_sites`` valid updates is run before
+            the federation stops (:class:`TooFewUpdates`).
         log: callable taking one line (progress and warnings).
     """
 
@@ -144,13 +165,17 @@ class RoundCore:
                  settings: Optional[Mapping[str, Any]] = None, min_sites: int = 1,
                  log: Callable[[str], Any] = print, keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
                  bounds: Optional[UpdateBounds] = None, run_settings: Optional[Mapping[str, Any]] = None,
-                 allow_new_settings: bool = False):
+                 allow_new_settings: bool = False, round_attempts: int = DEFAULT_ROUND_ATTEMPTS):
         if total_rounds < 1:
             raise ValueError(f"total_rounds must be >= 1, got {total_rounds}")
         if min_sites < 1:
             raise ValueError(f"min_sites must be >= 1, got {min_sites}")
         if keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
+        if round_attempts < 1:
+            raise ValueError(f"round_attempts must be >= 1, got {round_attempts}")
+        self.round_attempts = int(round_attempts)
+        self._failed_attempts: List[Dict[str, Any]] = []  # of the round in progress
         self.keep_checkpoints = int(keep_checkpoints)
         self.run_dir = Path(run_dir)
         self.strategy = strategy
@@ -388,31 +413,65 @@ class RoundCore:
         r = s.completed_rounds
         for site, reason in failures:
             self.check_failure(site, reason)
+        if len(failures) >= 2 and not updates and len({_same_failure(a, b) for a, b in failures}) == 1:
+            site, reason = failures[0]
+            raise SiteErrorWillRecur(
+                f"round {r + 1}: every site ({', '.join(a for a, _ in failures)}) failed the same way: {reason}. "
+                f"That is a configuration error, not a site's bad luck: the federation stops here (round {r + 1} is "
+                f"not committed). Fix the cause and run the same command: it resumes after round {r}.")
         for site, reason in failures:
             self.log(f"round {r + 1}: site {site!r} failed and is left out of this round: {reason}")
         result = aggregate_round(self.strategy, s.weights, updates, r + 1, log=self.log, bounds=self.bounds)
         if result.aggregated and len(result.accepted) < self.min_sites:
-            self.log(f"round {r + 1}: only {len(result.accepted)} valid update(s), fewer than min_sites="
-                     f"{self.min_sites}: the global weights are kept")
             result = RoundResult({k: v.clone() for k, v in s.weights.items()}, r, result.strategy, [],
-                                 result.dropped + [(u, "fewer valid updates than min_sites") for u in result.accepted],
+                                 result.dropped + [(u, _TOO_FEW) for u in result.accepted],
                                  aggregated=False)
         metrics = {u.site: {"num_examples": u.num_examples, **_jsonable(u.metrics)} for u in updates}
         return PendingRound(r, result, list(failures), metrics, started if started is not None else time.time())
 
+    def accept(self, pending: PendingRound) -> bool:
+        """Whether ``pending`` can be committed (at least ``min_sites`` valid updates). If not, the attempt is logged
+        and remembered (the committed round's record lists it) and the engine runs the round again; after
+        ``round_attempts`` such attempts in a row, :class:`TooFewUpdates` stops the federation."""
+        if pending.result.aggregated:
+            return True
+        r = pending.round_idx + 1
+        self._failed_attempts.append({"failed": [{"site": a, "reason": b} for a, b in pending.failures],
+                                      "dropped": [{"site": a, "reason": b} for a, b in pending.result.dropped]})
+        n = len(self._failed_attempts)
+        valid = [a for a, b in pending.result.dropped if b == _TOO_FEW]
+        why = "; ".join([f"{a}: {b}" for a, b in pending.failures] + [f"{a} dropped: {b}" for a, b in
+                                                                       pending.result.dropped if b != _TOO_FEW])
+        why = why or "no site answered"
+        if n >= self.round_attempts:
+            self._failed_attempts = []
+            raise TooFewUpdates(
+                f"round {r}: fewer than min_sites={self.min_sites} valid updates in {n} attempt(s) ({why}). The "
+                f"federation stops here (round {r} is not committed); when enough sites can train again, run the same "
+                f"command: it resumes after round {r - 1}.")
+        self.log(f"round {r}: {len(valid)} valid update(s), fewer than min_sites={self.min_sites} ({why}): not committed; round {r} runs again (attempt {n + 1}/"
+                 f"{self.round_attempts})")
+        return False
+
     def commit(self, pending: PendingRound, evaluations: Optional[Mapping[str, Mapping[str, Any]]] = None,
                extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-        """Checkpoint the round and append its record; returns the record."""
+        """Checkpoint the round and append its record; returns the record. Only a round that :meth:`accept` took
+        (at least ``min_sites`` valid updates) is committed."""
         s = self._need_state()
         if pending.round_idx != s.completed_rounds:
             raise RuntimeError(f"round {pending.round_idx + 1} cannot be committed after round {s.completed_rounds}")
+        if not pending.result.aggregated:
+            raise RuntimeError(f"round {pending.round_idx + 1} has fewer than min_sites={self.min_sites} valid "
+                               f"updates: it is not committed (check core.accept(pending) and run it again)")
         done = s.completed_rounds + 1
         evaluations = {k: _jsonable(v) for k, v in (evaluations or {}).items()}
         record = {**pending.result.record(), "round": done, "failed": [{"site": a, "reason": b}
                                                                        for a, b in pending.failures],
                   "sites": pending.site_metrics, "evaluation": evaluations,
                   "organ_dice": organ_dice(evaluations), "seconds": round(time.time() - pending.started, 1),
+                  "attempts": 1 + len(self._failed_attempts), "failed_attempts": self._failed_attempts,
                   **_jsonable(extra or {})}
+        self._failed_attempts = []
         save_weights(_global_file(self.run_dir, done), pending.result.weights, self._meta(done))
         self.state = FederationState(done, pending.result.weights, s.history + [record])
         self._write_state()

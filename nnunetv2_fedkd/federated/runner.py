@@ -29,7 +29,8 @@ import torch
 
 from nnunetv2_fedkd.federated.aggregation import DEFAULT_MAX_UPDATE_RATIO, SiteUpdate, UpdateBounds, make_strategy
 from nnunetv2_fedkd.federated.nnunet_site import DEFAULT_EVALUATION_PATCHES, NnUNetSite, _env, quiet
-from nnunetv2_fedkd.federated.round_core import DEFAULT_KEEP_CHECKPOINTS, PendingRound, RoundCore, plot_progress
+from nnunetv2_fedkd.federated.round_core import (DEFAULT_KEEP_CHECKPOINTS, DEFAULT_ROUND_ATTEMPTS, PendingRound,
+                                                  RoundCore, plot_progress)
 from nnunetv2_fedkd.spec import FederationSpec, Site
 from nnunetv2_fedkd.utils import atomic_write_json
 
@@ -262,7 +263,7 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
                        keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
                        max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO, large_updates: str = "reject",
                        max_num_examples: Optional[int] = None, resume_with_new_settings: bool = False,
-                       log=print) -> FederationServer:
+                       round_attempts: int = DEFAULT_ROUND_ATTEMPTS, log=print) -> FederationServer:
     """Everything before the first round (arguments as :func:`federate`): the federation's plans and digest, the
     trainer settings, the global model's definition, the strategy and the round core, started (or resumed) in
     ``$nnUNet_results/<plans dataset>/<trainer>__<plans>__3d_fullres/federation``, and ``run.json``.
@@ -271,7 +272,8 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
     ``large_updates``, ``max_num_examples``: the :class:`~nnunetv2_fedkd.federated.aggregation.UpdateBounds` every
     update must keep (None: unbounded); every site's claimed case count is also bounded by the cases it had when the
     federation was planned (the plans record). ``resume_with_new_settings``: resume a run folder trained with other
-    settings (recorded in its ``state.json``) instead of refusing it."""
+    settings (recorded in its ``state.json``) instead of refusing it. ``round_attempts``: how many times in a row a
+    round with fewer than ``min_sites`` valid updates runs before the federation stops."""
     from nnunetv2_fedkd.federated.planning import check_site_plans as check_plans
     from nnunetv2_fedkd.federated.planning import federation_plans_digest, resolve_layout
 
@@ -280,6 +282,7 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
         strategy_options=strategy_options, trainer=trainer, settings_file=settings_file, settings=settings,
         min_sites=min_sites, sites=sites)
     _count(keep_checkpoints, "keep_checkpoints", 1)
+    _count(round_attempts, "round_attempts", 1)
     if max_num_examples is not None:
         _count(max_num_examples, "max_num_examples", 1)
     layout = resolve_layout(spec, workdir)
@@ -317,6 +320,7 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
     server = ServerModel(layout.coordinator, trainer, plans, server_cfg, device)
     core = RoundCore(run_dir, strat, rounds, digest, trainer_settings, min_sites=min_sites, log=log,
                      keep_checkpoints=keep_checkpoints, bounds=bounds, allow_new_settings=resume_with_new_settings,
+                     round_attempts=round_attempts,
                      run_settings={"trainer": trainer, "plans": plans, "sites": sorted(s.name for s in chosen),
                                    "seed": seed})
     core.start(server.initial_weights(seed), resume=resume)
@@ -342,7 +346,7 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
              keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
              max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO, large_updates: str = "reject",
              max_num_examples: Optional[int] = None, resume_with_new_settings: bool = False,
-             log=print) -> Dict[str, Any]:
+             round_attempts: int = DEFAULT_ROUND_ATTEMPTS, log=print) -> Dict[str, Any]:
     """Run (or resume) the federation; returns a summary (model folder, metrics files, last round's record).
 
     ``local_iterations`` N: one local epoch of N iterations per round; ``local_epochs`` E: E local epochs of
@@ -359,7 +363,8 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
                             resume=resume, seed=seed, sites=sites, workdir=workdir,
                             keep_checkpoints=keep_checkpoints, max_update_ratio=max_update_ratio,
                             large_updates=large_updates, max_num_examples=max_num_examples,
-                            resume_with_new_settings=resume_with_new_settings, log=log)
+                            resume_with_new_settings=resume_with_new_settings, round_attempts=round_attempts,
+                            log=log)
     core = fs.core
     site_objs = [NnUNetSite(s.name, fs.layout.views[s.name], s.organs, fs.site_dir(s.name), trainer, plans,
                             device=device, log=log) for s in fs.sites]
@@ -382,6 +387,8 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
             updates.append(u)
             fs.log_update(u, time.time() - ts)
         pending = core.aggregate(updates, failures, started=t0)
+        if not core.accept(pending):  # fewer than min_sites valid updates: the round runs again (bounded)
+            continue
         evaluations = {}
         if evaluate and core.evaluates_this_round(evaluate_every):
             for site in site_objs:
@@ -393,10 +400,4 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
                 except Exception as e:
                     log(f"round {r + 1}: site {site.name!r} could not evaluate: {type(e).__name__}: {e}")
         fs.finish_round(pending, evaluations)
-    history = core.state.history
-    if history and not any(h["aggregated"] for h in history):
-        # every site failed in every round: the "global model" was never trained; say so instead of exiting 0
-        reasons = [f"{f['site']}: {f['reason']}" for h in history for f in h.get("failed", [])][:3]
-        raise FederateError(f"no round of {fs.run_dir} aggregated any update (site logs: {fs.run_dir / 'sites'}); "
-                            f"first failures: {reasons}")
     return fs.finish()

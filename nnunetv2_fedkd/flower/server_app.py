@@ -8,7 +8,8 @@ differs. Per round:
 1. wait (bounded: ``wait-for-nodes`` s) until at least ``min-sites`` SuperNodes are connected;
 2. ``train`` message with the global weights and the round's instructions to every connected SuperNode
    (``grid.send_and_receive``, ``round-timeout``); error replies and missing replies are failed sites;
-3. ``core.aggregate`` (validation, strategy, ``min_sites``);
+3. ``core.aggregate`` (validation, strategy, ``min_sites``); a round with fewer than ``min-sites`` valid updates is
+   not committed and runs again (``core.accept``; at most ``round-attempts`` times in a row);
 4. ``evaluate`` message with the new global weights to every site that sent an update;
 5. ``core.commit`` (checkpoint + record), ``progress.png``.
 
@@ -30,7 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 from nnunetv2_fedkd.env import apply_env
 from nnunetv2_fedkd.federated.aggregation import DEFAULT_MAX_UPDATE_RATIO
 from nnunetv2_fedkd.federated.nnunet_site import DEFAULT_EVALUATION_PATCHES
-from nnunetv2_fedkd.federated.round_core import DEFAULT_KEEP_CHECKPOINTS
+from nnunetv2_fedkd.federated.round_core import DEFAULT_KEEP_CHECKPOINTS, DEFAULT_ROUND_ATTEMPTS
 from nnunetv2_fedkd.flower.strategy import SiteDirectory, evaluate_round, train_round, wait_for_nodes
 from nnunetv2_fedkd.flower.task import weights_to_record
 
@@ -70,12 +71,13 @@ def federation_arguments(rc: Mapping[str, Any]) -> Dict[str, Any]:
                 max_update_ratio=float(rc.get("max-update-ratio", DEFAULT_MAX_UPDATE_RATIO)) or None,
                 large_updates=str(rc.get("large-updates", "reject")),
                 max_num_examples=int(rc.get("max-num-examples", 0)) or None,
-                resume_with_new_settings=bool(rc.get("resume-with-new-settings", False)))
+                resume_with_new_settings=bool(rc.get("resume-with-new-settings", False)),
+                round_attempts=int(rc.get("round-attempts", DEFAULT_ROUND_ATTEMPTS)))
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from nnunetv2_fedkd.federated.round_core import SiteErrorWillRecur
+    from nnunetv2_fedkd.federated.round_core import FederationStopped
     from nnunetv2_fedkd.federated.runner import prepare_federation
     from nnunetv2_fedkd.spec import load_spec
 
@@ -99,7 +101,9 @@ def main(grid: Grid, context: Context) -> None:
             on_update=lambda u: fs.log_update(u, time.time() - t0))
         try:
             pending = core.aggregate(updates, failures, started=t0)
-        except SiteErrorWillRecur as e:  # a deterministic site error: stop now, not in every round
+            if not core.accept(pending):  # fewer than min_sites valid updates: the round runs again (bounded)
+                continue
+        except FederationStopped as e:  # a deterministic site error, or too few updates round after round
             _log(f"stopping the federation: {e}")
             raise
         evaluations = {}
