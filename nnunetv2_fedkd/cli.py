@@ -176,6 +176,23 @@ def _cmd_federate(args) -> int:
     return 0
 
 
+def _cmd_verify_checkpoint(args) -> int:
+    from nnunetv2_fedkd.federated.results_folder import VerificationFailed, verify_results_folder
+
+    try:
+        info = verify_results_folder(args.model_folder, args.run_dir, args.fold, args.checkpoint)
+    except FileNotFoundError as e:
+        print(f"nnunetv2_fedkd verify-checkpoint: error: {e}", file=sys.stderr)
+        return 2
+    except VerificationFailed as e:
+        print(f"nnunetv2_fedkd verify-checkpoint: NOT verified: {e}", file=sys.stderr)
+        return 1
+    print(f"verified: {info['checkpoint']} holds the federation's global model after round {info['round']}/"
+          f"{info['total_rounds']} (weights digest {info['weights_digest'][:16]}..., plans digest "
+          f"{info['plans_digest'][:16]}...; run folder {info['run_dir']})")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from nnunetv2_fedkd.demo import run_demo
 
@@ -347,6 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "trainer settings, strategy options, sites, min-sites, ...) instead of refusing it; the "
                         "changes are recorded in its state.json")
     f.set_defaults(func=_cmd_federate)
+
+    v = sub.add_parser("verify-checkpoint",
+                       help="check, without unpickling anything, that an nnU-Net results folder written by a "
+                            "federation holds exactly its last global model (digests of weights and plans) before "
+                            "nnUNetv2_predict, which unpickles the checkpoint, uses it")
+    v.add_argument("model_folder", type=Path, help="$nnUNet_results/<plans dataset>/<trainer>__<plans>__3d_fullres")
+    v.add_argument("--run-dir", type=Path, default=None,
+                   help="the federation's run folder (default: MODEL_FOLDER/federation)")
+    v.add_argument("-f", dest="fold", default="all", help="fold folder (default: all)")
+    v.add_argument("-chk", dest="checkpoint", default="checkpoint_final.pth")
+    v.set_defaults(func=_cmd_verify_checkpoint)
 
     k = sub.add_parser("check-spec", help="validate a federation spec (and, with --datasets, the sites' datasets)")
     k.add_argument("spec", type=Path)

@@ -85,10 +85,11 @@ def parse_teachers(entries: Any, where: str, need_organ: bool = False) -> List[T
     return [TeacherSpec.parse(e, f"{where}[{i}]", need_organ) for i, e in enumerate(entries)]
 
 
-def load_checkpoint(path: Path) -> Dict[str, Any]:
-    """An nnU-Net checkpoint read without unpickling arbitrary objects (numpy scalars in its log are allowed)."""
+def load_checkpoint(path: Path, what: str = "teacher checkpoint") -> Dict[str, Any]:
+    """An nnU-Net checkpoint read without unpickling arbitrary objects (``torch.load(weights_only=True)``; numpy
+    scalars in its log are allowed). ``what`` names the file in errors (:class:`TeacherError`)."""
     if not path.is_file():
-        raise TeacherError(f"teacher checkpoint {path} does not exist")
+        raise TeacherError(f"{what} {path} does not exist")
     safe = [np.dtype, np.ndarray, type(np.dtype(np.float32)), type(np.dtype(np.float64)), type(np.dtype(np.int64))]
     try:
         safe.append(np._core.multiarray.scalar)  # numpy >= 2
@@ -100,10 +101,10 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         with torch.serialization.safe_globals(safe):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, garbage, or objects that would need unpickling
-        raise TeacherError(f"teacher checkpoint {path} cannot be read safely: {type(e).__name__}: "
+        raise TeacherError(f"{what} {path} cannot be read safely: {type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}") from e
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("network_weights"), dict) or "trainer_name" not in ckpt:
-        raise TeacherError(f"teacher checkpoint {path} is not an nnU-Net checkpoint (no network_weights/trainer_name)")
+        raise TeacherError(f"{what} {path} is not an nnU-Net checkpoint (no network_weights/trainer_name)")
     return ckpt
 
 

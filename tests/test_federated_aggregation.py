@@ -554,33 +554,57 @@ def test_load_refuses_pickled_objects(tmp_path, writer):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("payload, fragment", [
-    ({"a": [1, 2]}, "format tag"),
-    ([torch.zeros(1)], "expected a dict"),
-    ({"format": "nnunetv2_fedkd.weights", "version": 1, "weights": {"a": [1.0, 2.0]}, "meta_json": "{}",
-      "digest": ""}, "'a' is a list"),
-    ({"format": "nnunetv2_fedkd.weights", "version": 1, "weights": {"a": 3}, "meta_json": "{}", "digest": ""},
-     "not a tensor"),
-    ({"format": "nnunetv2_fedkd.weights", "version": 99, "weights": {}, "meta_json": "{}", "digest": ""},
-     "version"),
-    ({"format": "nnunetv2_fedkd.weights", "version": 1, "weights": {}}, "missing entry"),
-    ({"format": "nnunetv2_fedkd.weights", "version": 1, "weights": {"a": torch.zeros(1)}, "meta_json": "{",
-      "digest": ""}, "JSON"),
+def _safetensors_file(path, tensors, **metadata):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+GOOD_META = dict(format="nnunetv2_fedkd.weights", version="2", meta_json="{}", keys_json='["a"]')
+
+
+@pytest.mark.parametrize("metadata, fragment", [
+    ({}, "format tag"),
+    ({**GOOD_META, "version": "99"}, "version"),
+    ({k: v for k, v in GOOD_META.items() if k != "keys_json"}, "missing entry 'keys_json'"),
+    ({**GOOD_META, "meta_json": "{", "digest": ""}, "JSON"),
+    ({**GOOD_META, "meta_json": "[1]", "digest": ""}, "JSON object"),
+    ({**GOOD_META, "keys_json": '["b"]', "digest": ""}, "does not list the stored tensors"),
 ])
-def test_load_rejects_unexpected_structure(tmp_path, payload, fragment):
-    p = tmp_path / "odd.pt"
-    torch.save(payload, p)
-    with pytest.raises(CorruptCheckpoint, match="odd.pt") as info:
+def test_load_rejects_unexpected_structure(tmp_path, metadata, fragment):
+    p = _safetensors_file(tmp_path / "odd.fedkd", {"a": torch.zeros(2)}, **metadata)
+    with pytest.raises(CorruptCheckpoint, match="odd.fedkd") as info:
         load_weights(p)
     assert fragment in str(info.value)
 
 
+def test_load_refuses_torch_zip_files_without_unpickling(tmp_path):
+    p = tmp_path / "old.fedkd"
+    torch.save({"format": "nnunetv2_fedkd.weights", "version": 1, "weights": {"a": torch.zeros(1)}}, p)
+    with pytest.raises(CorruptCheckpoint, match="old.fedkd.*torch.save zip.*never unpickles"):
+        load_weights(p)
+
+
+def test_weights_files_are_safetensors_in_the_key_order_of_the_model(tmp_path):
+    from safetensors.torch import load_file
+
+    w = {"z": T(1.0), "a": T(2.0, 3.0), "m": torch.tensor(4)}
+    p = save_weights(tmp_path / "w.fedkd", w, {"round": 1})
+    assert set(load_file(str(p))) == set(w)  # any safetensors reader can read it
+    back, meta = load_weights(p)
+    assert list(back) == ["z", "a", "m"] and meta == {"round": 1}
+    assert all(torch.equal(back[k], w[k]) for k in w)
+
+
 def test_load_rejects_digest_mismatch(tmp_path):
+    from safetensors import safe_open
+
     w = {"a": T(1.0, 2.0)}
-    p = save_weights(tmp_path / "w.pt", w, {})
-    payload = torch.load(p, weights_only=True)
-    payload["weights"]["a"][0] = 9.0
-    torch.save(payload, p)
+    p = save_weights(tmp_path / "w.fedkd", w, {})
+    with safe_open(str(p), framework="pt") as f:
+        metadata = f.metadata()
+    _safetensors_file(p, {"a": T(9.0, 2.0)}, **metadata)
     with pytest.raises(CorruptCheckpoint, match="digest"):
         load_weights(p)
 

@@ -125,6 +125,9 @@ def test_fedkd_resume_privacy_stock_predict_and_beats_naive_fedavg(tiny_federati
 
     # 4. the final global model is an nnU-Net results folder: stock predict + evaluate on the labelled test set
     assert (model / "fold_all" / "checkpoint_final.pth").is_file()
+    out = subprocess.run([sys.executable, "-m", "nnunetv2_fedkd.cli", "verify-checkpoint", str(model)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and f"after round {ROUNDS}/{ROUNDS}" in out.stdout, out.stdout + out.stderr
     pred, kd = predict_and_evaluate(fed, layout, "nnUNetTrainerFedKD", tmp_path / "pred_fedkd")
     values = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(sorted(pred.glob("*.nii.gz"))[0])))).tolist())
     assert values <= set(range(len(fed.spec.labels) + 1)) and len(values) > 1

@@ -35,7 +35,7 @@ Checkpoint folder layout (``<run>/``)::
     strategy_round_NNNN.fedkd  the strategy's server state (FedOpt moments)
     metrics.json / metrics.csv per-round records (written at every commit)
 
-Weight files are :func:`~nnunetv2_fedkd.federated.weights_io.save_weights` files (``weights_only`` loading, digest).
+Weight files are :func:`~nnunetv2_fedkd.federated.weights_io.save_weights` files (safetensors: no pickle; digest).
 """
 from __future__ import annotations
 

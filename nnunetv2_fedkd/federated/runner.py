@@ -246,7 +246,8 @@ class FederationServer:
         state = self.core.state
         final = self.model.write_results_folder(state.weights, state.completed_rounds)
         plot_progress(state.history, self.run_dir / "progress.png")
-        self.log(f"final global model: {final}")
+        self.log(f"final global model: {final} (check a copy before predicting with it: nnunetv2_fedkd "
+                 f"verify-checkpoint {self.model_dir} --run-dir {self.run_dir})")
         self.log(f"metrics: {self.run_dir / 'metrics.json'}, {self.run_dir / 'metrics.csv'}, "
                  f"{self.run_dir / 'progress.png'}")
         return {"model_folder": str(self.model_dir), "checkpoint": str(final), "run_dir": str(self.run_dir),

@@ -1,17 +1,18 @@
 """Saving, loading, fingerprinting and converting federated model weights (``Dict[str, torch.Tensor]``).
 
-Weights files may come from other sites, so loading never runs arbitrary pickle code: :func:`load_weights` uses
-``torch.load(..., weights_only=True)`` (PyTorch's restricted unpickler: tensors, dicts, lists, strings, numbers only)
-and then checks the structure, raising :class:`CorruptCheckpoint` (naming the file) for anything unexpected.
+Weights files may come from other sites, so they hold no pickle at all: a ``.fedkd`` file is a safetensors file
+(https://github.com/huggingface/safetensors: a JSON header and raw tensor bytes, read without running any code).
+:func:`load_weights` checks its structure and digest, raising :class:`CorruptCheckpoint` (naming the file) for
+anything unexpected. The safetensors header's metadata (strings only)::
 
-File layout (a regular ``torch.save`` zip) -- a dict::
-
-    {"format": "nnunetv2_fedkd.weights", "version": 1,
-     "weights": {name: tensor, ...},      # CPU, compact (no shared oversized storages)
+    {"format": "nnunetv2_fedkd.weights", "version": "2",
      "meta_json": "<JSON text>",          # caller's metadata (round, strategy, site, metrics, ...)
+     "keys_json": "<JSON list>",          # the weights' key order (safetensors sorts its tensors)
      "digest": "<sha256 hex>"}            # weights_digest(weights), checked on load
 
 Files are written to a temporary file in the target folder and renamed into place, so a reader never sees half a file.
+Version 1 files (a ``torch.save`` zip, this package before safetensors) are refused with a message saying so: reading
+them would mean unpickling.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
 
 from nnunetv2_fedkd.utils import atomic_write
 
@@ -39,7 +42,7 @@ __all__ = [
 ]
 
 WEIGHTS_FORMAT = "nnunetv2_fedkd.weights"
-WEIGHTS_FORMAT_VERSION = 1
+WEIGHTS_FORMAT_VERSION = 2
 
 Weights = Dict[str, torch.Tensor]
 
@@ -66,63 +69,62 @@ def _check_weights(weights: Mapping[str, Any], what: str) -> None:
 
 def save_weights(path: os.PathLike, weights: Mapping[str, torch.Tensor], meta: Optional[Mapping[str, Any]] = None
                  ) -> Path:
-    """Write ``weights`` (copied to CPU) and JSON-serialisable ``meta`` to ``path`` atomically (temporary file in the
-    same folder, fsync, rename). Returns the path."""
+    """Write ``weights`` (copied to CPU) and JSON-serialisable ``meta`` to ``path`` as a safetensors file, atomically
+    (temporary file in the same folder, fsync, rename). Returns the path."""
     _check_weights(weights, "save_weights")
     try:
         meta_json = json.dumps(dict(meta or {}), sort_keys=True)
     except (TypeError, ValueError) as e:
         raise TypeError(f"save_weights: meta must be JSON-serialisable: {e}") from None
     cpu = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in weights.items()}
-    payload = {"format": WEIGHTS_FORMAT, "version": WEIGHTS_FORMAT_VERSION, "weights": cpu, "meta_json": meta_json,
-               "digest": weights_digest(cpu)}
-    return atomic_write(path, lambda f: torch.save(payload, f), binary=True)
+    data = safetensors_bytes(cpu, metadata={"format": WEIGHTS_FORMAT, "version": str(WEIGHTS_FORMAT_VERSION),
+                                            "meta_json": meta_json, "keys_json": json.dumps(list(cpu)),
+                                            "digest": weights_digest(cpu)})
+    return atomic_write(path, lambda f: f.write(data), binary=True)
 
 
 def load_weights(path: os.PathLike) -> Tuple[Weights, Dict[str, Any]]:
-    """Read a file written by :func:`save_weights`; returns ``(weights, meta)``.
+    """Read a file written by :func:`save_weights`; returns ``(weights, meta)`` (weights in the saved key order).
 
-    Raises FileNotFoundError if there is no such file, and :class:`CorruptCheckpoint` if it cannot be read with
-    ``weights_only=True`` (truncated, random bytes, a pickle of arbitrary objects -- which is refused, not run), if
-    its structure is not the one above (e.g. non-tensor values), or if the weights do not match the stored digest.
+    Raises FileNotFoundError if there is no such file, and :class:`CorruptCheckpoint` if it is not a safetensors file
+    (truncated, random bytes, a pickle -- which is never unpickled), if its metadata is not the one above, or if the
+    weights do not match the stored digest.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK":
+        raise CorruptCheckpoint(path, "is a torch.save zip (an nnunetv2_fedkd weights file of format version 1, or "
+                                      "any other torch file); this version reads only its safetensors files (version "
+                                      f"{WEIGHTS_FORMAT_VERSION}) and never unpickles")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip/pickle/EOF/Runtime errors all mean: unreadable
+        with safe_open(str(path), framework="pt", device="cpu") as st:
+            info = st.metadata() or {}
+            stored = {k: st.get_tensor(k) for k in st.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CorruptCheckpoint(path, f"cannot be read safely ({type(e).__name__}: {first_line})") from e
-
-    if not isinstance(payload, dict):
-        raise CorruptCheckpoint(path, f"holds a {type(payload).__name__}, expected a dict")
-    if payload.get("format") != WEIGHTS_FORMAT:
-        raise CorruptCheckpoint(path, f"format tag is {payload.get('format')!r}, expected {WEIGHTS_FORMAT!r}")
-    version = payload.get("version")
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= WEIGHTS_FORMAT_VERSION:
-        raise CorruptCheckpoint(path, f"unsupported format version {version!r} (this code reads up to "
+        raise CorruptCheckpoint(path, f"is not a readable safetensors file ({type(e).__name__}: {first_line})") from e
+    if info.get("format") != WEIGHTS_FORMAT:
+        raise CorruptCheckpoint(path, f"format tag is {info.get('format')!r}, expected {WEIGHTS_FORMAT!r}")
+    if info.get("version") != str(WEIGHTS_FORMAT_VERSION):
+        raise CorruptCheckpoint(path, f"unsupported format version {info.get('version')!r} (this code reads "
                                       f"{WEIGHTS_FORMAT_VERSION})")
-    missing = [k for k in ("weights", "meta_json", "digest") if k not in payload]
+    missing = [k for k in ("meta_json", "keys_json", "digest") if k not in info]
     if missing:
         raise CorruptCheckpoint(path, f"missing entry {missing[0]!r}")
-    weights = payload["weights"]
-    if not isinstance(weights, dict):
-        raise CorruptCheckpoint(path, f"'weights' is a {type(weights).__name__}, expected a dict")
-    for k, v in weights.items():
-        if not isinstance(k, str):
-            raise CorruptCheckpoint(path, f"weight name {k!r} is not a string")
-        if not isinstance(v, torch.Tensor):
-            raise CorruptCheckpoint(path, f"weight {k!r} is a {type(v).__name__}, not a tensor")
-    if not isinstance(payload["meta_json"], str):
-        raise CorruptCheckpoint(path, "'meta_json' is not a string")
     try:
-        meta = json.loads(payload["meta_json"])
+        meta = json.loads(info["meta_json"])
+        order = json.loads(info["keys_json"])
     except ValueError as e:
-        raise CorruptCheckpoint(path, f"'meta_json' is not valid JSON ({e})") from None
+        raise CorruptCheckpoint(path, f"'meta_json' or 'keys_json' is not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise CorruptCheckpoint(path, "'meta_json' does not hold a JSON object")
-    if payload["digest"] != weights_digest(weights):
+    if not isinstance(order, list) or sorted(map(str, order)) != sorted(stored):
+        raise CorruptCheckpoint(path, "'keys_json' does not list the stored tensors")
+    weights = {k: stored[k] for k in order}
+    if info["digest"] != weights_digest(weights):
         raise CorruptCheckpoint(path, "the weights do not match the stored digest")
     return weights, meta
 

@@ -12,8 +12,8 @@ naming a settings file is one site's local training in one round. The loss is
 
 The federation settings (the runner writes them; all optional):
 
-* ``global_model``: the round's global weights (a :func:`~nnunetv2_fedkd.federated.save_weights` file, read with
-  ``weights_only=True``); the network starts from them and a frozen copy is the global-model teacher. None: the
+* ``global_model``: the round's global weights (a :func:`~nnunetv2_fedkd.federated.save_weights` file: safetensors,
+  no pickle); the network starts from them and a frozen copy is the global-model teacher. None: the
   trainer is a normal single-site trainer (partial-label loss + teacher KD).
 * ``plans_digest``: the federation's plans digest; a site whose plans differ is refused (``PlansMismatch``).
 * ``round`` / ``total_rounds``: the learning rate follows nnU-Net's poly schedule over the WHOLE federation
