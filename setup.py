@@ -23,6 +23,7 @@ setup(
         "batchgenerators>=0.25",
         "tomli-w>=1.0",
         "matplotlib",
+        "safetensors>=0.4",  # the federation's weights files (no pickle)
     ],
     extras_require={
         "test": ["pytest>=7", "flwr==1.41.0"],  # the Flower deployment test runs in CI
