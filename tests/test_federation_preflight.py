@@ -4,6 +4,7 @@ user's file, and nothing is written to the run folder."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +103,75 @@ def test_the_cli_refuses_with_one_line_and_exit_code_2(spec, tmp_path, capsys, m
                  "--strategy-option", "mu=abc", "-device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "strategy 'fedprox'" in err[0] and "mu" in err[0], err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# after the preflight: bad JSON named, and a refused run leaves nothing behind (issue 15, item 6)
+# ----------------------------------------------------------------------------------------------------------------------
+class _FakeServerModel:
+    """Stands in for the nnU-Net trainer that defines the global model (it needs a planned dataset)."""
+
+    fail = None
+
+    def __init__(self, plans_dataset, trainer, plans, config_file, device="cpu"):
+        import torch
+
+        if self.fail:
+            raise ValueError(self.fail)
+        assert json.loads(Path(config_file).read_text())["global_model"] is None
+        self.trainer = type("T", (), {})()
+        self._w = {"w": torch.ones(3)}
+
+    def initial_weights(self, seed):
+        return dict(self._w)
+
+
+def _coordinator(spec, wd, plans=None, dataset_json=None):
+    from nnunetv2_fedkd.federated.planning import resolve_layout
+
+    folder = wd / "nnUNet_preprocessed" / resolve_layout(spec, wd).coordinator
+    folder.mkdir(parents=True)
+    (folder / "nnUNetPlansSmall.json").write_text(plans if plans is not None else json.dumps(
+        {"plans_name": "nnUNetPlansSmall", "configurations": {}}))
+    (folder / "dataset.json").write_text(dataset_json if dataset_json is not None else json.dumps({"labels": {}}))
+    return folder
+
+
+RUN = dict(GOOD, plans="nnUNetPlansSmall", check_site_plans=False, log=lambda line: None)
+
+
+@pytest.mark.parametrize("plans, dataset_json, message", [
+    ("{not json", None, r"the federation's plans: .*nnUNetPlansSmall.json is not valid JSON"),
+    (None, "", r"the plans dataset's dataset.json: .*dataset.json is not valid JSON"),
+])
+def test_unreadable_plans_dataset_files_are_named(spec, tmp_path, plans, dataset_json, message):
+    wd = tmp_path / "wd"
+    _coordinator(spec, wd, plans, dataset_json)
+    with pytest.raises(FederateError, match=message):
+        prepare_federation(spec, 3, **RUN, workdir=wd)
+    assert not (wd / "nnUNet_results").exists()
+
+
+def test_a_run_refused_after_the_preflight_leaves_nothing_behind(spec, tmp_path, monkeypatch):
+    from nnunetv2_fedkd.federated import runner
+    from nnunetv2_fedkd.federated.round_core import FederationStateError
+
+    monkeypatch.setattr(runner, "ServerModel", _FakeServerModel)
+    wd = tmp_path / "wd"
+    _coordinator(spec, wd)
+    # the plans do not build a model: the folders this call created are gone again
+    monkeypatch.setattr(_FakeServerModel, "fail", "the plans build no network")
+    with pytest.raises(ValueError, match="build no network"):
+        prepare_federation(spec, 3, **RUN, workdir=wd)
+    assert not (wd / "nnUNet_results").exists()
+    # a run that starts, then a resume with other settings: refused, and the run's files are as they were
+    monkeypatch.setattr(_FakeServerModel, "fail", None)
+    fs = prepare_federation(spec, 3, **RUN, workdir=wd)
+    files = {p.name: p.read_bytes() for p in fs.run_dir.iterdir() if p.is_file()}
+    assert {"server_trainer.json", "state.json", "run.json", "global_round_0000.fedkd"} <= set(files)
+    pending = fs.core.aggregate([runner.SiteUpdate("liver_site", {"w": __import__("torch").full((3,), 2.0)}, 1)])
+    fs.core.commit(pending)
+    files = {p.name: p.read_bytes() for p in fs.run_dir.iterdir() if p.is_file()}
+    with pytest.raises(FederationStateError, match="settings.num_iterations_per_epoch: 5 -> 7"):
+        prepare_federation(spec, 3, **{**RUN, "local_iterations": 7}, workdir=wd)
+    assert {p.name: p.read_bytes() for p in fs.run_dir.iterdir() if p.is_file()} == files

@@ -24,6 +24,7 @@ Site folder (``site_dir``): ``round_NNNN/fedkd_trainer.json`` (settings), ``roun
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -107,9 +108,26 @@ class NnUNetSite:
             return get_trainer_from_args(self.dataset, "3d_fullres", self.fold, self.trainer_name, self.plans,
                                          device=torch.device(self.device))
 
+    def check_files(self) -> None:
+        """The site's nnU-Net JSON files (``dataset.json``, the plans, ``splits_final.json`` if any, in
+        ``$nnUNet_preprocessed/<dataset>``) must exist and parse: a ValueError (deterministic: the federation stops)
+        naming the site and the file, instead of nnU-Net's bare ``JSONDecodeError`` from inside the trainer."""
+        pre = Path(os.environ.get("nnUNet_preprocessed", "")) / self.dataset
+        for name, required in (("dataset.json", True), (f"{self.plans}.json", True), ("splits_final.json", False)):
+            f = pre / name
+            if not f.is_file():
+                if required:
+                    raise FileNotFoundError(f"site {self.name!r}: {f} does not exist")
+                continue
+            try:
+                json.loads(f.read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"site {self.name!r}: {f} is not valid JSON ({e})") from None
+
     # -- local training -----------------------------------------------------------------------------------------------
     def fit(self, global_file: Path, instructions: Mapping[str, Any]) -> SiteUpdate:
         """Local training from the global weights in ``global_file``; returns the site's update."""
+        self.check_files()
         r = int(instructions["round"])
         cfg = self._round_config(Path(global_file), instructions)
         log_file = cfg.parent / "train.log"

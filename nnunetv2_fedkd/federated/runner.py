@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,15 @@ def preflight(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int],
     return trainer_cls, chosen, {**from_file, **dict(settings or {})}, strat
 
 
+def _json_file(path: Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FederateError(f"{what}: {path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise FederateError(f"{what}: {path} is not valid JSON ({e})") from None
+
+
 class ServerModel:
     """The global model's definition: the trainer class instantiated (not initialised: the plans dataset has no
     data) on the image-free plans dataset. It builds the network and writes the final nnU-Net results folder with
@@ -156,12 +166,21 @@ class ServerModel:
 
     def __init__(self, plans_dataset: str, trainer: str, plans: str, config_file: Path, device: str = "cpu"):
         from nnunetv2.run.run_training import get_trainer_from_args
+        from nnunetv2.utilities.file_path_utilities import get_output_folder
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
+        fold_dir = Path(get_output_folder(plans_dataset, trainer, plans, "3d_fullres", "all"))
+        existed = fold_dir.is_dir()
+        before = set(fold_dir.glob("training_log_*.txt"))
         with _env(nnUNet_fedkd_config=str(config_file)), quiet():
             self.trainer = get_trainer_from_args(plans_dataset, "3d_fullres", "all", trainer, plans,
                                                  device=torch.device(device))
         t = self.trainer
+        # nnU-Net's trainer starts a training log (its banner) when it is built; this one never trains
+        for f in set(fold_dir.glob("training_log_*.txt")) - before:
+            f.unlink()
+        if not existed and fold_dir.is_dir() and not any(fold_dir.iterdir()):
+            fold_dir.rmdir()
         self.num_input_channels = determine_num_input_channels(t.plans_manager, t.configuration_manager,
                                                                t.dataset_json)
 
@@ -176,7 +195,6 @@ class ServerModel:
 
     def write_results_folder(self, weights: Mapping[str, torch.Tensor], completed_rounds: int) -> Path:
         """plans.json, dataset.json, dataset_fingerprint.json and fold_all/checkpoint_final.pth (atomic rename)."""
-        import shutil
 
         from batchgenerators.utilities.file_and_folder_operations import save_json
 
@@ -301,12 +319,14 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
     if not coord_plans.is_file():
         raise FederateError(f"{coord_plans} does not exist: run `nnunetv2_fedkd plan` (and derive {plans} for every "
                             f"site and the plans dataset) first")
-    digest = federation_plans_digest(json.loads(coord_plans.read_text()))
+    digest = federation_plans_digest(_json_file(coord_plans, "the federation's plans"))
+    _json_file(pre / layout.coordinator / "dataset.json", "the plans dataset's dataset.json")
     for s in chosen if check_site_plans else ():
         f = pre / layout.views[s.name] / f"{plans}.json"
         if not f.is_file():
             raise FederateError(f"site {s.name!r}: {f} does not exist")
-        check_plans(s.name, json.loads(f.read_text()), digest)
+        check_plans(s.name, _json_file(f, f"site {s.name!r}: plans"), digest)
+        _json_file(f.with_name("dataset.json"), f"site {s.name!r}: dataset.json")
 
     if local_iterations is not None:
         trainer_settings.update(num_epochs=1, num_iterations_per_epoch=int(local_iterations))
@@ -316,15 +336,29 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
 
     model_dir = res / layout.coordinator / f"{trainer}__{plans}__3d_fullres"
     run_dir = model_dir / "federation"
+    # nothing is left behind by a run refused from here on (a resume with other settings, plans that do not build a
+    # model): the folders this call creates are removed again, and the server's settings file is renamed into place
+    # only once the run has started
+    created = [d for d in (res, res / layout.coordinator, model_dir, run_dir) if not d.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
-    server_cfg = atomic_write_json(run_dir / "server_trainer.json", {**trainer_settings, "global_model": None})
-    server = ServerModel(layout.coordinator, trainer, plans, server_cfg, device)
-    core = RoundCore(run_dir, strat, rounds, digest, trainer_settings, min_sites=min_sites, log=log,
-                     keep_checkpoints=keep_checkpoints, bounds=bounds, allow_new_settings=resume_with_new_settings,
-                     round_attempts=round_attempts,
-                     run_settings={"trainer": trainer, "plans": plans, "sites": sorted(s.name for s in chosen),
-                                   "seed": seed})
-    core.start(server.initial_weights(seed), resume=resume)
+    server_cfg = run_dir / "server_trainer.json"
+    pending_cfg = atomic_write_json(server_cfg.with_name(".server_trainer.json.pending"),
+                                    {**trainer_settings, "global_model": None})
+    try:
+        server = ServerModel(layout.coordinator, trainer, plans, pending_cfg, device)
+        core = RoundCore(run_dir, strat, rounds, digest, trainer_settings, min_sites=min_sites, log=log,
+                         keep_checkpoints=keep_checkpoints, bounds=bounds,
+                         allow_new_settings=resume_with_new_settings, round_attempts=round_attempts,
+                         run_settings={"trainer": trainer, "plans": plans,
+                                       "sites": sorted(s.name for s in chosen), "seed": seed})
+        core.start(server.initial_weights(seed), resume=resume)
+    except BaseException:
+        pending_cfg.unlink(missing_ok=True)
+        for d in reversed(created):
+            shutil.rmtree(d, ignore_errors=True)
+        raise
+    os.replace(pending_cfg, server_cfg)
+    server.trainer.fedkd_config_file = server_cfg
     atomic_write_json(run_dir / "run.json", {
         "spec": str(spec.path) if spec.path else None, "plans_dataset": layout.coordinator, "trainer": trainer,
         "plans": plans, "rounds": rounds, "strategy": strat.hyperparameters(), "settings": trainer_settings,
