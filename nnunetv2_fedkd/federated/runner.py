@@ -88,22 +88,16 @@ def find_site_trainer(name: str):
 
 
 def check_settings_keys(trainer_cls, settings: Mapping[str, Any], source: str) -> None:
-    """Every key of ``settings`` (from ``source``: the user's file or the command line) is a setting some plugin
-    trainer knows, and every key of its ``trainers[<trainer>]`` section one that ``trainer_cls`` knows (the rule of
-    :func:`~nnunetv2_fedkd.trainers.config.load_trainer_config`, checked here so that the error names the user's
-    file and not the run folder's copy)."""
-    shared = trainer_cls.all_plugin_config_keys()
-    unknown = sorted(k for k in settings if k != "trainers" and k not in shared)
-    section = settings.get("trainers") or {}
-    if not isinstance(section, dict):
-        raise FederateError(f"{source}: 'trainers' must map trainer names to settings")
-    own = section.get(trainer_cls.__name__) or {}
-    if not isinstance(own, dict):
-        raise FederateError(f"{source}: trainers.{trainer_cls.__name__} must hold settings")
-    unknown += sorted(f"trainers.{trainer_cls.__name__}.{k}" for k in own if k not in trainer_cls.config_defaults)
-    if unknown:
-        raise FederateError(f"{source}: unknown setting(s) {', '.join(unknown)} for {trainer_cls.__name__}; known: "
-                            f"{', '.join(sorted(trainer_cls.config_defaults))}")
+    """Every key of ``settings`` (from ``source``: the user's file or the command line) is one the trainer accepts
+    (:func:`~nnunetv2_fedkd.trainers.config.check_config_keys`, the rule the trainer applies to its settings file),
+    checked here so that the error names the user's file and not the run folder's copy."""
+    from nnunetv2_fedkd.trainers.config import TrainerConfigError, check_config_keys
+
+    try:
+        check_config_keys(dict(settings), trainer_cls.__name__, trainer_cls.config_defaults,
+                          trainer_cls.all_plugin_config_keys(), source)
+    except TrainerConfigError as e:
+        raise FederateError(str(e)) from None
 
 
 def _count(value: Any, name: str, least: int) -> int:

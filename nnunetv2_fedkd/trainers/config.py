@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 CONFIG_ENV = "nnUNet_fedkd_config"
 DATASET_CONFIG_NAME = "fedkd_trainer.json"
@@ -69,17 +69,40 @@ def find_config_file(preprocessed_dataset_folder: Optional[str]) -> Optional[Pat
     return None
 
 
+def check_config_keys(raw: Dict[str, Any], trainer_name: str, defaults: Dict[str, Any], shared_keys: Iterable[str],
+                      source: str) -> List[Dict[str, Any]]:
+    """The settings layers of a parsed settings file ``raw`` for ``trainer_name``: ``[top level, trainers[trainer_name]]``.
+
+    A top-level key may belong to another plugin trainer (one file can serve several); ``shared_keys`` are the keys
+    any plugin trainer knows. A key nobody knows, or a key in this trainer's own section that it does not know, is a
+    :class:`TrainerConfigError` naming ``source``: a typo in a weight name must not silently train with the default.
+    """
+    if not isinstance(raw, dict):
+        raise TrainerConfigError(f"{source} must hold a JSON object")
+    top = {k: v for k, v in raw.items() if k != "trainers"}
+    per_trainer = raw.get("trainers") or {}
+    if not isinstance(per_trainer, dict):
+        raise TrainerConfigError(f"{source}: 'trainers' must map trainer names to settings")
+    own = per_trainer.get(trainer_name) or {}
+    if not isinstance(own, dict):
+        raise TrainerConfigError(f"{source}: trainers.{trainer_name} must hold settings")
+    shared = set(shared_keys) | set(defaults)
+    unknown = sorted(k for k in top if k not in shared) + \
+        sorted(f"trainers.{trainer_name}.{k}" for k in own if k not in defaults)
+    if unknown:
+        raise TrainerConfigError(f"{source}: unknown setting(s) {', '.join(unknown)} for {trainer_name}; known: "
+                                 f"{', '.join(sorted(defaults))}")
+    return [top, own]
+
+
 def load_trainer_config(
     trainer_name: str,
     defaults: Dict[str, Any],
     preprocessed_dataset_folder: Optional[str],
     shared_keys: Iterable[str] = (),
 ) -> Tuple[Dict[str, Any], Optional[Path]]:
-    """Merge ``defaults`` <- file top level <- file ``trainers[trainer_name]``.
-
-    A top-level key may belong to another plugin trainer (one file can serve several); ``shared_keys`` are the
-    keys any plugin trainer knows. A key nobody knows, or a key in this trainer's own section that it does not
-    know, is an error: a typo in a weight name must not silently train with the default."""
+    """Merge ``defaults`` <- file top level <- file ``trainers[trainer_name]`` (keys checked by
+    :func:`check_config_keys`)."""
     path = find_config_file(preprocessed_dataset_folder)
     cfg = dict(defaults)
     if path is None:
@@ -88,17 +111,6 @@ def load_trainer_config(
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise TrainerConfigError(f"trainer config {path} is not valid JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise TrainerConfigError(f"trainer config {path} must hold a JSON object")
-    per_trainer = raw.pop("trainers", {}) or {}
-    layers = [raw, per_trainer.get(trainer_name, {})]
-    shared = set(shared_keys) | set(defaults)
-    for layer in layers:
-        for k, v in layer.items():
-            if k in defaults:
-                cfg[k] = v
-            elif layer is not raw or k not in shared:
-                raise TrainerConfigError(
-                    f"trainer config {path}: unknown setting {k!r} for {trainer_name}; known: {sorted(defaults)}"
-                )
+    for layer in check_config_keys(raw, trainer_name, defaults, shared_keys, f"trainer config {path}"):
+        cfg.update({k: v for k, v in layer.items() if k in defaults})
     return cfg, path
