@@ -175,3 +175,45 @@ def test_a_run_refused_after_the_preflight_leaves_nothing_behind(spec, tmp_path,
     with pytest.raises(FederationStateError, match="settings.num_iterations_per_epoch: 5 -> 7"):
         prepare_federation(spec, 3, **{**RUN, "local_iterations": 7}, workdir=wd)
     assert {p.name: p.read_bytes() for p in fs.run_dir.iterdir() if p.is_file()} == files
+
+
+def test_a_sites_unreadable_plans_or_dataset_json_is_named(spec, tmp_path, monkeypatch):
+    from nnunetv2_fedkd.federated import runner
+    from nnunetv2_fedkd.federated.planning import resolve_layout
+
+    monkeypatch.setattr(runner, "ServerModel", _FakeServerModel)
+    wd = tmp_path / "wd"
+    coordinator = _coordinator(spec, wd)
+    view = wd / "nnUNet_preprocessed" / resolve_layout(spec, wd).views["liver_site"]
+    view.mkdir(parents=True)
+    (view / "nnUNetPlansSmall.json").write_text("<html>not plans</html>")
+    with pytest.raises(FederateError, match=r"site 'liver_site': plans: .*nnUNetPlansSmall.json is not valid JSON"):
+        prepare_federation(spec, 3, **{**RUN, "check_site_plans": True}, workdir=wd)
+    (view / "nnUNetPlansSmall.json").write_text((coordinator / "nnUNetPlansSmall.json").read_text())
+    (view / "dataset.json").write_text("{")
+    with pytest.raises(FederateError, match=r"site 'liver_site': dataset.json: .*dataset.json is not valid JSON"):
+        prepare_federation(spec, 3, **{**RUN, "check_site_plans": True}, workdir=wd)
+    assert not (wd / "nnUNet_results").exists()
+
+
+def test_a_site_names_its_unreadable_json_before_training(tmp_path, monkeypatch):
+    """The site side of the same check, in both engines (a Flower SuperNode runs it too): a deterministic error
+    naming the site and the file, so the federation stops at once instead of nnU-Net's bare JSONDecodeError."""
+    from nnunetv2_fedkd.federated.nnunet_site import NnUNetSite
+    from nnunetv2_fedkd.federated.round_core import failure_recurs
+
+    pre = tmp_path / "pre"
+    (pre / "Dataset601_A").mkdir(parents=True)
+    monkeypatch.setenv("nnUNet_preprocessed", str(pre))
+    site = NnUNetSite("liver_site", "Dataset601_A", ["liver"], tmp_path / "site")
+    with pytest.raises(FileNotFoundError, match="site 'liver_site': .*Dataset601_A/dataset.json does not exist"):
+        site.check_files()
+    (pre / "Dataset601_A" / "dataset.json").write_text("{}")
+    (pre / "Dataset601_A" / "nnUNetPlansSmall.json").write_text("{}")
+    site.check_files()
+    (pre / "Dataset601_A" / "splits_final.json").write_text("[{")
+    with pytest.raises(ValueError, match="site 'liver_site': .*splits_final.json is not valid JSON") as e:
+        site.check_files()
+    assert failure_recurs(f"{type(e.value).__name__}: {e.value}")
+    with pytest.raises(ValueError, match="splits_final.json"):
+        site.fit(tmp_path / "global.fedkd", {"round": 0})
