@@ -193,6 +193,19 @@ def _cmd_verify_checkpoint(args) -> int:
     return 0
 
 
+def _cmd_upgrade_weights(args) -> int:
+    from nnunetv2_fedkd.federated.weights_io import upgrade_weights_file
+
+    files = sorted(args.folder.rglob("*.fedkd")) if args.folder.is_dir() else [args.folder]
+    if not files or not files[0].is_file():
+        print(f"nnunetv2_fedkd upgrade-weights: error: no .fedkd file in {args.folder}", file=sys.stderr)
+        return 2
+    done = sum(upgrade_weights_file(f) for f in files)
+    print(f"{done} of {len(files)} weights file(s) in {args.folder} converted to safetensors "
+          f"({len(files) - done} already were)")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from nnunetv2_fedkd.demo import run_demo
 
@@ -375,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("-f", dest="fold", default="all", help="fold folder (default: all)")
     v.add_argument("-chk", dest="checkpoint", default="checkpoint_final.pth")
     v.set_defaults(func=_cmd_verify_checkpoint)
+
+    u = sub.add_parser("upgrade-weights",
+                       help="convert the weights files (*.fedkd) of a run folder written by an earlier version "
+                            "(torch zip) to safetensors, in place; only for files you wrote yourself")
+    u.add_argument("folder", type=Path, help="a federation run folder (every *.fedkd below it) or one file")
+    u.set_defaults(func=_cmd_upgrade_weights)
 
     k = sub.add_parser("check-spec", help="validate a federation spec (and, with --datasets, the sites' datasets)")
     k.add_argument("spec", type=Path)

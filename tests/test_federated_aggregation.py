@@ -668,3 +668,27 @@ def test_importing_the_federated_core_does_not_import_flwr():
             "assert not bad, bad\n")
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_a_run_folder_of_format_1_files_is_upgraded_in_place(tmp_path):
+    from nnunetv2_fedkd.cli import main
+    from nnunetv2_fedkd.federated.weights_io import upgrade_weights_file
+
+    w = {"b": T(1.0, 2.0), "a": torch.tensor(3)}
+    old = tmp_path / "run" / "global_round_0001.fedkd"
+    old.parent.mkdir()
+    torch.save({"format": "nnunetv2_fedkd.weights", "version": 1, "weights": w, "meta_json": '{"completed_rounds": 1}',
+                "digest": weights_digest(w)}, old)
+    (tmp_path / "run" / "sites").mkdir()
+    save_weights(tmp_path / "run" / "sites" / "update.fedkd", w, {})
+    with pytest.raises(CorruptCheckpoint, match="upgrade-weights"):
+        load_weights(old)
+    assert main(["upgrade-weights", str(tmp_path / "run")]) == 0
+    back, meta = load_weights(old)
+    assert list(back) == ["b", "a"] and meta == {"completed_rounds": 1} and torch.equal(back["b"], w["b"])
+    assert upgrade_weights_file(old) is False  # already safetensors
+    bad = tmp_path / "bad.fedkd"
+    torch.save({"format": "nnunetv2_fedkd.weights", "version": 1, "weights": w, "meta_json": "{}", "digest": "x"},
+               bad)
+    with pytest.raises(CorruptCheckpoint, match="digest"):
+        upgrade_weights_file(bad)

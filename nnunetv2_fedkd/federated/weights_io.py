@@ -35,6 +35,7 @@ __all__ = [
     "CorruptCheckpoint",
     "save_weights",
     "load_weights",
+    "upgrade_weights_file",
     "weights_digest",
     "plans_digest",
     "to_numpy_arrays",
@@ -98,7 +99,8 @@ def load_weights(path: os.PathLike) -> Tuple[Weights, Dict[str, Any]]:
     if head[:2] == b"PK":
         raise CorruptCheckpoint(path, "is a torch.save zip (an nnunetv2_fedkd weights file of format version 1, or "
                                       "any other torch file); this version reads only its safetensors files (version "
-                                      f"{WEIGHTS_FORMAT_VERSION}) and never unpickles")
+                                      f"{WEIGHTS_FORMAT_VERSION}) and never unpickles: convert a run folder of your "
+                                      "own with `nnunetv2_fedkd upgrade-weights RUN_FOLDER`")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as st:
             info = st.metadata() or {}
@@ -127,6 +129,36 @@ def load_weights(path: os.PathLike) -> Tuple[Weights, Dict[str, Any]]:
     if info["digest"] != weights_digest(weights):
         raise CorruptCheckpoint(path, "the weights do not match the stored digest")
     return weights, meta
+
+
+def upgrade_weights_file(path: os.PathLike) -> bool:
+    """Rewrite a format-1 weights file (``torch.save`` zip of ``{"format", "version": 1, "weights", "meta_json",
+    "digest"}``, this package before safetensors) as a safetensors file in place (atomic); False if it already is
+    one. The old file is read with ``torch.load(weights_only=True)`` (PyTorch's restricted unpickler) and its digest
+    checked: run it only on files you wrote yourself. :class:`CorruptCheckpoint` for anything else."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":
+            load_weights(path)  # already safetensors: it must read as one
+            return False
+    try:
+        old = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CorruptCheckpoint(path, f"cannot be read safely ({type(e).__name__})") from e
+    if not isinstance(old, dict) or old.get("format") != WEIGHTS_FORMAT or old.get("version") != 1:
+        raise CorruptCheckpoint(path, "is not a format-1 nnunetv2_fedkd weights file")
+    weights, meta_json = old.get("weights"), old.get("meta_json")
+    if not isinstance(weights, dict) or not isinstance(meta_json, str) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        raise CorruptCheckpoint(path, "is a damaged format-1 weights file")
+    if old.get("digest") != weights_digest(weights):
+        raise CorruptCheckpoint(path, "the weights do not match the stored digest")
+    try:
+        meta = json.loads(meta_json)
+    except ValueError as e:
+        raise CorruptCheckpoint(path, f"'meta_json' is not valid JSON ({e})") from None
+    save_weights(path, weights, meta)
+    return True
 
 
 def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
