@@ -1,6 +1,7 @@
 """Preflight of a federation run (issue 15, item 1): what cannot work is refused before round 1, in both engines
 (``prepare_federation`` serves ``federate`` and the Flower ServerApp), with an error that names the argument or the
-user's file, and nothing is written to the run folder."""
+user's file, and nothing is written to the run folder; after it, bad JSON is named and a refused run leaves nothing
+behind (item 6); and the one round loop both engines run (``FederationServer.run_rounds``) with a fake transport."""
 from __future__ import annotations
 
 import json
@@ -125,6 +126,9 @@ class _FakeServerModel:
     def initial_weights(self, seed):
         return dict(self._w)
 
+    def write_results_folder(self, weights, completed_rounds):
+        return Path("fold_all/checkpoint_final.pth")
+
 
 def _coordinator(spec, wd, plans=None, dataset_json=None):
     from nnunetv2_fedkd.federated.planning import resolve_layout
@@ -217,3 +221,64 @@ def test_a_site_names_its_unreadable_json_before_training(tmp_path, monkeypatch)
     assert failure_recurs(f"{type(e.value).__name__}: {e.value}")
     with pytest.raises(ValueError, match="splits_final.json"):
         site.fit(tmp_path / "global.fedkd", {"round": 0})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the one round loop of both engines (FederationServer.run_rounds) with a fake transport
+# ----------------------------------------------------------------------------------------------------------------------
+class _Transport:
+    """Two sites moving the weights towards 2 and 6; ``kidney_site`` loses its connection in its first attempt."""
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        self.calls, self.evaluated, self.kidney_failures = [], [], 1
+
+    def before_round(self, core):
+        self.calls.append(("before", core.state.completed_rounds))
+
+    def train(self, core, instructions, on_update):
+        updates, failures = [], []
+        for site, target in (("liver_site", 2.0), ("kidney_site", 6.0)):
+            if site == "kidney_site" and self.kidney_failures:
+                self.kidney_failures -= 1
+                failures.append((site, "RuntimeError: connection reset"))
+                continue
+            w = core.state.weights["w"]
+            u = runner_module().SiteUpdate(site, {"w": w + 0.5 * (target - w)}, 2)
+            updates.append(u)
+            on_update(u, 0.0)
+        self.calls.append(("train", int(instructions["round"])))
+        return updates, failures
+
+    def evaluate(self, core, weights, instructions, sites):
+        self.evaluated.append((int(instructions["round"]), list(sites), instructions["evaluate_patches"]))
+        return {s: {"dice": {s.split("_")[0]: 0.5}, "num_cases": 1} for s in sites}
+
+
+def runner_module():
+    from nnunetv2_fedkd.federated import runner
+
+    return runner
+
+
+def test_one_round_loop_runs_retries_evaluates_and_commits(spec, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_module(), "ServerModel", _FakeServerModel)
+    wd = tmp_path / "wd"
+    _coordinator(spec, wd)
+    fs = prepare_federation(spec, 2, **{**RUN, "min_sites": 2}, workdir=wd)
+    t = _Transport()
+    summary = fs.run_rounds(t, evaluate=True, evaluate_every=2, evaluate_patches=7)
+    # round 1 ran twice (the kidney site failed the first time: 1 update < min_sites 2), round 2 once
+    assert [c for c in t.calls if c[0] == "train"] == [("train", 0), ("train", 0), ("train", 1)]
+    assert [c for c in t.calls if c[0] == "before"] == [("before", 0), ("before", 0), ("before", 1)]
+    history = summary["history"]
+    assert [h["round"] for h in history] == [1, 2] and [h["attempts"] for h in history] == [2, 1]
+    assert all(h["accepted"] == ["liver_site", "kidney_site"] for h in history)
+    assert t.evaluated == [(1, ["liver_site", "kidney_site"], 7)]  # every 2nd round and the last: round 2 only
+    assert history[1]["organ_dice"] == {"liver": 0.5, "kidney": 0.5}
+    w = 1.0
+    for _ in range(2):
+        w = 0.5 * (w + 0.5 * (2 - w)) + 0.5 * (w + 0.5 * (6 - w))
+    assert abs(float(fs.core.state.weights["w"][0]) - w) < 1e-6

@@ -7,7 +7,6 @@ import json
 from collections import OrderedDict
 
 import numpy as np
-import pytest
 import torch
 
 from nnunetv2_fedkd.cli import main

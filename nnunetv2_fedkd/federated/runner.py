@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -253,6 +253,35 @@ class FederationServer:
                  f" in {record['seconds']:.0f} s; validation Dice {_fmt_dice(record['organ_dice'])}")
         return record
 
+    def run_rounds(self, transport: "SiteTransport", *, evaluate: bool = True, evaluate_every: int = 1,
+                   evaluate_patches: Optional[int] = None) -> Dict[str, Any]:
+        """The round loop of both engines, until the last round is committed; then :meth:`finish`. ``transport``
+        reaches the sites (:class:`InProcessSites` for ``federate``, ``flower.strategy.FlowerSites`` for the
+        ServerApp). Per round: the sites train from the global weights, the round core validates and aggregates
+        their updates (a deterministic site error or too few updates round after round stop the federation:
+        :class:`~nnunetv2_fedkd.federated.round_core.FederationStopped`), a round with fewer than ``min_sites``
+        valid updates runs again, the sites that sent an update evaluate the new global model (every
+        ``evaluate_every`` rounds and after the last, within ``evaluate_patches`` patch passes), and the round is
+        committed."""
+        core = self.core
+        if evaluate_patches is None:
+            evaluate_patches = DEFAULT_EVALUATION_PATCHES
+        while not core.done:
+            transport.before_round(core)
+            t0 = time.time()
+            instructions = core.fit_instructions()
+            updates, failures = transport.train(core, instructions, self.log_update)
+            pending = core.aggregate(updates, failures, started=t0)
+            if not core.accept(pending):
+                continue
+            evaluations: Dict[str, Dict[str, Any]] = {}
+            if evaluate and core.evaluates_this_round(evaluate_every):
+                evaluations = transport.evaluate(core, pending.result.weights,
+                                                 {**instructions, "evaluate_patches": evaluate_patches},
+                                                 [u.site for u in updates])
+            self.finish_round(pending, evaluations)
+        return self.finish()
+
     def finish(self) -> Dict[str, Any]:
         """Write the final nnU-Net results folder; returns the summary :func:`federate` returns."""
         state = self.core.state
@@ -264,6 +293,65 @@ class FederationServer:
                  f"{self.run_dir / 'progress.png'}")
         return {"model_folder": str(self.model_dir), "checkpoint": str(final), "run_dir": str(self.run_dir),
                 "plans_dataset": self.layout.coordinator, "history": state.history}
+
+
+class SiteTransport:
+    """How the round loop (:meth:`FederationServer.run_rounds`) reaches the sites; the engines differ only here.
+
+    ``before_round(core)``: wait until the round can start (Flower: for ``min_sites`` SuperNodes).
+    ``train(core, instructions, on_update) -> (updates, failures)``: every site trains from ``core.state.weights``
+    with ``instructions``; ``on_update(update, seconds)`` per update as it arrives; a failure is ``(site, reason)``
+    (``"<ExceptionType>: <message>"``), passed to ``core.check_failure`` as soon as it is known where the transport
+    can (a deterministic one stops the federation at once).
+    ``evaluate(core, weights, instructions, sites) -> {site: evaluation}``: the ``sites`` evaluate ``weights``; a
+    site that cannot is logged and left out.
+    """
+
+    def before_round(self, core: RoundCore) -> None:
+        pass
+
+    def train(self, core: RoundCore, instructions: Mapping[str, Any],
+              on_update: Callable[[SiteUpdate, float], Any]) -> Tuple[List[SiteUpdate], List[Tuple[str, str]]]:
+        raise NotImplementedError
+
+    def evaluate(self, core: RoundCore, weights: Mapping[str, torch.Tensor], instructions: Mapping[str, Any],
+                 sites: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+        raise NotImplementedError
+
+
+class InProcessSites(SiteTransport):
+    """The sites in this process, one after the other (:func:`federate`)."""
+
+    def __init__(self, sites: Sequence[NnUNetSite], log: Callable[[str], Any] = print):
+        self.sites = list(sites)
+        self.log = log
+
+    def train(self, core, instructions, on_update):
+        r = int(instructions["round"])
+        updates, failures = [], []
+        for site in self.sites:
+            ts = time.time()
+            self.log(f"round {r + 1}/{core.total_rounds} site {site.name}: local training ({site.dataset}) ...")
+            try:
+                u = site.fit(core.global_weights_file, instructions)
+            except Exception as e:  # a transient failure leaves the site out of this round; a deterministic one stops
+                reason = f"{type(e).__name__}: {e}"
+                core.check_failure(site.name, reason, log_hint=str(site.site_dir / f"round_{r + 1:04d}" / "train.log"))
+                failures.append((site.name, reason))
+                continue
+            updates.append(u)
+            on_update(u, time.time() - ts)
+        return updates, failures
+
+    def evaluate(self, core, weights, instructions, sites):
+        out = {}
+        for site in (s for s in self.sites if s.name in set(sites)):
+            try:
+                out[site.name] = site.evaluate(weights, instructions)
+            except Exception as e:
+                self.log(f"round {int(instructions['round']) + 1}: site {site.name!r} could not evaluate: "
+                         f"{type(e).__name__}: {e}")
+        return out
 
 
 def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] = None,
@@ -394,39 +482,7 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
                             large_updates=large_updates, max_num_examples=max_num_examples,
                             resume_with_new_settings=resume_with_new_settings, round_attempts=round_attempts,
                             log=log)
-    core = fs.core
     site_objs = [NnUNetSite(s.name, fs.layout.views[s.name], s.organs, fs.site_dir(s.name), trainer, plans,
                             device=device, log=log) for s in fs.sites]
-    while not core.done:
-        r = core.state.completed_rounds
-        t0 = time.time()
-        instructions = core.fit_instructions()
-        updates, failures = [], []
-        for site in site_objs:
-            ts = time.time()
-            log(f"round {r + 1}/{rounds} site {site.name}: local training ({site.dataset}) ...")
-            try:
-                u = site.fit(core.global_weights_file, instructions)
-            except Exception as e:  # a transient failure leaves the site out of this round; a deterministic one stops
-                reason = f"{type(e).__name__}: {e}"
-                core.check_failure(site.name, reason,
-                                   log_hint=str(site.site_dir / f"round_{r + 1:04d}" / "train.log"))
-                failures.append((site.name, reason))
-                continue
-            updates.append(u)
-            fs.log_update(u, time.time() - ts)
-        pending = core.aggregate(updates, failures, started=t0)
-        if not core.accept(pending):  # fewer than min_sites valid updates: the round runs again (bounded)
-            continue
-        evaluations = {}
-        if evaluate and core.evaluates_this_round(evaluate_every):
-            for site in site_objs:
-                if site.name in dict(failures):
-                    continue
-                try:
-                    evaluations[site.name] = site.evaluate(pending.result.weights,
-                                                           {**instructions, "evaluate_patches": evaluate_patches})
-                except Exception as e:
-                    log(f"round {r + 1}: site {site.name!r} could not evaluate: {type(e).__name__}: {e}")
-        fs.finish_round(pending, evaluations)
-    return fs.finish()
+    return fs.run_rounds(InProcessSites(site_objs, log), evaluate=evaluate, evaluate_every=evaluate_every,
+                         evaluate_patches=evaluate_patches)

@@ -1,9 +1,10 @@
 """The Flower ServerApp: the same federation as ``nnunetv2_fedkd federate``, with the sites behind SuperNodes.
 
-Set-up, checkpoints, resume, aggregation, records and the final nnU-Net results folder are the in-process runner's
-(:func:`~nnunetv2_fedkd.federated.runner.prepare_federation`, :class:`~nnunetv2_fedkd.federated.runner.
-FederationServer`, :class:`~nnunetv2_fedkd.federated.round_core.RoundCore`); only the way the sites are reached
-differs. Per round:
+Set-up, the round loop, checkpoints, resume, aggregation, records and the final nnU-Net results folder are the
+in-process runner's (:func:`~nnunetv2_fedkd.federated.runner.prepare_federation`,
+:meth:`~nnunetv2_fedkd.federated.runner.FederationServer.run_rounds`, :class:`~nnunetv2_fedkd.federated.round_core.
+RoundCore`); only the transport that reaches the sites differs (:class:`~nnunetv2_fedkd.flower.strategy.
+FlowerSites`). Per round:
 
 1. wait (bounded: ``wait-for-nodes`` s) until at least ``min-sites`` SuperNodes are connected;
 2. ``train`` message with the global weights and the round's instructions to every connected SuperNode
@@ -21,7 +22,6 @@ SuperLink's environment (it reaches the ServerApp), and the spec file; no site d
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, Dict, Mapping
 
@@ -32,8 +32,7 @@ from nnunetv2_fedkd.env import apply_env
 from nnunetv2_fedkd.federated.aggregation import DEFAULT_MAX_UPDATE_RATIO
 from nnunetv2_fedkd.federated.nnunet_site import DEFAULT_EVALUATION_PATCHES
 from nnunetv2_fedkd.federated.round_core import DEFAULT_KEEP_CHECKPOINTS, DEFAULT_ROUND_ATTEMPTS
-from nnunetv2_fedkd.flower.strategy import SiteDirectory, evaluate_round, train_round, wait_for_nodes
-from nnunetv2_fedkd.flower.task import weights_to_record
+from nnunetv2_fedkd.flower.strategy import FlowerSites, SiteDirectory
 
 app = ServerApp()
 
@@ -87,30 +86,11 @@ def main(grid: Grid, context: Context) -> None:
     apply_env()  # nnUNet_extTrainer: the plugin trainers
     fs = prepare_federation(load_spec(Path(str(rc["spec"]))), int(rc["rounds"]), check_site_plans=False, log=_log,
                             **federation_arguments(rc))
-    core = fs.core
-    directory = SiteDirectory(s.name for s in fs.sites)
-    wait_s, timeout = float(rc.get("wait-for-nodes", 300)), float(rc.get("round-timeout", 3600))
-    while not core.done:
-        r = core.state.completed_rounds
-        nodes = wait_for_nodes(grid, core.min_sites, wait_s, _log, select=directory.select)
-        t0 = time.time()
-        instructions = core.fit_instructions()
-        _log(f"round {r + 1}/{core.total_rounds}: train messages to {len(nodes)} SuperNode(s)")
-        updates, failures, trained = train_round(
-            grid, nodes, weights_to_record(core.state.weights), instructions, directory, timeout,
-            on_update=lambda u: fs.log_update(u, time.time() - t0))
-        try:
-            pending = core.aggregate(updates, failures, started=t0)
-            if not core.accept(pending):  # fewer than min_sites valid updates: the round runs again (bounded)
-                continue
-        except FederationStopped as e:  # a deterministic site error, or too few updates round after round
-            _log(f"stopping the federation: {e}")
-            raise
-        evaluations = {}
-        every = int(rc.get("evaluate-every", 1))
-        if bool(rc.get("evaluate", True)) and trained and core.evaluates_this_round(every):
-            budget = int(rc.get("evaluate-patches", DEFAULT_EVALUATION_PATCHES))
-            evaluations = evaluate_round(grid, trained, weights_to_record(pending.result.weights),
-                                         {**instructions, "evaluate_patches": budget}, directory, timeout, _log)
-        fs.finish_round(pending, evaluations)
-    fs.finish()
+    sites = FlowerSites(grid, SiteDirectory(s.name for s in fs.sites), float(rc.get("wait-for-nodes", 300)),
+                        float(rc.get("round-timeout", 3600)), _log)
+    try:
+        fs.run_rounds(sites, evaluate=bool(rc.get("evaluate", True)), evaluate_every=int(rc.get("evaluate-every", 1)),
+                      evaluate_patches=int(rc.get("evaluate-patches", DEFAULT_EVALUATION_PATCHES)))
+    except FederationStopped as e:  # a deterministic site error, or too few updates round after round
+        _log(f"stopping the federation: {e}")
+        raise

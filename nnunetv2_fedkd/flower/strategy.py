@@ -144,4 +144,39 @@ def evaluate_round(grid: Grid, nodes: Sequence[int], weights: ArrayRecord, instr
     return out
 
 
-__all__ = ["NoSitesError", "SiteDirectory", "evaluate_round", "train_round", "wait_for_nodes"]
+class FlowerSites:
+    """The round loop's transport (:class:`~nnunetv2_fedkd.federated.runner.SiteTransport`) over Flower: before each
+    round, wait (``wait_s``) for ``min_sites`` SuperNodes; ``train`` and ``evaluate`` messages to them, replies within
+    ``timeout`` s; the sites that sent an update evaluate."""
+
+    def __init__(self, grid: Grid, directory: SiteDirectory, wait_s: float, timeout: float,
+                 log: Callable[[str], Any] = print):
+        self.grid, self.directory, self.wait_s, self.timeout, self.log = grid, directory, wait_s, timeout, log
+        self.nodes: List[int] = []
+        self.trained: List[int] = []
+
+    def before_round(self, core) -> None:
+        self.nodes = wait_for_nodes(self.grid, core.min_sites, self.wait_s, self.log, select=self.directory.select)
+
+    def train(self, core, instructions: Mapping[str, Any], on_update: Callable[[SiteUpdate, float], Any]):
+        from nnunetv2_fedkd.flower.task import weights_to_record
+
+        t0 = time.time()
+        self.log(f"round {int(instructions['round']) + 1}/{core.total_rounds}: train messages to {len(self.nodes)} "
+                 f"SuperNode(s)")
+        updates, failures, self.trained = train_round(
+            self.grid, self.nodes, weights_to_record(core.state.weights), instructions, self.directory, self.timeout,
+            on_update=lambda u: on_update(u, time.time() - t0))
+        return updates, failures
+
+    def evaluate(self, core, weights, instructions: Mapping[str, Any], sites: Sequence[str]):
+        from nnunetv2_fedkd.flower.task import weights_to_record
+
+        nodes = [n for n in self.trained if self.directory.name(n) in set(sites)]
+        if not nodes:
+            return {}
+        return evaluate_round(self.grid, nodes, weights_to_record(weights), instructions, self.directory,
+                              self.timeout, self.log)
+
+
+__all__ = ["FlowerSites", "NoSitesError", "SiteDirectory", "evaluate_round", "train_round", "wait_for_nodes"]
