@@ -56,11 +56,24 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import (Any, Callable, Collection, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set,
-                    Tuple, Union)
+from typing import (Any, Callable, Collection, Dict, FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple,
+                    Union)
 
 import torch
 from torch import nn
+
+from nnunetv2_fedkd.federated.site_side import (  # noqa: F401  (re-exported: the server side uses them too)
+    NORM_MODULE_TYPES,
+    SiteUpdate,
+    _model_norm_keys,
+    _more,
+    federated_poly_lr,
+    is_norm_key,
+    merge_local_state,
+    norm_keys,
+    proximal_term,
+    split_local_state,
+)
 
 __all__ = [
     "Weights",
@@ -113,36 +126,6 @@ class UpdateRejected(Exception):
         self.reason = reason
         self.key = key
         super().__init__(f"update from site {site!r} rejected: {reason}")
-
-
-@dataclass
-class SiteUpdate:
-    """What one site sends back after its local training in a round.
-
-    Attributes:
-        site: the site's name (unique within a round).
-        weights: its trained model weights (``state_dict``; same keys, shapes and dtypes as the global weights).
-        num_examples: how many training cases it trained on (the FedAvg weight with ``weighting="cases"``);
-            must be a positive integer.
-        metrics: free-form numbers to log (training loss, ...); not used for aggregation.
-        organs: registry keys of the organs the site labels (used by ``organ_aware_heads``).
-    """
-
-    site: str
-    weights: Weights
-    num_examples: int
-    metrics: Dict[str, Any] = field(default_factory=dict)
-    organs: FrozenSet[str] = frozenset()
-
-    def __post_init__(self):
-        if isinstance(self.organs, str):
-            raise TypeError(f"SiteUpdate({self.site!r}).organs must be a collection of organ names, not the string "
-                            f"{self.organs!r}")
-        self.organs = frozenset(self.organs)
-
-
-def _more(items: Sequence[str]) -> str:
-    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
 
 
 def validate_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], site: str, *,
@@ -290,97 +273,6 @@ class UpdateBounds:
 def _norm(weights: Mapping[str, torch.Tensor], skip: Collection[str] = ()) -> float:
     return math.sqrt(sum(float(t.detach().to("cpu", torch.float64).pow(2).sum()) for k, t in weights.items()
                          if k not in skip and t.is_floating_point()))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# normalisation layers (FedBN) and site-local state
-# ----------------------------------------------------------------------------------------------------------------------
-NORM_MODULE_TYPES: Tuple[type, ...] = tuple(
-    t for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
-                nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
-                getattr(nn, "RMSNorm", None))
-    if t is not None
-)
-
-_NORM_BUFFER_LEAVES = frozenset({"running_mean", "running_var", "num_batches_tracked"})
-_NORM_MODULE_NAME = re.compile(r"^(?:.*norm.*|bn\d*|gn\d*|ln\d*)$", re.IGNORECASE)
-# dynamic_network_architectures' ConvDropoutNormReLU: all_modules = Sequential(conv, [dropout], [norm], nonlin); the
-# conv is always entry 0, so a parameter at entry >= 1 is the norm's (nonlin LeakyReLU has none)
-_NNUNET_ALL_MODULES_ALIAS = re.compile(r"(?:^|\.)all_modules\.[1-9]\d*$")
-# nnunetv2_fedkd.networks.OrganHeads with hidden channels: heads.<k> = Sequential(conv, norm, nonlin, conv)
-_ORGAN_HEAD_NORM = re.compile(r"(?:^|\.)heads\.\d+\.1$")
-
-
-def _model_norm_keys(model: nn.Module) -> FrozenSet[str]:
-    keys: Set[str] = set()
-    for mod_name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, NORM_MODULE_TYPES):
-            for leaf, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-                keys.add(f"{mod_name}.{leaf}" if mod_name else leaf)
-    return frozenset(keys)
-
-
-def _name_is_norm(name: str) -> bool:
-    module, _, leaf = name.rpartition(".")
-    if leaf in _NORM_BUFFER_LEAVES:
-        return True
-    if not module:
-        return False
-    last = module.rpartition(".")[2]
-    return bool(_NORM_MODULE_NAME.match(last) or _NNUNET_ALL_MODULES_ALIAS.search(module)
-                or _ORGAN_HEAD_NORM.search(module))
-
-
-def is_norm_key(name: str, model: Optional[nn.Module] = None) -> bool:
-    """Whether ``state_dict`` key ``name`` is a parameter or buffer of a normalisation layer.
-
-    With ``model``: exact, from the module types (:data:`NORM_MODULE_TYPES`: BatchNorm, InstanceNorm, GroupNorm,
-    LayerNorm, ...), including every alias name a module has in the ``state_dict``. For many keys use
-    :func:`norm_keys`, which walks the model once.
-
-    Without ``model``: from the name alone. A key is a norm key when its leaf is ``running_mean``, ``running_var`` or
-    ``num_batches_tracked``; or its module's name contains ``norm`` (nnU-Net's ``.norm.``, ``batchnorm``,
-    ``norm1``, ...) or is ``bn``/``gn``/``ln`` optionally followed by digits; or it is nnU-Net's alias
-    ``...all_modules.<i>.`` with ``i >= 1`` (the norm inside ``ConvDropoutNormReLU``; wrong for a parametric
-    nonlinearity such as PReLU); or it is entry 1 of one of this package's organ heads (``heads.<k>.1.``). Names that
-    merely contain "norm" are matched too, so pass the model whenever one is at hand.
-    """
-    if model is not None:
-        return name in _model_norm_keys(model)
-    return _name_is_norm(name)
-
-
-def norm_keys(names: Iterable[str], model: Optional[nn.Module] = None) -> FrozenSet[str]:
-    """The subset of ``names`` (e.g. a ``state_dict``'s keys) that :func:`is_norm_key` selects."""
-    if model is not None:
-        found = _model_norm_keys(model)
-        return frozenset(k for k in names if k in found)
-    return frozenset(k for k in names if _name_is_norm(k))
-
-
-def split_local_state(weights: Mapping[str, torch.Tensor], local_keys: Collection[str]) -> Tuple[Weights, Weights]:
-    """Split ``weights`` into ``(shared, local)`` by ``local_keys`` (e.g. ``strategy.local_keys(weights)``). A runner
-    keeps each site's ``local`` part between rounds (FedBN). Tensors are shared, not copied."""
-    local_keys = set(local_keys)
-    unknown = sorted(local_keys - set(weights))
-    if unknown:
-        raise KeyError(f"split_local_state: local key {unknown[0]!r} is not among the weights{_more(unknown)}")
-    shared = {k: v for k, v in weights.items() if k not in local_keys}
-    local = {k: v for k, v in weights.items() if k in local_keys}
-    return shared, local
-
-
-def merge_local_state(global_weights: Mapping[str, torch.Tensor], local: Mapping[str, torch.Tensor]) -> Weights:
-    """Global weights with a site's ``local`` entries put back (what the site trains from in the next round). Returns
-    a new dict in the global key order; every ``local`` key must exist in the global weights with the same shape."""
-    unknown = [k for k in local if k not in global_weights]
-    if unknown:
-        raise KeyError(f"merge_local_state: local key {unknown[0]!r} is not among the global weights{_more(unknown)}")
-    for k, v in local.items():
-        if v.shape != global_weights[k].shape:
-            raise ValueError(f"merge_local_state: shape of local {k!r} is {tuple(v.shape)}, global has "
-                             f"{tuple(global_weights[k].shape)}")
-    return {k: (local[k] if k in local else v) for k, v in global_weights.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -954,61 +846,3 @@ def aggregate_round(strategy: Strategy, global_weights: Mapping[str, torch.Tenso
                        + (f"; dropped: {', '.join(s for s, _ in dropped)}" if dropped else ""))
     return RoundResult(weights, round_idx, strategy.name, sites, dropped, aggregated=True, heads_kept=info.heads_kept,
                        update_ratios={s: ratios[s] for s in sites if s in ratios})
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# site-side helpers
-# ----------------------------------------------------------------------------------------------------------------------
-def proximal_term(model_params: Iterable[Tuple[str, torch.Tensor]], global_weights: Mapping[str, torch.Tensor],
-                  mu: float, *, exclude: Collection[str] = ()) -> torch.Tensor:
-    """FedProx's proximal term ``mu / 2 * sum ||w - w_global||^2`` for a site's loss (Li et al. 2020).
-
-    Args:
-        model_params: ``(name, parameter)`` pairs, e.g. ``model.named_parameters()``. Parameters that do not require
-            grad, are not floating point, or are in ``exclude`` (e.g. FedBN's local keys) are skipped.
-        global_weights: the round's global weights by the same names. Gradient flows only to the parameters; pass
-            the weights already on the parameters' device (move them once per round) to avoid a copy per call.
-        mu: coefficient >= 0.
-
-    Returns:
-        float32 scalar on the parameters' device (a zero tensor when no parameter qualifies).
-    """
-    mu = float(mu)
-    if not (math.isfinite(mu) and mu >= 0):
-        raise ValueError(f"proximal_term: mu must be a finite number >= 0, got {mu}")
-    total: Optional[torch.Tensor] = None
-    for name, p in model_params:
-        if not p.requires_grad or not p.is_floating_point() or name in exclude:
-            continue
-        if name not in global_weights:
-            raise KeyError(f"proximal_term: parameter {name!r} has no global weight")
-        g = global_weights[name]
-        if g.shape != p.shape:
-            raise ValueError(f"proximal_term: shape of {name!r} is {tuple(p.shape)}, global weight has "
-                             f"{tuple(g.shape)}")
-        diff = p.float() - g.detach().to(device=p.device, dtype=torch.float32)
-        sq = diff.pow(2).sum()
-        total = sq if total is None else total + sq
-    if total is None:
-        return torch.zeros((), dtype=torch.float32)
-    return total * (mu / 2.0)
-
-
-def federated_poly_lr(initial_lr: float, round_idx: int, local_epoch: int, rounds: int, local_epochs: int,
-                      exponent: float = 0.9) -> float:
-    """nnU-Net's PolyLR over the whole federation: ``initial_lr * (1 - e / E) ** exponent`` with the global epoch
-    ``e = round_idx * local_epochs + local_epoch`` out of ``E = rounds * local_epochs``, so the schedule continues
-    across rounds instead of restarting in each (nnU-Net: ``lr = initial_lr * (1 - epoch / max_epochs) ** 0.9``).
-    ``round_idx`` and ``local_epoch`` count from 0."""
-    for label, value in (("round_idx", round_idx), ("local_epoch", local_epoch), ("rounds", rounds),
-                         ("local_epochs", local_epochs)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"federated_poly_lr: {label} must be an int, got {value!r}")
-    if rounds < 1 or local_epochs < 1:
-        raise ValueError(f"federated_poly_lr: rounds and local_epochs must be >= 1, got {rounds}, {local_epochs}")
-    if not 0 <= round_idx < rounds:
-        raise ValueError(f"federated_poly_lr: round_idx must be in [0, {rounds}), got {round_idx}")
-    if not 0 <= local_epoch < local_epochs:
-        raise ValueError(f"federated_poly_lr: local_epoch must be in [0, {local_epochs}), got {local_epoch}")
-    epoch = round_idx * local_epochs + local_epoch
-    return float(initial_lr) * (1.0 - epoch / (rounds * local_epochs)) ** float(exponent)

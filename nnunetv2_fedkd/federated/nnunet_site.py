@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from nnunetv2_fedkd.federated.aggregation import SiteUpdate, merge_local_state
+from nnunetv2_fedkd.federated.site_side import SiteUpdate, merge_local_state
 from nnunetv2_fedkd.federated.weights_io import load_weights
 from nnunetv2_fedkd.label_availability import LabelAvailability
 from nnunetv2_fedkd.utils import atomic_write_json

@@ -69,7 +69,6 @@ all; the files the stock commands write
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
@@ -85,7 +84,12 @@ import SimpleITK as sitk
 
 from nnunetv2_fedkd import organs as reg
 from nnunetv2_fedkd.env import subprocess_env
-from nnunetv2_fedkd.federated.weights_io import plans_digest
+from nnunetv2_fedkd.federated.site_side import (  # noqa: F401  (re-exported)
+    PlansMismatch,
+    check_site_plans,
+    federation_plans_digest,
+    normalized_plans,
+)
 from nnunetv2_fedkd.pipeline import nnunet_script, run_command
 from nnunetv2_fedkd.pooled_dataset import (FILE_ENDING, common_channel_names, federation_dataset_name,
                                            global_label_values, write_global_dataset_json, write_remapped_cases)
@@ -123,10 +127,6 @@ class FederatedPlanningError(RuntimeError):
 
 class PayloadError(ValueError):
     """A site's fingerprint payload is malformed or holds more than the documented statistics."""
-
-
-class PlansMismatch(ValueError):
-    """A site's plans differ from the federation's plans."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -472,31 +472,6 @@ def write_coordinator_dataset(spec: FederationSpec, layout: FederationLayout, pa
 # --------------------------------------------------------------------------------------------------------------------
 # 5. plans identity
 # --------------------------------------------------------------------------------------------------------------------
-def normalized_plans(plans: Mapping[str, Any]) -> Dict[str, Any]:
-    """The plans without ``dataset_name`` (the only entry stock ``move_plans_between_datasets`` adapts per site when
-    every dataset uses the same image reader, as every dataset of this plugin does)."""
-    out = copy.deepcopy(dict(plans))
-    out.pop("dataset_name", None)
-    return out
-
-
-def federation_plans_digest(plans: Mapping[str, Any]) -> str:
-    """:func:`~nnunetv2_fedkd.federated.weights_io.plans_digest` of :func:`normalized_plans`: equal for every
-    site's copy of the federation's plans."""
-    return plans_digest(normalized_plans(plans))
-
-
-def check_site_plans(site_name: str, plans: Mapping[str, Any], expected_digest: str) -> None:
-    """Raise :class:`PlansMismatch` naming the site when its plans are not the federation's plans."""
-    got = federation_plans_digest(plans)
-    if got != expected_digest:
-        raise PlansMismatch(
-            f"site {site_name!r}: plans {plans.get('plans_name')!r} of {plans.get('dataset_name')!r} differ from the "
-            f"federation's plans (digest {got[:12]}..., expected {expected_digest[:12]}...); every site must train "
-            f"with the coordinator's plans: run `nnunetv2_fedkd plan SPEC --overwrite` again or restore the "
-            f"site's plans file")
-
-
 def record_path(layout: FederationLayout, plans_name: str = "nnUNetPlans") -> Path:
     """``$nnUNet_preprocessed/<plans dataset>/federation_<plans name>.json``, next to the plans it describes."""
     return layout.coordinator_preprocessed / f"federation_{plans_name}.json"

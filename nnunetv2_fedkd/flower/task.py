@@ -36,7 +36,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
 from nnunetv2_fedkd.env import CPU_FRIENDLY, CPU_TRAINING, apply_env
-from nnunetv2_fedkd.federated.aggregation import SiteUpdate, Weights
+from nnunetv2_fedkd.federated.site_side import SiteUpdate, Weights
 from nnunetv2_fedkd.federated.nnunet_site import NnUNetSite
 from nnunetv2_fedkd.federated.weights_io import from_numpy_arrays, to_numpy_arrays
 

@@ -51,11 +51,11 @@ from typing import Any, Dict, List
 import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
-from nnunetv2_fedkd.federated.aggregation import (
+from nnunetv2_fedkd.federated.site_side import (
+    federated_poly_lr,
     merge_local_state,
     norm_keys,
     proximal_term,
-    federated_poly_lr,
 )
 from nnunetv2_fedkd.federated.weights_io import load_weights, save_weights
 from nnunetv2_fedkd.label_availability import LabelAvailability
@@ -164,7 +164,7 @@ class _FedKDMixin(_MSKDMixin):
             raise FederationError(f"local_keys must be 'none' or 'norm', got {c['local_keys']!r}")
         if not c["global_model"]:
             return
-        from nnunetv2_fedkd.federated.planning import PlansMismatch
+        from nnunetv2_fedkd.federated.site_side import PlansMismatch
 
         weights, meta = load_weights(c["global_model"])
         mine = self._plans_file_digest()
@@ -215,7 +215,7 @@ class _FedKDMixin(_MSKDMixin):
         entries to the plans in memory)."""
         import json
 
-        from nnunetv2_fedkd.federated.planning import federation_plans_digest
+        from nnunetv2_fedkd.federated.site_side import federation_plans_digest
 
         path = os.path.join(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name + ".json")
         with open(path) as f:
