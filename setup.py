@@ -16,7 +16,7 @@ setup(
     include_package_data=True,
     install_requires=[
         "nnunetv2>=2.6,<2.9",
-        "torch>=2.1",
+        "torch>=2.6",  # torch.load(weights_only=True) is a safe loader from 2.6 on (CVE-2025-32434)
         "numpy",
         "SimpleITK>=2.2",
         "nibabel>=5",

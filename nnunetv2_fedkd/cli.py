@@ -194,13 +194,20 @@ def _cmd_verify_checkpoint(args) -> int:
 
 
 def _cmd_upgrade_weights(args) -> int:
-    from nnunetv2_fedkd.federated.weights_io import upgrade_weights_file
+    from nnunetv2_fedkd.federated.weights_io import CorruptCheckpoint, upgrade_weights_file
 
     files = sorted(args.folder.rglob("*.fedkd")) if args.folder.is_dir() else [args.folder]
     if not files or not files[0].is_file():
         print(f"nnunetv2_fedkd upgrade-weights: error: no .fedkd file in {args.folder}", file=sys.stderr)
         return 2
-    done = sum(upgrade_weights_file(f) for f in files)
+    done = 0
+    for f in files:
+        try:
+            done += upgrade_weights_file(f)
+        except CorruptCheckpoint as e:
+            print(f"nnunetv2_fedkd upgrade-weights: error: {e} ({done} file(s) converted before it; the others are "
+                  f"unchanged)", file=sys.stderr)
+            return 2
     print(f"{done} of {len(files)} weights file(s) in {args.folder} converted to safetensors "
           f"({len(files) - done} already were)")
     return 0

@@ -692,3 +692,34 @@ def test_a_run_folder_of_format_1_files_is_upgraded_in_place(tmp_path):
                bad)
     with pytest.raises(CorruptCheckpoint, match="digest"):
         upgrade_weights_file(bad)
+
+
+def test_a_safetensors_file_whose_header_length_spells_pk_still_loads(tmp_path):
+    """A safetensors file starts with its header length (8 bytes, little endian): a length of 0x4B50 mod 65536
+    makes it start with b"PK", like a zip. It must load, not be taken for a torch zip."""
+    w = {"a": T(1.0, 2.0)}
+    for n in range(19000, 19400):
+        p = save_weights(tmp_path / "pk.fedkd", w, {"pad": "x" * n})
+        if p.read_bytes()[:2] == b"PK":
+            break
+    else:
+        pytest.fail("no padding gave a header starting with PK")
+    back, meta = load_weights(p)
+    assert torch.equal(back["a"], w["a"]) and len(meta["pad"]) == n
+
+
+def test_loaded_weights_do_not_read_from_the_file_afterwards(tmp_path):
+    p = save_weights(tmp_path / "w.fedkd", {"a": T(1.0, 2.0)}, {})
+    back, _ = load_weights(p)
+    data = bytearray(p.read_bytes())
+    data[-8:] = b"\x00" * 8  # the tensor's bytes, rewritten in place after the load
+    with open(p, "r+b") as f:
+        f.write(bytes(data))
+    assert back["a"].tolist() == [1.0, 2.0]
+
+
+def test_keys_that_are_not_strings_are_refused(tmp_path):
+    p = _safetensors_file(tmp_path / "odd.fedkd", {"a": torch.zeros(2)}, **{**GOOD_META, "keys_json": "[1]",
+                                                                              "digest": ""})
+    with pytest.raises(CorruptCheckpoint, match="keys_json"):
+        load_weights(p)

@@ -297,3 +297,33 @@ def test_flower_tls_and_supernode_authentication(tiny_federation, planned_federa
     (record,) = json.loads((run / "metrics.json").read_text())
     assert record["accepted"] == [liver.name] and not record["failed"], record
     assert not (tmp_path / "sites" / kidney.name).exists()  # the refused site never received a message
+
+
+@pytest.mark.slow
+def test_flower_a_deterministic_site_error_stops_the_federation_in_round_1(tiny_federation, planned_federation,
+                                                                             tmp_path):
+    """Issue 14, item 2, on the Flower engine: the kidney site's ``splits_final.json`` does not parse, an error that
+    would recur in every round. The ClientApp's error reply names the site and the file, the ServerApp stops the
+    federation in round 1 (run status failed) with nothing committed, instead of leaving the site out of every
+    round."""
+    fed, layout = tiny_federation, planned_federation
+    liver, kidney = fed.spec.sites[0], next(s for s in fed.spec.sites if s.name == "kidney_site")
+    results = tmp_path / "nnUNet_results"
+    env = fed.env(training=True, nnUNet_results=str(results))
+    splits = Path(env["nnUNet_preprocessed"]) / layout.views[kidney.name] / "splits_final.json"
+    before = splits.read_bytes() if splits.exists() else None
+    splits.write_text("[{")
+    try:
+        out = run_deployment(fed.spec.path, [liver, kidney], layout.views, env, tmp_path, timeout=360, min_sites=1)
+    finally:
+        if before is None:
+            splits.unlink()
+        else:
+            splits.write_bytes(before)
+    assert out["status"].startswith("finished:") and out["status"] != "finished:completed", out["status"]
+    log = out["server_log"]
+    assert "stopping the federation" in log and "would recur in every round" in log, log[-4000:]
+    assert "site 'kidney_site'" in log and "splits_final.json is not valid JSON" in log, log[-4000:]
+    run = results / layout.coordinator / "nnUNetTrainerFedKD__nnUNetPlansSmall__3d_fullres" / "federation"
+    assert json.loads((run / "state.json").read_text())["completed_rounds"] == 0
+    assert not (run / "global_round_0001.fedkd").exists()

@@ -462,3 +462,39 @@ def test_a_run_that_completed_no_round_starts_again_with_new_settings(tmp_path):
     (tmp_path / "run" / "state.json").unlink()
     (tmp_path / "run" / "metrics.json").unlink()
     assert make_core(tmp_path).start(init_weights()).completed_rounds == 0
+
+
+def test_a_round_that_is_not_committed_leaves_the_server_state_untouched(tmp_path):
+    """FedAvgM's momentum must not move on an attempt that is run again: the run would differ from its resume."""
+    core = make_core(tmp_path, rounds=1, min_sites=2, strategy="fedavgm")
+    core.start(init_weights())
+    before = {k: v.clone() for k, v in core.strategy.state_dict().items()}
+    site = ToySite("liver", 2.0)
+    pending = core.aggregate([site.fit(core.global_weights_file, core.fit_instructions())],
+                             [("kidney", "RuntimeError: lost")])
+    assert not core.accept(pending)
+    after = core.strategy.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_transport_failures_at_every_site_are_not_a_configuration_error(tmp_path):
+    from nnunetv2_fedkd.federated.round_core import SiteErrorWillRecur
+
+    core = make_core(tmp_path, rounds=2)
+    core.start(init_weights())
+    for failures in ([("a", "no train reply within 3600 s"), ("b", "no train reply within 3600 s")],
+                     [("a", "error reply (code 5): Error: Node Unavailable"),
+                      ("b", "error reply (code 5): Error: Node Unavailable")]):
+        assert not core.aggregate([], failures).result.aggregated
+    # the same exception reported by the ClientApps of sites called a and b (one-letter names are not substrings)
+    oom = "error reply (code 0): <class 'SiteFailure'>:<'site '{s}': RuntimeError: CUDA out of memory at layer 3'>"
+    with pytest.raises(SiteErrorWillRecur, match="failed the same way"):
+        core.aggregate([], [("a", oom.format(s="a")), ("b", oom.format(s="b"))])
+
+
+def test_nan_in_the_settings_does_not_block_a_resume(tmp_path):
+    core = make_core(tmp_path, settings={"num_epochs": 1, "x": float("nan")})
+    core.start(init_weights())
+    run(core, [ToySite("liver", 2.0)], stop_after=1)
+    again = make_core(tmp_path, settings={"num_epochs": 1, "x": float("nan")})
+    assert again.start(init_weights()).completed_rounds == 1

@@ -488,11 +488,15 @@ def load_federation_record(spec: FederationSpec, plans_name: str = "nnUNetPlans"
     return record
 
 
-def planned_case_counts(coordinator_preprocessed: Path) -> Dict[str, int]:
-    """``{site: number of cases}`` the sites contributed when the federation was planned (the newest
-    ``federation_<plans>.json`` record in the plans dataset's preprocessed folder; empty if there is none). A site
+def planned_case_counts(coordinator_preprocessed: Path, plans_name: Optional[str] = None) -> Dict[str, int]:
+    """``{site: number of cases}`` the sites contributed when the federation was planned (the record
+    ``federation_<plans_name>.json`` in the plans dataset's preprocessed folder, else the newest
+    ``federation_*.json`` there: plans derived later, e.g. small plans, have none; empty if there is none). A site
     cannot train on more cases than were preprocessed for it, so this bounds the case count it may claim."""
     records = sorted(Path(coordinator_preprocessed).glob("federation_*.json"), key=lambda f: f.stat().st_mtime)
+    exact = Path(coordinator_preprocessed) / f"federation_{plans_name}.json"
+    if plans_name is not None and exact in records:
+        records = [exact]
     for f in reversed(records):
         try:
             record = json.loads(f.read_text())

@@ -125,9 +125,18 @@ DEFAULT_ROUND_ATTEMPTS = 3
 _TOO_FEW = "fewer valid updates than min_sites"
 
 
-def _same_failure(site: str, reason: str) -> str:
-    """A failure's text with the site's own name and every number taken out, to compare failures across sites."""
-    return re.sub(r"\d+", "#", str(reason).replace(site, "<site>")).strip()
+_SITE_EXCEPTION_RE = re.compile(r"(?<![A-Za-z0-9_])[A-Za-z_][A-Za-z0-9_]*(?:Error|Exception): ")
+
+
+def _same_failure(site: str, reason: str) -> Optional[str]:
+    """The exception a site reported (``"<Type>Error: <message>"``, also inside a Flower error reply), with the
+    site's own name and every number taken out, to compare failures across sites; None for a failure of the
+    transport (no reply, a node the SuperLink reports unavailable), which is never a configuration error."""
+    m = _SITE_EXCEPTION_RE.search(str(reason))
+    if m is None:
+        return None
+    text = re.sub(rf"(?<![A-Za-z0-9_]){re.escape(site)}(?![A-Za-z0-9_])", "<site>", str(reason)[m.start():])
+    return re.sub(r"\d+", "#", text).strip()
 
 
 def _global_file(run: Path, completed: int) -> Path:
@@ -241,7 +250,7 @@ class RoundCore:
         a, b = _flatten(was), _flatten({k: v for k, v in now.items() if k in was})
         missing = object()
         return {k: {"was": a.get(k), "now": b.get(k)} for k in sorted(set(a) | set(b))
-                if a.get(k, missing) != b.get(k, missing)}
+                if not _same_value(a.get(k, missing), b.get(k, missing))}
 
     def resume(self, initial_weights: Optional[Mapping[str, torch.Tensor]] = None) -> FederationState:
         """Continue after the last completed round recorded in ``state.json`` (see the module's resume contract).
@@ -413,7 +422,8 @@ class RoundCore:
         r = s.completed_rounds
         for site, reason in failures:
             self.check_failure(site, reason)
-        if len(failures) >= 2 and not updates and len({_same_failure(a, b) for a, b in failures}) == 1:
+        same = {_same_failure(a, b) for a, b in failures}
+        if len(failures) >= 2 and not updates and len(same) == 1 and None not in same:
             site, reason = failures[0]
             raise SiteErrorWillRecur(
                 f"round {r + 1}: every site ({', '.join(a for a, _ in failures)}) failed the same way: {reason}. "
@@ -421,8 +431,10 @@ class RoundCore:
                 f"not committed). Fix the cause and run the same command: it resumes after round {r}.")
         for site, reason in failures:
             self.log(f"round {r + 1}: site {site!r} failed and is left out of this round: {reason}")
+        server_state = self.strategy.state_dict()
         result = aggregate_round(self.strategy, s.weights, updates, r + 1, log=self.log, bounds=self.bounds)
         if result.aggregated and len(result.accepted) < self.min_sites:
+            self.strategy.load_state_dict(server_state)  # a round that is not committed leaves no trace (FedOpt)
             result = RoundResult({k: v.clone() for k, v in s.weights.items()}, r, result.strategy, [],
                                  result.dropped + [(u, _TOO_FEW) for u in result.accepted],
                                  aggregated=False)
@@ -476,6 +488,15 @@ class RoundCore:
         self.state = FederationState(done, pending.result.weights, s.history + [record])
         self._write_state()
         return record
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equality of JSON values for the resume contract (10 == 10.0, and NaN equals NaN)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:

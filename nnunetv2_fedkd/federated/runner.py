@@ -390,7 +390,7 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
     pre = Path(os.environ["nnUNet_preprocessed"]) if workdir is None else Path(workdir) / "nnUNet_preprocessed"
     from nnunetv2_fedkd.federated.planning import planned_case_counts
     try:
-        bounds = UpdateBounds(site_cases={k: v for k, v in planned_case_counts(pre / layout.coordinator).items()
+        bounds = UpdateBounds(site_cases={k: v for k, v in planned_case_counts(pre / layout.coordinator, plans).items()
                                           if k in {s.name for s in chosen}},
                               max_num_examples=max_num_examples, max_update_ratio=max_update_ratio,
                               large_updates=large_updates)

@@ -94,18 +94,17 @@ def load_weights(path: os.PathLike) -> Tuple[Weights, Dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:2] == b"PK":
-        raise CorruptCheckpoint(path, "is a torch.save zip (an nnunetv2_fedkd weights file of format version 1, or "
-                                      "any other torch file); this version reads only its safetensors files (version "
-                                      f"{WEIGHTS_FORMAT_VERSION}) and never unpickles: convert a run folder of your "
-                                      "own with `nnunetv2_fedkd upgrade-weights RUN_FOLDER`")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as st:
             info = st.metadata() or {}
-            stored = {k: st.get_tensor(k) for k in st.keys()}
+            # copies: the tensors must not read from the file after its digest was checked
+            stored = {k: st.get_tensor(k).clone() for k in st.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        if _is_zip(path):
+            raise CorruptCheckpoint(path, "is a torch.save zip (an nnunetv2_fedkd weights file of format version 1, or "
+                                      "any other torch file); this version reads only its safetensors files (version "
+                                      f"{WEIGHTS_FORMAT_VERSION}) and never unpickles: convert a run folder of your "
+                                      "own with `nnunetv2_fedkd upgrade-weights RUN_FOLDER`") from None
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CorruptCheckpoint(path, f"is not a readable safetensors file ({type(e).__name__}: {first_line})") from e
     if info.get("format") != WEIGHTS_FORMAT:
@@ -123,7 +122,7 @@ def load_weights(path: os.PathLike) -> Tuple[Weights, Dict[str, Any]]:
         raise CorruptCheckpoint(path, f"'meta_json' or 'keys_json' is not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise CorruptCheckpoint(path, "'meta_json' does not hold a JSON object")
-    if not isinstance(order, list) or sorted(map(str, order)) != sorted(stored):
+    if not isinstance(order, list) or not all(isinstance(k, str) for k in order) or sorted(order) != sorted(stored):
         raise CorruptCheckpoint(path, "'keys_json' does not list the stored tensors")
     weights = {k: stored[k] for k in order}
     if info["digest"] != weights_digest(weights):
@@ -137,10 +136,9 @@ def upgrade_weights_file(path: os.PathLike) -> bool:
     one. The old file is read with ``torch.load(weights_only=True)`` (PyTorch's restricted unpickler) and its digest
     checked: run it only on files you wrote yourself. :class:`CorruptCheckpoint` for anything else."""
     path = Path(path)
-    with open(path, "rb") as f:
-        if f.read(2) != b"PK":
-            load_weights(path)  # already safetensors: it must read as one
-            return False
+    if not _is_zip(path):
+        load_weights(path)  # already safetensors: it must read as one
+        return False
     try:
         old = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -159,6 +157,11 @@ def upgrade_weights_file(path: os.PathLike) -> bool:
         raise CorruptCheckpoint(path, f"'meta_json' is not valid JSON ({e})") from None
     save_weights(path, weights, meta)
     return True
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:

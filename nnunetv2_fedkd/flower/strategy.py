@@ -18,10 +18,11 @@ from flwr.app import ArrayRecord, Message, MessageType
 from flwr.serverapp import Grid
 
 from nnunetv2_fedkd.federated.aggregation import SiteUpdate
+from nnunetv2_fedkd.federated.round_core import FederationStopped
 from nnunetv2_fedkd.flower.task import MessageContentError, read_evaluation, read_update, round_content
 
 
-class NoSitesError(RuntimeError):
+class NoSitesError(FederationStopped):
     """No SuperNode connected within the waiting time."""
 
 
