@@ -415,8 +415,7 @@ class FrozenTeacher:
 
 def probs_to_logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Logit of a probability, clamped to ``[eps, 1 - eps]`` (a fold-averaged teacher probability -> one logit)."""
-    p = p.clamp(eps, 1 - eps)
-    return torch.log(p) - torch.log1p(-p)
+    return torch.logit(p, eps=eps)
 
 
 def resize_features(feats: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

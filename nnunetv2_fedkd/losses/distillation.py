@@ -474,9 +474,8 @@ def soft_label_kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor
     s, p = _check_pair(student_logits, teacher_probs, name)
     with torch.no_grad():
         t_log = torch.log_softmax(torch.log(p.clamp_min(1e-8)) / tau, 1)
-        t_prob = torch.exp(t_log)
     s_log = torch.log_softmax(s / tau, 1)
-    kl = (t_prob * (t_log - s_log)).sum(1)
+    kl = F.kl_div(s_log, t_log, reduction="none", log_target=True).sum(1)  # sum_c P^T (log P^T - log_softmax)
     return (tau ** 2) * kl.mean()
 
 
