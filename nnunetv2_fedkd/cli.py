@@ -58,7 +58,8 @@ def _cmd_synth(args) -> int:
 
     spec = make_federation(args.out_dir, seed=args.seed, size=tuple(args.size), cases_per_site=args.cases_per_site,
                            test_cases=args.test_cases, first_dataset_id=args.first_dataset_id,
-                           overwrite=args.overwrite, fov_scale=args.fov_scale, num_sites=args.sites)
+                           overwrite=args.overwrite, fov_scale=args.fov_scale, num_sites=args.sites,
+                           fully_labelled=args.fully_labelled)
     print(f"wrote the synthetic federation; spec: {spec}")
     return 0
 
@@ -275,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sites", type=int, default=4,
                    help="number of sites, 1-8: liver, kidney, spleen, pancreas, then a second site per organ in the "
                         "same order (default 4)")
+    s.add_argument("--fully-labelled", action="store_true",
+                   help="the federated oracle's data: the same sites and images, every organ labelled at every site "
+                        "(BTCV layout)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_cmd_synth)
 

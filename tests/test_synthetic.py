@@ -449,3 +449,34 @@ def test_eight_sites_add_a_second_site_per_organ_and_leave_the_first_four_unchan
     for bad in (0, 9, True):
         with pytest.raises(ValueError, match="num_sites"):
             make_federation(tmp_path / f"bad{bad}", seed=SEED, size=TINY, cases_per_site=1, num_sites=bad)
+
+
+def test_the_fully_labelled_federation_has_the_same_images_and_every_organ_labelled_at_every_site(tmp_path):
+    from nnunetv2_fedkd.pipeline import convert_federation
+
+    part = load_spec(make_federation(tmp_path / "part", seed=SEED, size=TINY, cases_per_site=1, test_cases=1))
+    full = load_spec(make_federation(tmp_path / "full", seed=SEED, size=TINY, cases_per_site=1, test_cases=1,
+                                     fully_labelled=True))
+    assert full.labels == part.labels == list(FED_ORGANS)
+    assert [s.name for s in full.sites] == [s.name for s in part.sites]
+    assert all(s.organs == list(FED_ORGANS) and s.source_format == "btcv" for s in full.sites)
+    assert all(f.dataset == p.dataset + "Full" for f, p in zip(full.sites, part.sites))
+    mp = json.loads((tmp_path / "part" / "synth_meta.json").read_text())
+    mf = json.loads((tmp_path / "full" / "synth_meta.json").read_text())
+    assert mf["fully_labelled"] is True and mp["fully_labelled"] is False
+    for a, b in zip(mp["sites"], mf["sites"]):
+        assert a["scanner"] == b["scanner"]
+        pa, pb = _read(tmp_path / "part", a["cases"][0]["image"]), _read(tmp_path / "full", b["cases"][0]["image"])
+        # the same phantom; KiTS stores it in another axis order, so compare in RAS
+        ra = nib.as_closest_canonical(pa).get_fdata()
+        rb = nib.as_closest_canonical(pb).get_fdata()
+        assert ra.shape == rb.shape and np.array_equal(ra, rb), a["name"]
+    ta, tb = (_read(tmp_path / d, m["test_set"]["cases"][0]["image"]) for d, m in (("part", mp), ("full", mf)))
+    assert np.array_equal(np.asarray(ta.dataobj), np.asarray(tb.dataobj))  # the same external test set
+    written = convert_federation(full, tmp_path / "full" / "nnUNet_raw")
+    for site, folder in zip(full.sites, written):
+        dj = json.loads((folder / "dataset.json").read_text())
+        assert dj["labels"] == {"background": 0, **{o: i + 1 for i, o in enumerate(FED_ORGANS)}}, site.name
+        lab = np.asarray(nib.load(str(next((folder / "labelsTr").iterdir()))).dataobj)
+        # every organ is labelled at every site, not only the site's own
+        assert set(np.unique(lab).tolist()) == {0, 1, 2, 3, 4}, site.name

@@ -333,6 +333,7 @@ def make_federation(
     overwrite: bool = False,
     fov_scale: float = 1.0,
     num_sites: int = len(SITES),
+    fully_labelled: bool = False,
 ) -> Path:
     """Write the synthetic federation under ``out_dir`` and return the path of its spec (``out_dir/federation.toml``).
 
@@ -351,11 +352,20 @@ def make_federation(
     num_sites: how many of the sites (1-8): the four of :data:`SITES` (liver, kidney, spleen, pancreas), then a
         second site per organ from :data:`SECOND_SITES` (dataset ids first_dataset_id + 4 .. + 7), e.g. 8 to measure
         how a federation scales with its number of sites.
+    fully_labelled: the federated oracle's data: the same sites, scanners and cases (the same images as without it,
+        for the same seed and size), each site written in the BTCV layout with EVERY federation organ labelled
+        (dataset names end in ``Full``). No real federation has it; it is the upper bound of federated training at a
+        given budget, as the pooled fully labelled dataset (:mod:`nnunetv2_fedkd.synthetic.oracle`) is that of
+        central training.
     """
     if not 0.2 <= float(fov_scale) <= 2.0:
         raise ValueError(f"fov_scale must be in [0.2, 2], got {fov_scale}")
     size = _check_args(seed, size, cases_per_site, test_cases, first_dataset_id, num_sites)
     sites = (SITES + SECOND_SITES)[:int(num_sites)]
+    labels = reg.sort_by_registry(k for s in sites for k in s.annotated)
+    if fully_labelled:  # same name, stream and scanner: the same phantoms; every organ labelled
+        sites = tuple(replace(s, dataset_name=f"{s.dataset_name}Full", layout="btcv", label_format="btcv",
+                              source_subdir=f"{s.name}/btcv") for s in sites)
     seed, cases_per_site, test_cases, first_dataset_id = int(seed), int(cases_per_site), int(test_cases), \
         int(first_dataset_id)
     out_dir = Path(out_dir).absolute()
@@ -382,7 +392,9 @@ def make_federation(
                                      fov_scale)
             test_meta["dataset"] = f"Dataset{first_dataset_id + TEST_SITE.id_offset:03d}_{TEST_SITE.dataset_name}"
 
-    labels = reg.sort_by_registry(k for s in sites for k in s.annotated)
+    if fully_labelled:
+        for m in site_meta:
+            m["annotated"] = list(labels)
     spec = FederationSpec(
         name="synthetic-abdomen",
         labels=labels,
@@ -406,6 +418,7 @@ def make_federation(
         "msd_test_images": MSD_TEST_IMAGES,
         "with_tumours": bool(with_tumours),
         "fov_scale": float(fov_scale),
+        "fully_labelled": bool(fully_labelled),
         "first_dataset_id": first_dataset_id,
         "labels": labels,
         "phantom_axes": "x: patient's right->left, y: anterior->posterior, z: inferior->superior (LPS voxel order)",
