@@ -442,7 +442,11 @@ def test_a_state_file_from_before_the_contract_is_compared_on_what_it_recorded(t
     core.start(init_weights())
     run(core, [ToySite("liver", 2.0)], stop_after=1)
     f = tmp_path / "run" / "state.json"
-    old = {k: v for k, v in json.loads(f.read_text()).items() if k not in ("contract", "settings_changes")}
+    new = json.loads(f.read_text())
+    c = new["contract"]
+    # what state files before the contract held: the settings at the top level
+    old = {**{k: v for k, v in new.items() if k not in ("contract", "settings_changes")},
+           "strategy_hyperparameters": c["strategy"], "settings": c["settings"], "min_sites": c["min_sites"]}
     f.write_text(json.dumps(old))
     assert make_core(tmp_path, run_settings={"trainer": "other"}).start(init_weights()).completed_rounds == 1
     with pytest.raises(FederationStateError, match="settings.num_epochs: 1 -> 5"):

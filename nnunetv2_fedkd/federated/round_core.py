@@ -362,10 +362,8 @@ class RoundCore:
         atomic_write_text(self.run_dir / "metrics.csv", metrics_csv(s.history))
         atomic_write_json(self.state_file, {
             "format": STATE_FORMAT, "version": STATE_VERSION, "completed_rounds": s.completed_rounds,
-            "total_rounds": self.total_rounds, "strategy": self.strategy.name,
-            "strategy_hyperparameters": self.strategy.hyperparameters(), "plans_digest": self.plans_digest,
-            "settings": self.settings, "min_sites": self.min_sites,
-            "update_bounds": self.bounds.record() if self.bounds is not None else None,
+            "total_rounds": self.total_rounds, "strategy": self.strategy.name, "plans_digest": self.plans_digest,
+            # the settings themselves are in the contract only (state files before it had them at the top level)
             "contract": self.contract(), "settings_changes": self.settings_changes,
             "global_weights": _global_file(self.run_dir, s.completed_rounds).name, "strategy_state": sfile,
             "history": s.history,
@@ -424,9 +422,9 @@ class RoundCore:
             self.check_failure(site, reason)
         same = {_same_failure(a, b) for a, b in failures}
         if len(failures) >= 2 and not updates and len(same) == 1 and None not in same:
-            site, reason = failures[0]
             raise SiteErrorWillRecur(
-                f"round {r + 1}: every site ({', '.join(a for a, _ in failures)}) failed the same way: {reason}. "
+                f"round {r + 1}: every site ({', '.join(a for a, _ in failures)}) failed the same way: "
+                f"{failures[0][1]}. "
                 f"That is a configuration error, not a site's bad luck: the federation stops here (round {r + 1} is "
                 f"not committed). Fix the cause and run the same command: it resumes after round {r}.")
         for site, reason in failures:
