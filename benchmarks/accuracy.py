@@ -19,6 +19,9 @@ and is scored with ``nnUNetv2_evaluate_folder``.
   ignore label), then one stock nnU-Net is trained on them with the central budget.
 * ``oracle_central``: the pooled images with every organ labelled (the synthetic generator knows them:
   :mod:`nnunetv2_fedkd.synthetic.oracle`), stock nnU-Net's trainer - the upper bound no real federation has.
+* ``oracle_fedavg``: the upper bound of the federated rows at their budget: the same sites and images with every organ
+  labelled at every site (``nnunetv2_fedkd synth --fully-labelled``, ``benchmarks/federated_oracle.py``), FedAvg of
+  the stock loss, the same rounds x local iterations.
 
 Writes ``results.json`` (every number, the command, versions, machine), ``results.md`` (mean +- sd over seeds) and
 ``dice.png`` into ``--out``.
@@ -67,6 +70,7 @@ METHODS: Dict[str, tuple] = {
     "fedkd_teachers": ("federated", "nnUNetTrainerFedKD", ["--strategy", "fedavg"], KD_FROM_TEACHERS),
     "pseudo_label_central": ("pseudo", TEACHER_TRAINER, None, {}),
     "oracle_central": ("oracle", TEACHER_TRAINER, None, {}),
+    "oracle_fedavg": ("federated_oracle", "nnUNetTrainerFedNaive", ["--strategy", "fedavg"], {}),
 }
 BASE_SETTINGS = {**SHORT_CPU_RUN, "final_validation": False}
 POOLED_ID = 510
@@ -187,6 +191,15 @@ def run_method(name: str, workdir: Path, rounds: int, iters: int, out: Path) -> 
         patch = json.loads((pre / resolve_layout(spec, workdir).coordinator / "nnUNetPlansSmall.json").read_text())[
             "configurations"]["3d_fullres"]["patch_size"]
         small_plans([ds.name], workdir, patch_size=tuple(patch))
+    if kind == "federated_oracle":  # its own fully labelled federation: the same seed, sites and images
+        import federated_oracle
+
+        meta = json.loads((workdir / "synth_meta.json").read_text())
+        ora_spec, ora_layout = federated_oracle.prepare(
+            workdir / "federated_oracle", meta["seed"], tuple(meta["size"]), meta["fov_scale"],
+            meta["cases_per_site"], meta["test_cases"])
+        return federated_oracle.run_budget(workdir / "federated_oracle", ora_spec, ora_layout, trainer, rounds, iters,
+                                           {**BASE_SETTINGS, **extra})["dice"]
     if kind == "federated":
         settings.write_text(json.dumps({**BASE_SETTINGS, **extra}))
         cmd = [nnunet_script("nnunetv2_fedkd"), "federate", str(spec.path), "--rounds", str(rounds),

@@ -16,6 +16,7 @@ TINY_SIZE = (40, 40, 32)
 # a tighter abdominal field of view than real scanners (0.7x), so that the small organs get a few hundred voxels at
 # this tiny grid (pancreas ~300 instead of ~90) and tiny models can learn them within a CI budget
 TINY_FOV_SCALE = 0.7
+TINY_SEED, TINY_CASES_PER_SITE, TINY_TEST_CASES = 123, 5, 2
 
 
 @dataclass
@@ -46,8 +47,8 @@ def tiny_federation(tmp_path_factory) -> TinyFederation:
     from nnunetv2_fedkd.synthetic import make_federation
 
     workdir = tmp_path_factory.mktemp("tiny_federation")
-    spec = load_spec(make_federation(workdir, seed=123, size=TINY_SIZE, cases_per_site=5, test_cases=2,
-                                            fov_scale=TINY_FOV_SCALE))
+    spec = load_spec(make_federation(workdir, seed=TINY_SEED, size=TINY_SIZE, cases_per_site=TINY_CASES_PER_SITE,
+                                     test_cases=TINY_TEST_CASES, fov_scale=TINY_FOV_SCALE))
     convert_federation(spec, workdir / "nnUNet_raw")
     plan_and_preprocess([s.dataset_id for s in spec.sites], workdir, log_dir=workdir / "logs")
     small_plans([s.dataset for s in spec.sites], workdir, patch_size=(32, 32, 32))
