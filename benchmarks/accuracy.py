@@ -161,6 +161,14 @@ def run_method(name: str, workdir: Path, rounds: int, iters: int, out: Path) -> 
     from nnunetv2_fedkd.student_vs_teachers import predict_merged_teachers
 
     kind, trainer, fed_args, extra = METHODS[name]
+    if kind == "federated_oracle":  # a federated run in its own workdir: the seed's sites and images, all labelled
+        import federated_oracle
+
+        meta = json.loads((workdir / "synth_meta.json").read_text())
+        workdir = workdir / "federated_oracle"
+        federated_oracle.prepare(workdir, meta["seed"], tuple(meta["size"]), meta["fov_scale"],
+                                 meta["cases_per_site"], meta["test_cases"])
+        kind = "federated"
     spec = load_spec(workdir / "federation.toml")
     settings = out / f"settings_{name}.json"
     logs = workdir / "logs"
@@ -191,15 +199,6 @@ def run_method(name: str, workdir: Path, rounds: int, iters: int, out: Path) -> 
         patch = json.loads((pre / resolve_layout(spec, workdir).coordinator / "nnUNetPlansSmall.json").read_text())[
             "configurations"]["3d_fullres"]["patch_size"]
         small_plans([ds.name], workdir, patch_size=tuple(patch))
-    if kind == "federated_oracle":  # its own fully labelled federation: the same seed, sites and images
-        import federated_oracle
-
-        meta = json.loads((workdir / "synth_meta.json").read_text())
-        ora_spec, ora_layout = federated_oracle.prepare(
-            workdir / "federated_oracle", meta["seed"], tuple(meta["size"]), meta["fov_scale"],
-            meta["cases_per_site"], meta["test_cases"])
-        return federated_oracle.run_budget(workdir / "federated_oracle", ora_spec, ora_layout, trainer, rounds, iters,
-                                           {**BASE_SETTINGS, **extra})["dice"]
     if kind == "federated":
         settings.write_text(json.dumps({**BASE_SETTINGS, **extra}))
         cmd = [nnunet_script("nnunetv2_fedkd"), "federate", str(spec.path), "--rounds", str(rounds),

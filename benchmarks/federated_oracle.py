@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -59,7 +60,7 @@ def run_budget(workdir: Path, spec, layout, trainer: str, rounds: int, iters: in
     cfg = workdir / "settings.json"
     cfg.write_text(json.dumps(dict(SHORT_CPU_RUN) if settings is None else dict(settings)))
     model = workdir / "nnUNet_results" / layout.coordinator / f"{trainer}__nnUNetPlansSmall__3d_fullres"
-    subprocess.run(["rm", "-rf", str(model)], check=True)  # every budget is its own run, not a continuation
+    shutil.rmtree(model, ignore_errors=True)  # every budget is its own run, not a continuation
     t0 = time.time()
     cmd = [sys.executable, "-m", "nnunetv2_fedkd.cli", "federate", str(spec.path), "--rounds", str(rounds),
            "--local-iterations", str(iters), "--strategy", "fedavg", "-tr", trainer, "-p", "nnUNetPlansSmall",
