@@ -156,7 +156,7 @@ def teachers(workdir: Path, rounds: int, iters: int, out: Path) -> list:
 def run_method(name: str, workdir: Path, rounds: int, iters: int, out: Path) -> Dict[str, float]:
     from nnunetv2_fedkd.env import subprocess_env
     from nnunetv2_fedkd.federated.planning import resolve_layout
-    from nnunetv2_fedkd.pipeline import evaluate, nnunet_script, predict, run_command, train
+    from nnunetv2_fedkd.pipeline import evaluate, federate_command, predict, run_command, train
     from nnunetv2_fedkd.spec import load_spec
     from nnunetv2_fedkd.student_vs_teachers import predict_merged_teachers
 
@@ -201,9 +201,7 @@ def run_method(name: str, workdir: Path, rounds: int, iters: int, out: Path) -> 
         small_plans([ds.name], workdir, patch_size=tuple(patch))
     if kind == "federated":
         settings.write_text(json.dumps({**BASE_SETTINGS, **extra}))
-        cmd = [nnunet_script("nnunetv2_fedkd"), "federate", str(spec.path), "--rounds", str(rounds),
-               "--local-iterations", str(iters), "-tr", trainer, "-p", "nnUNetPlansSmall", "--config", str(settings),
-               "-device", "cpu", "--no-evaluate", *fed_args]
+        cmd = federate_command(spec.path, trainer, rounds, iters, settings, *fed_args, evaluate=False)
         run_command(cmd, subprocess_env(workdir, cpu=True, training=True, extra=results_env),
                     logs / f"bench_{name}.log")
         dataset, fold = resolve_layout(spec, workdir).coordinator, "all"

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from nnunetv2_fedkd.env import subprocess_env
 from nnunetv2_fedkd.federated.planning import resolve_layout
-from nnunetv2_fedkd.pipeline import convert_federation, evaluate, nnunet_script, predict, small_plans
+from nnunetv2_fedkd.pipeline import (convert_federation, evaluate, federate_command, nnunet_script, predict,
+                                     small_plans)
 from nnunetv2_fedkd.spec import load_spec
 from nnunetv2_fedkd.synthetic import make_federation
 from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN
@@ -62,9 +63,7 @@ def run_budget(workdir: Path, spec, layout, trainer: str, rounds: int, iters: in
     model = workdir / "nnUNet_results" / layout.coordinator / f"{trainer}__nnUNetPlansSmall__3d_fullres"
     shutil.rmtree(model, ignore_errors=True)  # every budget is its own run, not a continuation
     t0 = time.time()
-    cmd = [sys.executable, "-m", "nnunetv2_fedkd.cli", "federate", str(spec.path), "--rounds", str(rounds),
-           "--local-iterations", str(iters), "--strategy", "fedavg", "-tr", trainer, "-p", "nnUNetPlansSmall",
-           "-device", "cpu", "--config", str(cfg), "--no-evaluate"]
+    cmd = federate_command(spec.path, trainer, rounds, iters, cfg, strategy="fedavg", evaluate=False)
     p = subprocess.run(cmd, env=subprocess_env(workdir, cpu=True, training=True), capture_output=True, text=True)
     if p.returncode:
         raise RuntimeError(f"{shlex.join(cmd)} failed:\n{p.stdout[-3000:]}{p.stderr[-3000:]}")

@@ -296,7 +296,7 @@ def run_in_process(workdir: Path, sites: Sequence[str], rounds: int, iters: int,
 
     from nnunetv2_fedkd.env import subprocess_env
     from nnunetv2_fedkd.federated.planning import resolve_layout
-    from nnunetv2_fedkd.pipeline import nnunet_script
+    from nnunetv2_fedkd.pipeline import federate_command
     from nnunetv2_fedkd.spec import load_spec
 
     spec = load_spec(workdir / "federation.toml")
@@ -308,9 +308,8 @@ def run_in_process(workdir: Path, sites: Sequence[str], rounds: int, iters: int,
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     threads = int(env["OMP_NUM_THREADS"]) if env.get("OMP_NUM_THREADS", "").isdigit() else None  # as recorded
-    cmd = [nnunet_script("nnunetv2_fedkd"), "federate", str(spec.path), "--rounds", str(rounds),
-           "--local-iterations", str(iters), "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "--no-evaluate",
-           "--strategy", STRATEGY, "--config", str(settings_file), "--sites", *sites]
+    cmd = federate_command(spec.path, TRAINER, rounds, iters, settings_file, "--sites", *sites, strategy=STRATEGY,
+                           plans=PLANS, evaluate=False)
     log = run_root / "federate.log"
     before = loadavg()
     with TreeSampler() as mem, open(log, "w") as f:

@@ -47,7 +47,7 @@ MODES = {"no_evaluation": ["--no-evaluate"], "default_budget": [], "whole_volume
 def run_mode(mode: str, workdir: Path, sites: List[str], rounds: int, iters: int) -> dict:
     from nnunetv2_fedkd.env import subprocess_env
     from nnunetv2_fedkd.federated.planning import resolve_layout
-    from nnunetv2_fedkd.pipeline import nnunet_script
+    from nnunetv2_fedkd.pipeline import federate_command
     from nnunetv2_fedkd.spec import load_spec
 
     spec = load_spec(workdir / "federation.toml")
@@ -58,9 +58,7 @@ def run_mode(mode: str, workdir: Path, sites: List[str], rounds: int, iters: int
     settings = root / "settings.json"
     settings.write_text(json.dumps(SETTINGS))
     env = subprocess_env(workdir, cpu=True, training=True, extra={"nnUNet_results": str(root / "nnUNet_results")})
-    cmd = [nnunet_script("nnunetv2_fedkd"), "federate", str(spec.path), "--rounds", str(rounds), "--local-iterations",
-           str(iters), "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "--config", str(settings), "--sites", *sites,
-           *MODES[mode]]
+    cmd = federate_command(spec.path, TRAINER, rounds, iters, settings, "--sites", *sites, *MODES[mode], plans=PLANS)
     log = root / "federate.log"
     print(f"[{mode}] {shlex.join(cmd)}", flush=True)
     t0 = time.perf_counter()

@@ -53,7 +53,7 @@ def run_demo(workdir: Path, quick: bool = False, seed: int = 0) -> int:
 
     from nnunetv2_fedkd.env import subprocess_env
     from nnunetv2_fedkd.federated.planning import plan_federation, resolve_layout
-    from nnunetv2_fedkd.pipeline import (convert_federation, evaluate, nnunet_script, predict, run_command,
+    from nnunetv2_fedkd.pipeline import (convert_federation, evaluate, federate_command, predict, run_command,
                                          small_plans, train)
     from nnunetv2_fedkd.student_vs_teachers import Model, compare_student_with_teachers
     from nnunetv2_fedkd.spec import load_spec
@@ -109,12 +109,8 @@ def run_demo(workdir: Path, quick: bool = False, seed: int = 0) -> int:
     train_env = subprocess_env(workdir, cpu=True, training=True)
     for i, (label, trainer) in enumerate(METHODS):
         stage(5 + i, f"federated training, {label}: {rounds} rounds x {iterations} local iterations per site")
-        cmd = [nnunet_script("nnunetv2_fedkd"), "federate", str(spec_path), "--rounds", str(rounds),
-               "--local-iterations", str(iterations), "--strategy", "fedavg", "-tr", trainer,
-               "-p", "nnUNetPlansSmall", "--config", str(settings[trainer]), "-device", "cpu"]
-        if trainer != "nnUNetTrainerFedKD":
-            cmd.append("--no-evaluate")
-        run_command(cmd, train_env)
+        run_command(federate_command(spec_path, trainer, rounds, iterations, settings[trainer], strategy="fedavg",
+                                     evaluate=trainer == "nnUNetTrainerFedKD"), train_env)
 
     stage(7, "predicting the external test set with stock nnUNetv2_predict (FedKD, naive FedAvg, each teacher; the "
              "teachers' label maps merged); evaluating with nnUNetv2_evaluate_folder")

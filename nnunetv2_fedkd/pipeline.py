@@ -115,6 +115,24 @@ def train(dataset: str, trainer: str, workdir: Path, config_file: Optional[Path]
     return Path(env["nnUNet_results"]) / dataset / f"{trainer}__{plans}__3d_fullres" / f"fold_{fold}"
 
 
+def federate_command(spec: Path, trainer: str, rounds: int, local_iterations: int, config: Optional[Path] = None,
+                     *extra: str, strategy: Optional[str] = None, plans: str = "nnUNetPlansSmall",
+                     device: str = "cpu", evaluate: bool = True) -> List[str]:
+    """The command line ``nnunetv2_fedkd federate SPEC --rounds R --local-iterations I -tr TRAINER -p PLANS
+    -device DEVICE [--strategy S] [--config CONFIG] [--no-evaluate] EXTRA...`` that the demo, the benchmarks and the
+    tests run (a user types the same). ``strategy`` None: the command's default (FedAvg); ``extra``: further options
+    (``--sites``, ``--seed``, ``--strategy-option``, ...)."""
+    cmd = [nnunet_script("nnunetv2_fedkd"), "federate", str(spec), "--rounds", str(rounds), "--local-iterations",
+           str(local_iterations), "-tr", trainer, "-p", plans, "-device", device]
+    if strategy is not None:
+        cmd += ["--strategy", strategy]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    if not evaluate:
+        cmd.append("--no-evaluate")
+    return cmd + [str(e) for e in extra]
+
+
 def predict(images: Path, output: Path, dataset: str, trainer: str, workdir: Optional[Path],
             fold: Union[str, Sequence[str]] = "0", plans: str = "nnUNetPlansSmall", cpu: bool = True,
             tta: bool = False, log_dir: Optional[Path] = None, extra_env: Optional[Dict[str, str]] = None,

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunetv2_fedkd.pipeline import StepError, predict, train
+from nnunetv2_fedkd.pipeline import StepError, federate_command, predict, train
 from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN
 
 TEACHER_TRAINER = "nnUNetTrainerFedKDBase"  # nnU-Net's trainer with the schedule from the config file
@@ -162,14 +162,12 @@ def test_fedkd_round_distils_from_organ_teachers(tiny_federation, planned_federa
     patches are mapped into the teachers' preprocessing) next to the global-model KD: every site trains, logs its
     teachers, and the round aggregates."""
     import subprocess
-    import sys
 
     fed = tiny_federation
     cfg = _config(tmp_path, "fedkd", teachers=_teacher_entries(teachers))
     env = fed.env(training=True, nnUNet_results=str(tmp_path / "results"))
-    cmd = [sys.executable, "-m", "nnunetv2_fedkd.cli", "federate", str(fed.spec.path), "--rounds", "1",
-           "--local-iterations", "2", "-tr", "nnUNetTrainerFedKD", "-p", "nnUNetPlansSmall", "-device", "cpu",
-           "--config", str(cfg), "--no-evaluate", "--sites", "liver_site", "spleen_site"]
+    cmd = federate_command(fed.spec.path, "nnUNetTrainerFedKD", 1, 2, cfg, "--sites", "liver_site", "spleen_site",
+                           evaluate=False)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run = (tmp_path / "results" / planned_federation.coordinator / "nnUNetTrainerFedKD__nnUNetPlansSmall__3d_fullres"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +15,12 @@ import SimpleITK as sitk
 from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunetv2_fedkd.pipeline import nnunet_script, predict
+from nnunetv2_fedkd.pipeline import federate_command, nnunet_script, predict
 
 
 def _federate(fed, trainer: str, seed: int, results: Path, config: Path) -> None:
-    cmd = [sys.executable, "-m", "nnunetv2_fedkd.cli", "federate", str(fed.spec.path), "--rounds", "1",
-           "--local-iterations", "2", "-tr", trainer, "-p", "nnUNetPlansSmall", "-device", "cpu", "--config",
-           str(config), "--no-evaluate", "--seed", str(seed), "--sites", "liver_site", "kidney_site"]
+    cmd = federate_command(fed.spec.path, trainer, 1, 2, config, "--seed", str(seed), "--sites", "liver_site",
+                           "kidney_site", evaluate=False)
     out = subprocess.run(cmd, env=fed.env(training=True, nnUNet_results=str(results)), capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

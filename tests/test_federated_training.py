@@ -28,6 +28,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunetv2_fedkd.federated import load_weights
+from nnunetv2_fedkd.pipeline import federate_command
 from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN
 
 ROUNDS, ITERATIONS = 4, 60
@@ -36,9 +37,7 @@ SETTINGS = dict(SHORT_CPU_RUN)
 
 def federate_cmd(spec: Path, config: Path, trainer: str = "nnUNetTrainerFedKD", strategy: str = "fedavg",
                  rounds: int = ROUNDS, iterations: int = ITERATIONS, *extra: str):
-    return [sys.executable, "-m", "nnunetv2_fedkd.cli", "federate", str(spec), "--rounds", str(rounds),
-            "--local-iterations", str(iterations), "--strategy", strategy, "-tr", trainer, "-p", "nnUNetPlansSmall",
-            "-device", "cpu", "--config", str(config), *extra]
+    return federate_command(spec, trainer, rounds, iterations, config, *extra, strategy=strategy)
 
 
 def predict_and_evaluate(fed, layout, trainer: str, out: Path):

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from nnunetv2_fedkd.env import subprocess_env
+from nnunetv2_fedkd.pipeline import federate_command
 from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN
 
 
@@ -48,9 +48,7 @@ def few_case_federation(tmp_path_factory):
 @pytest.mark.slow
 def test_federation_of_a_two_case_and_a_one_case_site(few_case_federation):
     wd, spec, layout, settings = few_case_federation
-    cmd = [sys.executable, "-m", "nnunetv2_fedkd.cli", "federate", str(spec.path), "--rounds", "2",
-           "--local-iterations", "2", "-tr", "nnUNetTrainerFedKD", "-p", "nnUNetPlansSmall", "-device", "cpu",
-           "--config", str(settings)]  # per-round evaluation on (the default)
+    cmd = federate_command(spec.path, "nnUNetTrainerFedKD", 2, 2, settings)  # per-round evaluation on (the default)
     out = subprocess.run(cmd, env=subprocess_env(wd, cpu=True, training=True), capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -97,9 +95,7 @@ def test_a_deterministic_site_error_stops_the_federation_in_round_1(few_case_fed
     moved = data.with_name(data.name + "_moved")
     data.rename(moved)
     try:
-        cmd = [sys.executable, "-m", "nnunetv2_fedkd.cli", "federate", str(spec.path), "--rounds", "3",
-               "--local-iterations", "2", "-tr", "nnUNetTrainerFedKD", "-p", "nnUNetPlansSmall", "-device", "cpu",
-               "--config", str(settings), "--no-evaluate"]
+        cmd = federate_command(spec.path, "nnUNetTrainerFedKD", 3, 2, settings, evaluate=False)
         env = subprocess_env(wd, cpu=True, training=True, extra={"nnUNet_results": str(tmp_path / "results")})
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     finally:
