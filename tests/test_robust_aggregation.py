@@ -161,3 +161,26 @@ def test_the_round_record_names_each_accepted_sites_update_ratio():
     res = aggregate_round(FedAvg(), g, [upd("a", 1, w=T(3.0, 4.5)), upd("b", 1, w=T(1e9, 0.0))], 1,
                           log=lambda m: None, bounds=UpdateBounds())
     assert res.record()["update_ratios"] == {"a": pytest.approx(0.1)}
+
+
+# --- fewer valid updates than the round needs ---------------------------------------------------------------------------
+def test_fewer_valid_updates_than_min_updates_leave_weights_and_server_state_untouched():
+    from nnunetv2_fedkd.federated import TOO_FEW_UPDATES, FedOpt
+
+    g = {"w": T(0.0, 0.0)}
+    strat = FedOpt(optimizer="momentum", server_lr=1.0, momentum=0.5)
+    bad = upd("b", 1, w=T(1.0))  # wrong shape: dropped by validation
+    res = aggregate_round(strat, g, [upd("a", 1, w=T(2.0, 2.0)), bad], 1, log=lambda m: None, min_updates=2)
+    assert not res.aggregated and res.accepted == [] and res.weights["w"].tolist() == [0.0, 0.0]
+    assert res.dropped[1] == ("a", TOO_FEW_UPDATES) and res.dropped[0][0] == "b"
+    assert int(strat.state_dict()["step"]) == 0 and not any(k.startswith("m/") for k in strat.state_dict())
+    # two valid updates: FedAvgM's first step, m = delta = mean (3, 3) - 0 -> w = 0 + 1.0 * m
+    res = aggregate_round(strat, g, [upd("a", 1, w=T(2.0, 2.0)), upd("b", 1, w=T(4.0, 4.0))], 1,
+                          log=lambda m: None, min_updates=2)
+    assert res.aggregated and res.weights["w"].tolist() == [3.0, 3.0] and int(strat.state_dict()["step"]) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_min_updates_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match="min_updates must be an int >= 1"):
+        aggregate_round(FedAvg(), {"w": T(0.0)}, [upd("a", 1, w=T(1.0))], 1, log=lambda m: None, min_updates=bad)

@@ -27,6 +27,7 @@ _SOURCES = {
     "RoundResult": "aggregation",
     "SiteUpdate": "site_side",
     "Strategy": "aggregation",
+    "TOO_FEW_UPDATES": "aggregation",
     "TrimmedMean": "aggregation",
     "UpdateBounds": "aggregation",
     "UpdateRejected": "aggregation",

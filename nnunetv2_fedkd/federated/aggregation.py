@@ -77,6 +77,7 @@ from nnunetv2_fedkd.federated.site_side import (  # noqa: F401  (re-exported: th
 
 __all__ = [
     "Weights",
+    "TOO_FEW_UPDATES",
     "UpdateRejected",
     "SiteUpdate",
     "AggregationInfo",
@@ -759,6 +760,10 @@ def make_strategy(name: str, **options: Any) -> Strategy:
 # ----------------------------------------------------------------------------------------------------------------------
 # one round
 # ----------------------------------------------------------------------------------------------------------------------
+#: the reason :func:`aggregate_round` gives for a valid update it did not aggregate (fewer than ``min_updates``)
+TOO_FEW_UPDATES = "fewer valid updates than min_sites"
+
+
 @dataclass
 class RoundResult:
     """Outcome of :func:`aggregate_round`. ``weights``: the new global weights; ``accepted``: sites aggregated;
@@ -794,15 +799,19 @@ def _emit(log: LogTarget, level: str, message: str) -> None:
 
 
 def aggregate_round(strategy: Strategy, global_weights: Mapping[str, torch.Tensor], updates: Sequence[SiteUpdate],
-                    round_idx: int, log: LogTarget = None, bounds: Optional[UpdateBounds] = None) -> RoundResult:
+                    round_idx: int, log: LogTarget = None, bounds: Optional[UpdateBounds] = None,
+                    min_updates: int = 1) -> RoundResult:
     """Validate every update against ``global_weights`` (:func:`validate_update`, positive ``num_examples``, one
     update per site, and ``bounds``: :class:`UpdateBounds`), drop and log the bad ones (naming site and reason),
-    aggregate the rest with ``strategy``.
+    aggregate the rest with ``strategy`` when at least ``min_updates`` survive.
 
     ``log`` is a ``logging.Logger`` (warnings for drops, info otherwise), any callable taking one string (e.g.
-    nnU-Net's ``print_to_log_file``), or None (this module's logger). If no update survives, the global weights are
-    kept (copied) and the result says ``aggregated=False``.
+    nnU-Net's ``print_to_log_file``), or None (this module's logger). If fewer than ``min_updates`` updates survive,
+    the strategy is not called (its server state is untouched), the global weights are kept (copied), the valid
+    updates are listed as dropped with the reason :data:`TOO_FEW_UPDATES`, and the result says ``aggregated=False``.
     """
+    if isinstance(min_updates, bool) or not isinstance(min_updates, int) or min_updates < 1:
+        raise ValueError(f"min_updates must be an int >= 1, got {min_updates!r}")
     accepted: List[SiteUpdate] = []
     dropped: List[Tuple[str, str]] = []
     seen: Set[str] = set()
@@ -831,11 +840,16 @@ def aggregate_round(strategy: Strategy, global_weights: Mapping[str, torch.Tenso
         seen.add(u.site)
         accepted.append(u)
 
-    if not accepted:
-        _emit(log, "warning", f"round {round_idx}: no valid update ({len(dropped)} dropped); the global weights are "
-                              f"kept unchanged")
+    if len(accepted) < min_updates:
+        if accepted:
+            _emit(log, "warning", f"round {round_idx}: {len(accepted)} valid update(s), fewer than {min_updates}; "
+                                  f"the global weights are kept unchanged")
+        else:
+            _emit(log, "warning", f"round {round_idx}: no valid update ({len(dropped)} dropped); the global weights "
+                                  f"are kept unchanged")
         weights = {k: v.detach().to("cpu").clone() for k, v in global_weights.items()}
-        return RoundResult(weights, round_idx, strategy.name, [], dropped, aggregated=False)
+        return RoundResult(weights, round_idx, strategy.name, [],
+                           dropped + [(u.site, TOO_FEW_UPDATES) for u in accepted], aggregated=False)
 
     weights, info = strategy.aggregate_detailed(global_weights, accepted, round_idx)
     for organ in info.heads_kept:

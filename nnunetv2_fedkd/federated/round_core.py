@@ -52,6 +52,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from nnunetv2_fedkd.federated.aggregation import (
+    TOO_FEW_UPDATES,
     RoundResult,
     SiteUpdate,
     Strategy,
@@ -122,7 +123,6 @@ class FederationState:
 DEFAULT_KEEP_CHECKPOINTS = 2
 #: how many times in a row a round with fewer than min_sites valid updates is run before the federation stops
 DEFAULT_ROUND_ATTEMPTS = 3
-_TOO_FEW = "fewer valid updates than min_sites"
 
 
 _SITE_EXCEPTION_RE = re.compile(r"(?<![A-Za-z0-9_])[A-Za-z_][A-Za-z0-9_]*(?:Error|Exception): ")
@@ -429,13 +429,9 @@ class RoundCore:
                 f"not committed). Fix the cause and run the same command: it resumes after round {r}.")
         for site, reason in failures:
             self.log(f"round {r + 1}: site {site!r} failed and is left out of this round: {reason}")
-        server_state = self.strategy.state_dict()
-        result = aggregate_round(self.strategy, s.weights, updates, r + 1, log=self.log, bounds=self.bounds)
-        if result.aggregated and len(result.accepted) < self.min_sites:
-            self.strategy.load_state_dict(server_state)  # a round that is not committed leaves no trace (FedOpt)
-            result = RoundResult({k: v.clone() for k, v in s.weights.items()}, r, result.strategy, [],
-                                 result.dropped + [(u, _TOO_FEW) for u in result.accepted],
-                                 aggregated=False)
+        # fewer than min_sites valid updates: the strategy is not called, so an uncommitted round leaves no trace
+        result = aggregate_round(self.strategy, s.weights, updates, r + 1, log=self.log, bounds=self.bounds,
+                                 min_updates=self.min_sites)
         metrics = {u.site: {"num_examples": u.num_examples, **_jsonable(u.metrics)} for u in updates}
         return PendingRound(r, result, list(failures), metrics, started if started is not None else time.time())
 
@@ -449,9 +445,9 @@ class RoundCore:
         self._failed_attempts.append({"failed": [{"site": a, "reason": b} for a, b in pending.failures],
                                       "dropped": [{"site": a, "reason": b} for a, b in pending.result.dropped]})
         n = len(self._failed_attempts)
-        valid = [a for a, b in pending.result.dropped if b == _TOO_FEW]
+        valid = [a for a, b in pending.result.dropped if b == TOO_FEW_UPDATES]
         why = "; ".join([f"{a}: {b}" for a, b in pending.failures] + [f"{a} dropped: {b}" for a, b in
-                                                                       pending.result.dropped if b != _TOO_FEW])
+                                                                       pending.result.dropped if b != TOO_FEW_UPDATES])
         why = why or "no site answered"
         if n >= self.round_attempts:
             self._failed_attempts = []
