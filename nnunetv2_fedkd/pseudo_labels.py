@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 
 from nnunetv2_fedkd.dataset_conversion.common import ConversionError, resolve_nnunet_raw, target_folder
-from nnunetv2_fedkd.utils import atomic_output_dir
+from nnunetv2_fedkd.utils import atomic_output_dir, read_json
 
 FILE_ENDING = ".nii.gz"
 DEFAULT_HIGH = 0.7
@@ -163,12 +163,7 @@ class Teacher:
 
 
 def _read_json(path: Path, who: str) -> dict:
-    if not path.is_file():
-        raise PseudoLabelError(f"{who}: {path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise PseudoLabelError(f"{who}: {path} is not valid JSON ({e})") from None
+    return read_json(path, who, PseudoLabelError)
 
 
 def _label_value(v) -> Tuple[int, ...]:

@@ -59,3 +59,18 @@ def atomic_output_dir(final: os.PathLike, overwrite: bool = False) -> Iterator[P
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json(path: os.PathLike, what: str, error: Callable[[str], Exception] = ValueError,
+              object_only: bool = False) -> Any:
+    """The parsed JSON file ``path``; ``error(message)`` is raised, naming ``what`` and the file, when it does not
+    exist, cannot be read, is not JSON, or (``object_only``) holds something other than a JSON object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{what}: {path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise error(f"{what}: {path} is not valid JSON ({e})") from None
+    if object_only and not isinstance(value, dict):
+        raise error(f"{what}: {path} must hold a JSON object, not {type(value).__name__}")
+    return value

@@ -79,6 +79,18 @@ def test_rounds_must_be_positive(spec, tmp_path):
     assert not (tmp_path / "wd").exists()
 
 
+@pytest.mark.parametrize("text, message", [("{not json", "is not valid JSON"),
+                                           ("[1, 2]", "must hold a JSON object, not list")])
+def test_a_settings_file_that_is_not_a_json_object_is_refused_naming_it(spec, tmp_path, text, message):
+    f = tmp_path / "my_settings.json"
+    f.write_text(text)
+    with pytest.raises(FederateError, match=f"trainer settings: {f} {message}"):
+        prepare_federation(spec, 3, **{**GOOD, "settings_file": f}, workdir=tmp_path / "wd")
+    with pytest.raises(FederateError, match=f"trainer settings: {tmp_path / 'none.json'} does not exist"):
+        prepare_federation(spec, 3, **{**GOOD, "settings_file": tmp_path / "none.json"}, workdir=tmp_path / "wd")
+    assert not (tmp_path / "wd").exists()
+
+
 @pytest.mark.parametrize("content, message", [
     ({"num_epoch": 3}, "unknown setting.* num_epoch for nnUNetTrainerFedKD"),
     ({"trainers": {"nnUNetTrainerFedKD": {"exclusion_weigth": 1}}},

@@ -24,7 +24,6 @@ Site folder (``site_dir``): ``round_NNNN/fedkd_trainer.json`` (settings), ``roun
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -37,7 +36,7 @@ import torch
 from nnunetv2_fedkd.federated.site_side import SiteUpdate, merge_local_state
 from nnunetv2_fedkd.federated.weights_io import load_weights
 from nnunetv2_fedkd.label_availability import LabelAvailability
-from nnunetv2_fedkd.utils import atomic_write_json
+from nnunetv2_fedkd.utils import atomic_write_json, read_json
 
 # instruction keys that are not trainer settings
 _NOT_SETTINGS = {"strategy", "evaluate_patches"}
@@ -119,10 +118,7 @@ class NnUNetSite:
                 if required:
                     raise FileNotFoundError(f"site {self.name!r}: {f} does not exist")
                 continue
-            try:
-                json.loads(f.read_text())
-            except (OSError, ValueError) as e:
-                raise ValueError(f"site {self.name!r}: {f} is not valid JSON ({e})") from None
+            read_json(f, f"site {self.name!r}")
 
     # -- local training -----------------------------------------------------------------------------------------------
     def fit(self, global_file: Path, instructions: Mapping[str, Any]) -> SiteUpdate:

@@ -18,7 +18,6 @@ The plans dataset is the coordinator dataset ``nnunetv2_fedkd plan`` wrote (it h
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -33,7 +32,7 @@ from nnunetv2_fedkd.federated.nnunet_site import DEFAULT_EVALUATION_PATCHES, NnU
 from nnunetv2_fedkd.federated.round_core import (DEFAULT_KEEP_CHECKPOINTS, DEFAULT_ROUND_ATTEMPTS, PendingRound,
                                                   RoundCore, plot_progress)
 from nnunetv2_fedkd.spec import FederationSpec, Site
-from nnunetv2_fedkd.utils import atomic_write_json
+from nnunetv2_fedkd.utils import atomic_write_json, read_json
 
 
 class FederateError(RuntimeError):
@@ -47,13 +46,7 @@ def _fmt_dice(d: Mapping[str, Any]) -> str:
 def load_settings(path: Optional[os.PathLike]) -> Dict[str, Any]:
     if path is None:
         return {}
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise FederateError(f"cannot read trainer settings {path}: {e}") from e
-    if not isinstance(raw, dict):
-        raise FederateError(f"trainer settings {path} must hold a JSON object")
-    return raw
+    return read_json(path, "trainer settings", FederateError, object_only=True)
 
 
 def site_trainer_names() -> List[str]:
@@ -145,12 +138,7 @@ def preflight(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int],
 
 
 def _json_file(path: Path, what: str) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FederateError(f"{what}: {path} does not exist") from None
-    except (OSError, ValueError) as e:
-        raise FederateError(f"{what}: {path} is not valid JSON ({e})") from None
+    return read_json(path, what, FederateError)
 
 
 class ServerModel:

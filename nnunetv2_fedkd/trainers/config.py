@@ -16,10 +16,11 @@ The settings actually used are written to ``<output_folder>/fedkd_trainer_config
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+from nnunetv2_fedkd.utils import read_json
 
 CONFIG_ENV = "nnUNet_fedkd_config"
 DATASET_CONFIG_NAME = "fedkd_trainer.json"
@@ -107,10 +108,7 @@ def load_trainer_config(
     cfg = dict(defaults)
     if path is None:
         return cfg, None
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TrainerConfigError(f"trainer config {path} is not valid JSON: {e}") from e
+    raw = read_json(path, "trainer config", TrainerConfigError)
     for layer in check_config_keys(raw, trainer_name, defaults, shared_keys, f"trainer config {path}"):
         cfg.update({k: v for k, v in layer.items() if k in defaults})
     return cfg, path
