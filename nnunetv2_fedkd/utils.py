@@ -63,13 +63,15 @@ def atomic_output_dir(final: os.PathLike, overwrite: bool = False) -> Iterator[P
 
 def read_json(path: os.PathLike, what: str, error: Callable[[str], Exception] = ValueError,
               object_only: bool = False) -> Any:
-    """The parsed JSON file ``path``; ``error(message)`` is raised, naming ``what`` and the file, when it does not
-    exist, cannot be read, is not JSON, or (``object_only``) holds something other than a JSON object."""
+    """The parsed JSON file ``path`` (UTF-8); ``error(message)`` is raised, naming ``what`` and the file, when it does
+    not exist, is not JSON, or (``object_only``) holds something other than a JSON object. Any other ``OSError``
+    (permissions, a failing disk, a directory) is raised as it is: it may be transient, and an engine must be able
+    to tell it from a file that will stay broken."""
     try:
-        value = json.loads(Path(path).read_text())
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise error(f"{what}: {path} does not exist") from None
-    except (OSError, ValueError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise error(f"{what}: {path} is not valid JSON ({e})") from None
     if object_only and not isinstance(value, dict):
         raise error(f"{what}: {path} must hold a JSON object, not {type(value).__name__}")

@@ -294,3 +294,9 @@ def test_one_round_loop_runs_retries_evaluates_and_commits(spec, tmp_path, monke
     for _ in range(2):
         w = 0.5 * (w + 0.5 * (2 - w)) + 0.5 * (w + 0.5 * (6 - w))
     assert abs(float(fs.core.state.weights["w"][0]) - w) < 1e-6
+
+
+def test_an_unreadable_settings_path_is_not_turned_into_a_json_error(spec, tmp_path):
+    # a directory (or a permission error, a failing disk) is not "invalid JSON": the OSError is raised as it is
+    with pytest.raises(IsADirectoryError):
+        prepare_federation(spec, 3, **{**GOOD, "settings_file": tmp_path}, workdir=tmp_path / "wd")
