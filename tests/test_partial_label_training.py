@@ -8,7 +8,15 @@ is asserted, an organ the oracle learns and a partial-label trainer misses is an
 Measured (40x40x32, fov 0.7, patch 32^3, 2 test cases), Dice liver/spleen/kidney/pancreas: with nnU-Net's augmentation
 at 800 iterations (earlier runs, by hand / in CI) naive 0/0/0/0 and 0/0/0/0, marginal .77/0/.67/0, .62/0/0/0 and
 .44/0/0/0, multi-head .85/0/.11/0, .74/0/.79/0 and .82/0/.21/0; without augmentation at 800 iterations (2026-12-02)
-naive 0/0/0/0, marginal .883/0/.716/0, multi-head .894/.501/.669/.571, oracle (960) .918/.803/.841/.356."""
+naive 0/0/0/0, marginal .883/0/.716/0, multi-head .894/.501/.669/.571, oracle (960) .918/.803/.841/.356.
+At this budget (960, no augmentation), 11 recorded runs of the naive trainer on this data (2026-12-02..04, 3 of them
+clean-clone CI runs): spleen, kidney and pancreas 0 in every run; the liver <= .009 in 8 and .598, .385, .299 in three
+(all three in one clone on 2026-12-03, at a commit whose own CI passed the earlier "naive < 0.2" assertion). A likely
+cause, not shown: the test set's scanner (portal venous, gain 1.01) resembles the liver site's (portal venous, gain
+1.0), so a naive model that partly learns "this scanner -> liver" scores there. So the naive baseline's own failure
+is reported, and the assertion is the comparison. The marginal runs of those sessions gave .865/.721/.606/0,
+.904/.546/.668/0 and .895/.833/.746/0, the multi-head runs .895/.774/.736/.547, .888/.768/.594/.228 and
+.915/.246/.637/.581 (the smallest margin over naive on the mean of the organs the oracle learned: .53)."""
 from __future__ import annotations
 
 import json
@@ -20,7 +28,8 @@ import SimpleITK as sitk
 from nnunetv2_fedkd.pipeline import evaluate, predict, train
 from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN
 
-TRAINERS = ("nnUNetTrainerNaivePartial", "nnUNetTrainerMarginal", "nnUNetTrainerMultiHead")
+PARTIAL_LABEL = ("nnUNetTrainerMarginal", "nnUNetTrainerMultiHead")
+TRAINERS = ("nnUNetTrainerNaivePartial", *PARTIAL_LABEL)
 # the same small plans and the same budget for all three, the CI-size oracle's (conftest.ORACLE_ITERATIONS = 960:
 # 12 epochs x 80 iterations, batch 2) with the short-CPU-run settings of every other evidence test (no augmentation)
 BUDGET = {**SHORT_CPU_RUN, "num_epochs": 12, "num_iterations_per_epoch": 80, "final_validation": False}
@@ -58,13 +67,20 @@ def test_partial_label_trainers_beat_naive_on_unlabelled_organs(tiny_federation,
     learned = [o for o, d in ci_oracle.items() if d == d and d > 0.5]  # Dice > 0.5 (NaN: absent)
     print("organs the CI-size oracle learns:", learned)
     assert "liver" in learned, report  # the upper bound itself must work at this size, or nothing below means much
-    # 15 of the 20 training cases show a liver labelled as background: the naive model learns "liver = background"
-    assert max(np.nan_to_num(naive[o]) for o in fed.spec.labels) < 0.2, report
-    for t in ("nnUNetTrainerMarginal", "nnUNetTrainerMultiHead"):
+    for t in PARTIAL_LABEL:
         assert dice[t]["liver"] > 0.5, report
+    # The claim is comparative (issue 13, item 4): on the organs the upper bound learns, each partial-label trainer
+    # beats the naive one by a quarter of the Dice scale on the mean, and is no worse on any organ (0.05: a few stray
+    # voxels of a 2-case test set). Naive's own Dice is reported, not asserted: it learned some of the liver in 3 of 11
+    # recorded runs of this test (see the module docstring).
+    def mean_learned(d):
+        return float(np.mean([np.nan_to_num(d[o]) for o in learned]))
+
+    for t in PARTIAL_LABEL:
+        assert mean_learned(dice[t]) >= mean_learned(naive) + 0.25, (t, report)
+        assert all(np.nan_to_num(dice[t][o]) >= np.nan_to_num(naive[o]) - 0.05 for o in learned), (t, report)
     # every organ the upper bound learns at this size and budget, the partial-label trainers should learn too
-    missed = {t: [o for o in learned if not dice[t][o] > 0.5] for t in ("nnUNetTrainerMarginal",
-                                                                          "nnUNetTrainerMultiHead")}
+    missed = {t: [o for o in learned if not dice[t][o] > 0.5] for t in PARTIAL_LABEL}
     if any(missed.values()):
         # OPEN (issue 13): measured 2026-12-02 without augmentation at 800 iterations, marginal .883/0/.716/0 and
         # multi-head .894/.501/.669/.571 while the oracle reached .918/.803/.841/.356 at 960: the marginal loss does
