@@ -105,3 +105,24 @@ def test_unknown_data_augmentation_is_refused_naming_the_file(tmp_path, monkeypa
     monkeypatch.setenv(CONFIG_ENV, str(f))
     with pytest.raises(TrainerConfigError, match=r"settings.json: data_augmentation must be one of \['nnunet', 'none'\]"):
         nnUNetTrainerFedKDBase({"dataset_name": "Dataset999_X"}, "3d_fullres", 0, {}, torch.device("cpu"))
+
+
+def test_cpu_trainers_take_their_thread_count_from_omp_num_threads():
+    """nnUNetv2_train -device cpu sets one thread per core; the plugin trainers honour OMP_NUM_THREADS instead."""
+    import torch
+
+    from nnunetv2_fedkd.trainers.base import apply_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert apply_cpu_threads(torch.device("cpu"), {"OMP_NUM_THREADS": "1"}) == 1
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert apply_cpu_threads(torch.device("cpu"), {}) == 2  # unset: nnU-Net's choice stays
+        assert apply_cpu_threads(torch.device("cuda"), {"OMP_NUM_THREADS": "1"}) == 2  # GPU: untouched
+        for bad in ("two", "0"):
+            with pytest.raises(TrainerConfigError, match="OMP_NUM_THREADS"):
+                apply_cpu_threads(torch.device("cpu"), {"OMP_NUM_THREADS": bad})
+    finally:
+        torch.set_num_threads(before)

@@ -17,6 +17,25 @@ NNUNET_FOLDS = 5  # nnU-Net's do_split creates a 5-fold cross-validation when no
 SPLITS_FILE = "splits_final.json"
 
 
+def apply_cpu_threads(device: torch.device, environ=os.environ) -> int:
+    """On a CPU, give torch the number of threads in ``OMP_NUM_THREADS`` when it is set; returns torch's count.
+
+    ``nnUNetv2_train -device cpu`` sets one thread per core (``multiprocessing.cpu_count()``) whatever the
+    environment says, so two trainings sharing a machine (a cluster job's core allocation, or the accuracy benchmark's
+    ``--jobs 2`` on 2 cores) would each run a thread per core and slow each other down. The variable is the usual
+    OpenMP one; unset (or on a GPU, where nnU-Net uses one thread) nothing changes."""
+    value = environ.get("OMP_NUM_THREADS", "").strip()
+    if device.type == "cpu" and value:
+        try:
+            threads = int(value)
+        except ValueError:
+            raise TrainerConfigError(f"OMP_NUM_THREADS must be a whole number of threads, not {value!r}") from None
+        if threads < 1:
+            raise TrainerConfigError(f"OMP_NUM_THREADS must be at least 1, not {threads}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 class nnUNetTrainerFedKDBase(nnUNetTrainer):
     """nnU-Net's trainer with its schedule (epochs, iterations, lr, checkpoint interval) and each subclass's extra
     settings taken from the plugin config file (see :mod:`nnunetv2_fedkd.trainers.config`).
@@ -35,6 +54,7 @@ class nnUNetTrainerFedKDBase(nnUNetTrainer):
             raise TrainerConfigError(f"trainer config {self.fedkd_config_file}: data_augmentation must be one of "
                                      f"{list(DATA_AUGMENTATION)}, not {self.fedkd_config['data_augmentation']!r}")
         super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_cpu_threads(self.device)
         for key in ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr",
                     "save_every"):
             setattr(self, key, self.fedkd_config[key])
