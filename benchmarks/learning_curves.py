@@ -2,7 +2,7 @@
 
     python benchmarks/learning_curves.py --out benchmarks/results/learning_curves \
         [--budgets 250 500 1000 2000] [--teachers pancreas] [--size 64 64 48] [--fov-scale 0.7] [--seed 0] \
-        [--data-augmentation nnunet none]
+        [--data-augmentation nnunet none] [--jobs 2]
 
 Picks the budget of the accuracy benchmark from measurements instead of guesses: on one synthetic federation
 (prepared exactly as ``benchmarks/accuracy.py`` prepares a seed), for every budget it trains, each with its own full
@@ -138,6 +138,9 @@ def main(argv=None) -> int:
     p.add_argument("--fov-scale", type=float, default=accuracy.DATA["fov_scale"])
     p.add_argument("--cases-per-site", type=int, default=accuracy.DATA["cases_per_site"])
     p.add_argument("--patch-size", type=int, nargs=3, default=list(accuracy.DATA["patch_size"]))
+    p.add_argument("--jobs", type=int, default=1,
+                   help="trainings at a time, one thread each when > 1 (benchmarks/jobs.py); train seconds are then "
+                        "wall times on a shared machine")
     p.add_argument("--data-augmentation", nargs="+", choices=list(DATA_AUGMENTATION), default=["nnunet"],
                    help="the trainers' data_augmentation setting; several values: every run with each")
     args = p.parse_args(argv)
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     wd = (args.workdir or out / "work").absolute()
     data = {"seed": args.seed, "size": args.size, "fov_scale": args.fov_scale, "cases_per_site": args.cases_per_site,
-            "patch_size": args.patch_size}
+            "patch_size": args.patch_size, "test_cases": accuracy.DATA["test_cases"]}
     t0 = time.time()
     if not args.prepared:
         if wd.exists():
@@ -166,14 +169,18 @@ def main(argv=None) -> int:
             [("teacher", o, b) for o in args.teachers for b in args.budgets]]
     from nnunetv2_fedkd.utils import atomic_write_json
 
-    for kind, organ, budget, aug in todo:
-        if any(r["kind"] == kind and r["organ"] == organ and r["budget"] == budget and _aug(r) == aug for r in runs):
-            continue
-        print(f"== {kind} {organ} {budget} iterations, data_augmentation {aug}", flush=True)
-        r = train_and_score(wd, kind, organ, budget, out, aug)
+    from jobs import Unit, run_units
+
+    def on_done(unit, r, seconds) -> None:
         print(f"   {json.dumps(r)}", flush=True)
-        runs.append(r)
+        runs.append({**r, "jobs": args.jobs})
         atomic_write_json(runs_file, runs)
+
+    run_units([Unit(f"{kind} {organ} {budget} iterations, data_augmentation {aug}", train_and_score,
+                    (wd, kind, organ, budget, out, aug))
+               for kind, organ, budget, aug in todo
+               if not any(r["kind"] == kind and r["organ"] == organ and r["budget"] == budget and _aug(r) == aug
+                          for r in runs)], args.jobs, on_done)
     record = {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), "data": data,
               "organs": organs, "runs": runs, "versions": accuracy.versions(), "machine": accuracy.machine(),
               "seconds": round(time.time() - t0)}

@@ -97,7 +97,7 @@ def test_accuracy_benchmark_resumes_per_seed_and_method(tmp_path, monkeypatch):
         prepared.append(seed)
         (wd / "federation.toml").write_text("")
 
-    def fake_run(method, wd, rounds, iters, out):
+    def fake_run(method, wd, rounds, iters, teacher_iterations):
         if method == "fedkd" and wd.name == "seed_1" and not interrupted:
             interrupted.append(1)
             ran.append((method, wd.name))
