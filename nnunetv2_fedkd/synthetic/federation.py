@@ -76,8 +76,12 @@ SITES: Tuple[SyntheticSite, ...] = (
     SyntheticSite("liver_site", "SynthLiver", 0, "lits", "lits", "liver_lits", 1,
                   Scanner("liver_site", fov_mm=400, z_coverage_mm=260, phase="portal_venous", gain=1.0, offset_hu=0.0,
                           noise_hu=12.0, blur_vox=(0.5, 0.5, 0.6), table_hu=120.0), "int16"),
+    # KiTS's scans are late-arterial (~40 s: cortex brighter than medulla, the medulla already enhanced), the PHASES
+    # entry "pancreatic". With the early "arterial" phase (medulla 95 HU, below the portal-venous liver) a kidney
+    # teacher trained on 12 cases of this site scored .804 / .782 / .773 on the portal-venous test set after 960 /
+    # 1920 / 3840 iterations (flat: the phase, not the budget); late-arterial, .847 after 1920 (seed 0, 48x48x40).
     SyntheticSite("kidney_site", "SynthKidney", 1, "kits23", "kits23", "kidney_kits23", 2,
-                  Scanner("kidney_site", fov_mm=440, z_coverage_mm=300, phase="arterial", gain=1.03, offset_hu=10.0,
+                  Scanner("kidney_site", fov_mm=440, z_coverage_mm=300, phase="pancreatic", gain=1.03, offset_hu=10.0,
                           noise_hu=16.0, blur_vox=(0.4, 0.4, 0.9), table_hu=60.0), "float32"),
     SyntheticSite("spleen_site", "SynthSpleen", 2, "msd", "msd_spleen", "Task09_Spleen", 3,
                   Scanner("spleen_site", fov_mm=370, z_coverage_mm=225, phase="portal_venous", gain=0.97,
