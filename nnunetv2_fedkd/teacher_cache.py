@@ -6,8 +6,16 @@ instead predicts every training case once with every teacher (nnU-Net's own slid
 and stores the teachers' foreground probabilities in a sibling folder of the preprocessed data (nnU-Net refuses extra
 files inside it)::
 
-    $nnUNet_preprocessed/DatasetXXX_Name/<data_identifier>_fedkd_teachers/<key>/<case>.npy   # float16 [K, *shape]
+    $nnUNet_preprocessed/DatasetXXX_Name/<data_identifier>_fedkd_teachers/<key>/<case>.b2nd   # uint8 [K, *shape]
                                                                         .../manifest.json
+
+Each case file is a blosc2 array as nnU-Net stores its own preprocessed data (chunks and blocks from nnU-Net's
+``comp_blosc2_params`` for the student's patch, so a crop decompresses only the chunks it touches), holding each
+teacher's foreground LOGIT clipped to ``[-LOGIT_RANGE, LOGIT_RANGE]`` (the range KD uses, ``probs_to_logit``'s eps
+1e-6) in 255 uniform steps of 0.108: a distillation target at temperature T is off by at most 0.054 / T in logit,
+also for the small probabilities that the temperature exposes (uint8 probabilities would put every p < 0.002 at 0),
+and the far background, saturated at the clip, compresses to almost nothing. Measured sizes: README, "Teacher cache
+size". Caches of format 1 (float16 ``.npy``) are not read: their key changes, so they are rebuilt.
 
 ``<key>`` is a digest of the student's plans configuration and of the teachers (results folder, folds, checkpoint
 name, size and modification time, organ), so a changed teacher or plan gets a new cache; files are written to a
@@ -42,9 +50,58 @@ from nnunetv2_fedkd.teachers import FrozenTeacher, TeacherError, TeacherSpec, pr
 from nnunetv2_fedkd.utils import atomic_write_json
 
 CACHE_SUFFIX = "_fedkd_teachers"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 1: float16 probabilities in .npy files; 2: uint8 logit codes in blosc2 .b2nd files
+CASE_SUFFIX = ".b2nd"
 MANIFEST = "manifest.json"
 VALID_BELOW = 1e-3  # stored value 1 + p; below 1 - VALID_BELOW the voxel was (partly) outside the case
+LOGIT_RANGE = float(np.log((1 - 1e-6) / 1e-6))  # 13.8: the logit of probs_to_logit's clamp, eps 1e-6
+LOGIT_STEP = 2 * LOGIT_RANGE / 255
+
+
+def encode_probabilities(probs: np.ndarray) -> np.ndarray:
+    """Foreground probabilities -> uint8 codes of their logits, clipped to ``[-LOGIT_RANGE, LOGIT_RANGE]`` in 255
+    uniform steps (round to nearest: the decoded logit is within ``LOGIT_STEP / 2`` of the clipped one)."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0)
+    with np.errstate(divide="ignore"):
+        logit = np.log(p) - np.log1p(-p)
+    logit = np.clip(np.nan_to_num(logit, nan=0.0), -LOGIT_RANGE, LOGIT_RANGE)
+    return np.rint((logit + LOGIT_RANGE) / LOGIT_STEP).astype(np.uint8)
+
+
+def decode_probabilities(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes -> float32 foreground probabilities (inverse of :func:`encode_probabilities` up to its rounding)."""
+    logit = np.asarray(codes, dtype=np.float32) * np.float32(LOGIT_STEP) - np.float32(LOGIT_RANGE)
+    return (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+
+
+def _blosc2_chunks(shape: Sequence[int], patch_size: Sequence[int]):
+    """(blocks, chunks) for a uint8 ``[K, x, y, z]`` array read one student patch at a time: nnU-Net's own choice for
+    its preprocessed data (module function from nnU-Net 2.8 on, a static method of its blosc2 dataset before)."""
+    if len(shape) != 4:  # nnU-Net's preprocessed cases are [C, x, y, z] (2d configurations too); else blosc2's own
+        return None, None
+    try:
+        from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
+    except ImportError:  # nnU-Net < 2.8
+        from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+        comp_blosc2_params = nnUNetDatasetBlosc2.comp_blosc2_params
+    return comp_blosc2_params(tuple(shape), tuple(patch_size), 1)
+
+
+def save_cached(folder: Path, identifier: str, probs: np.ndarray, patch_size: Sequence[int]) -> Path:
+    """Write one case's ``[K, *shape]`` probabilities as ``folder/<identifier>.b2nd`` (a temporary name, then renamed:
+    the file is complete or absent)."""
+    import blosc2
+
+    codes = np.ascontiguousarray(encode_probabilities(probs))
+    blocks, chunks = _blosc2_chunks(codes.shape, patch_size)
+    final = Path(folder) / f"{identifier}{CASE_SUFFIX}"
+    tmp = Path(folder) / f".{identifier}.tmp{os.getpid()}{CASE_SUFFIX}"
+    blosc2.asarray(codes, urlpath=str(tmp), mode="w", chunks=chunks, blocks=blocks,
+                   cparams={"codec": blosc2.Codec.ZSTD, "clevel": 5, "filters": [blosc2.Filter.SHUFFLE],
+                            "nthreads": 1})
+    os.replace(tmp, final)
+    return final
 
 
 def cache_key(student_configuration: dict, specs: Sequence[TeacherSpec]) -> str:
@@ -100,44 +157,76 @@ def build_teacher_cache(folder: Path, dataset, identifiers: Sequence[str], teach
                         channels: Sequence[int], plans_manager, configuration_manager, device: torch.device,
                         describe: dict, log: Callable[[str], None] = print) -> dict:
     """Predict every case in ``identifiers`` (loaded through ``dataset.load_case``) with every teacher and store the
-    foreground probabilities (float16 ``[K, *case shape]``) as ``folder/<case>.npy``. Cases already there are kept.
-    Returns timing figures (also written to the manifest)."""
+    foreground probabilities (``[K, *case shape]``, :func:`save_cached`) as ``folder/<case>.b2nd``. Cases already
+    there are kept. Returns timing and size figures (also written to the manifest)."""
     folder.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in identifiers if not (folder / f"{i}.npy").is_file()]
+    todo = [i for i in identifiers if not (folder / f"{i}{CASE_SUFFIX}").is_file()]
     t0 = time.perf_counter()
     if todo:
         pred = _predictor(TeacherForegroundLogits(teachers, channels), plans_manager, configuration_manager, device)
         for n, ident in enumerate(todo):
             data = dataset.load_case(ident)[0]
             logits = pred.predict_sliding_window_return_logits(torch.from_numpy(np.asarray(data[:], np.float32)))
-            probs = torch.sigmoid(logits[1:].float()).cpu().numpy().astype(np.float16)
-            tmp = folder / f".{ident}.npy.tmp{os.getpid()}"
-            with open(tmp, "wb") as f:
-                np.save(f, probs)
-            os.replace(tmp, folder / f"{ident}.npy")
+            probs = torch.sigmoid(logits[1:].float()).cpu().numpy()
+            save_cached(folder, ident, probs, configuration_manager.patch_size)
             if (n + 1) % 10 == 0 or n + 1 == len(todo):
                 log(f"teacher cache: {n + 1}/{len(todo)} cases predicted ({time.perf_counter() - t0:.0f} s)")
     seconds = time.perf_counter() - t0
     manifest_path = folder / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"build_seconds": 0.0}
-    manifest.update({"version": CACHE_VERSION, **describe, "dtype": "float16", "layout": "[K, *case shape]",
-                     "cases": sorted(set(manifest.get("cases", [])) | set(identifiers)),
+    cases = sorted(set(manifest.get("cases", [])) | set(identifiers))
+    stored = sum((folder / f"{c}{CASE_SUFFIX}").stat().st_size for c in cases if (folder / f"{c}{CASE_SUFFIX}").is_file())
+    manifest.update({"version": CACHE_VERSION, **describe,
+                     "encoding": f"uint8 codes of the foreground logit clipped to +-{LOGIT_RANGE:.4f}, step "
+                                 f"{LOGIT_STEP:.6f}; blosc2 (zstd, shuffle), nnU-Net's chunks for the student patch",
+                     "layout": "[K, *case shape]", "cases": cases, "stored_bytes": stored,
                      "build_seconds": round(float(manifest["build_seconds"]) + seconds, 3)})
     atomic_write_json(manifest_path, manifest)
-    return {"predicted_cases": len(todo), "seconds": seconds}
+    return {"predicted_cases": len(todo), "seconds": seconds, "stored_bytes": stored}
 
 
-def load_cached(folder: Path, identifier: str, n_teachers: int, shape: Sequence[int]) -> np.ndarray:
-    """The cached ``[K, *shape]`` probabilities of one case (memory-mapped), checked against the case."""
-    p = folder / f"{identifier}.npy"
+class CachedProbabilities:
+    """One case's cached ``[K, *shape]`` teacher probabilities, opened lazily (memory-mapped, as nnU-Net opens its
+    blosc2 data): indexing decompresses only the chunks it touches and returns float32 probabilities."""
+
+    def __init__(self, codes, path: Path):
+        self.codes, self.path = codes, path
+        self.shape = tuple(codes.shape)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, key) -> np.ndarray:
+        try:
+            return decode_probabilities(self.codes[key])
+        except (RuntimeError, ValueError, OSError) as e:  # a damaged chunk surfaces only when it is read
+            raise TeacherError(f"cached teacher output {self.path} cannot be read ({e}); delete it to recompute "
+                               f"it") from e
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self[...]
+        return arr if dtype is None else arr.astype(dtype)
+
+
+def load_cached(folder: Path, identifier: str, n_teachers: int, shape: Sequence[int]) -> CachedProbabilities:
+    """The cached ``[K, *shape]`` probabilities of one case (opened lazily), checked against the case."""
+    import blosc2
+
+    p = Path(folder) / f"{identifier}{CASE_SUFFIX}"
+    if not p.is_file():
+        raise TeacherError(f"cached teacher output {p} cannot be read (no such file; the next training start "
+                           f"predicts the missing cases again)")
     try:
-        arr = np.load(p, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise TeacherError(f"cached teacher output {p} cannot be read ({e}); delete it to recompute it") from e
-    if arr.ndim != 1 + len(shape) or arr.shape[0] != n_teachers or tuple(arr.shape[1:]) != tuple(shape):
-        raise TeacherError(f"cached teacher output {p} has shape {arr.shape}, the case needs "
-                           f"({n_teachers}, {', '.join(map(str, shape))}); delete it to recompute it")
-    return arr
+        codes = blosc2.open(urlpath=str(p), mode="r", dparams={"nthreads": 1},
+                            **({} if os.name == "nt" else {"mmap_mode": "r"}))
+    except Exception as e:  # noqa: BLE001 - blosc2 raises several kinds for a damaged file
+        raise TeacherError(f"cached teacher output {p} cannot be read ({type(e).__name__}: {e}); delete it to "
+                           f"recompute it") from e
+    if getattr(codes, "dtype", None) != np.uint8 or len(codes.shape) != 1 + len(shape) \
+            or codes.shape[0] != n_teachers or tuple(codes.shape[1:]) != tuple(shape):
+        raise TeacherError(f"cached teacher output {p} has shape {tuple(codes.shape)} ({getattr(codes, 'dtype', '?')}),"
+                           f" the case needs uint8 ({n_teachers}, {', '.join(map(str, shape))}); delete it to "
+                           f"recompute it")
+    return CachedProbabilities(codes, p)
 
 
 class _CaseWithTeacherChannels:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,3 +148,27 @@ def test_validation_cost_benchmark_smallest(tiny_federation, planned_federation,
     assert default["network_passes"][site] > 0 and whole["sampled_patches"] == {site: 0}
     assert "--evaluate-patches 0" in rec["runs"][2]["command"]
     assert "| whole_volumes | 1 |" in (out / "results.md").read_text()
+
+
+def test_teacher_cache_size_benchmark_restores_format_1_caches(tmp_path):
+    """benchmarks/teacher_cache_size.py on a format-1 cache (float16 .npy) and a cache of today's format: sizes side
+    by side, the re-stored codes within half a logit step, the files it writes."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import teacher_cache_size
+
+    from nnunetv2_fedkd.teacher_cache import LOGIT_STEP, save_cached
+
+    old, new = tmp_path / "v1", tmp_path / "v2"
+    old.mkdir(), new.mkdir()
+    z = np.linspace(-1, 1, 40)[:, None, None] ** 2 + np.linspace(-1, 1, 40)[None, :, None] ** 2 \
+        + np.linspace(-1, 1, 24)[None, None, :] ** 2
+    probs = np.stack([1 / (1 + np.exp(-30 * (0.2 - z))), 1 / (1 + np.exp(-30 * (z - 1.5)))])
+    np.save(old / "case_0.npy", probs.astype(np.float16))
+    save_cached(new, "case_1", probs, (32, 32, 32))
+    assert teacher_cache_size.main([str(old), str(new), "--out", str(tmp_path / "out")]) == 0
+    rec = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["case"] for r in rec["rows"]] == ["case_0", "case_1"]
+    assert rec["rows"][0]["format1_bytes"] == (old / "case_0.npy").stat().st_size
+    assert rec["rows"][0]["max_logit_error"] <= LOGIT_STEP / 2 + 1e-3
+    assert rec["ratio"] > 5 and rec["estimate"]["now_gb"] < rec["estimate"]["format1_gb"]
+    assert "smaller" in (tmp_path / "out" / "results.md").read_text()

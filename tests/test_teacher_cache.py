@@ -17,6 +17,7 @@ from nnunetv2_fedkd.teacher_cache import (
     cache_folder,
     decode_teacher_target,
     load_cached,
+    save_cached,
     split_target,
 )
 from nnunetv2_fedkd.teachers import TeacherError
@@ -86,8 +87,8 @@ def _dice(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_cached_dataset_crops_with_the_case_and_marks_padding_invalid(tmp_path):
     seg = _phantom((10, 12, 14))
     data = np.random.default_rng(1).normal(size=(1, *seg.shape)).astype(np.float32)
-    probs = np.stack([(seg == 1), (seg == 2)]).astype(np.float16)
-    np.save(tmp_path / "case_000.npy", probs)
+    probs = np.stack([(seg == 1), (seg == 2)]).astype(np.float32)
+    save_cached(tmp_path, "case_000", probs, (4, 4, 4))
 
     class Inner:
         identifiers = ["case_000"]
@@ -102,25 +103,68 @@ def test_cached_dataset_crops_with_the_case_and_marks_padding_invalid(tmp_path):
     crop = crop_and_pad_nd(case, bbox, 0)
     assert crop.shape == (3, 10, 10, 14)
     np.testing.assert_array_equal(crop[0], crop_and_pad_nd(data, bbox, 0)[0])
-    np.testing.assert_allclose(np.where(crop[1:] >= 1, crop[1:] - 1, 0), crop_and_pad_nd(probs, bbox, 0))
+    np.testing.assert_allclose(np.where(crop[1:] >= 1, crop[1:] - 1, 0), crop_and_pad_nd(probs, bbox, 0), atol=1e-6)
     _, valid = decode_teacher_target(torch.from_numpy(crop[1:][None]))
     assert not valid[0, 0, :3].any() and not valid[0, 0, :, :, 9:].any()  # padded parts
     assert valid[0, 0, 3:, :, :9].all()  # inside the case
 
 
 def test_cached_output_errors_name_the_file(tmp_path):
-    np.save(tmp_path / "a.npy", np.zeros((2, 4, 4, 4), np.float16))
-    with pytest.raises(TeacherError, match=r"a\.npy has shape"):
+    save_cached(tmp_path, "a", np.zeros((2, 4, 4, 4), np.float32), (4, 4, 4))
+    with pytest.raises(TeacherError, match=r"a\.b2nd has shape"):
         load_cached(tmp_path, "a", 2, (4, 4, 5))
-    with pytest.raises(TeacherError, match=r"a\.npy has shape"):
+    with pytest.raises(TeacherError, match=r"a\.b2nd has shape"):
         load_cached(tmp_path, "a", 3, (4, 4, 4))
-    (tmp_path / "b.npy").write_bytes(b"\x93NUMPY garbage")
-    with pytest.raises(TeacherError, match=r"b\.npy cannot be read"):
+    (tmp_path / "b.b2nd").write_bytes(b"b2frame garbage")
+    with pytest.raises(TeacherError, match=r"b\.b2nd cannot be read"):
         load_cached(tmp_path, "b", 2, (4, 4, 4))
-    with pytest.raises(TeacherError, match=r"c\.npy cannot be read"):
+    with pytest.raises(TeacherError, match=r"c\.b2nd cannot be read \(no such file"):
         load_cached(tmp_path, "c", 2, (4, 4, 4))
+    import blosc2  # a cache of another dtype (not this format's codes) is refused too
+
+    blosc2.asarray(np.zeros((2, 4, 4, 4), np.float16), urlpath=str(tmp_path / "d.b2nd"), mode="w")
+    with pytest.raises(TeacherError, match=r"d\.b2nd has shape .*float16"):
+        load_cached(tmp_path, "d", 2, (4, 4, 4))
     with pytest.raises(TeacherError, match="no cached teacher outputs"):
         split_target(torch.zeros(1, 1, 4, 4, 4), False)
+
+
+def test_probability_codes_keep_the_logit_within_half_a_step():
+    """uint8 codes of the logit: every probability in KD's range comes back within LOGIT_STEP / 2 in logit (so a
+    target at temperature T within LOGIT_STEP / (2 T)); 0 and 1 map to the ends of that range."""
+    from nnunetv2_fedkd.teacher_cache import (LOGIT_RANGE, LOGIT_STEP, decode_probabilities,
+                                              encode_probabilities)
+
+    assert LOGIT_RANGE == pytest.approx(13.8155, abs=1e-4) and LOGIT_STEP == pytest.approx(0.10836, abs=1e-5)
+    p = np.array([1e-6, 1e-5, 1e-3, 0.002, 0.01, 0.3, 0.5, 0.7, 0.99, 0.999, 1 - 1e-6])
+    codes = encode_probabilities(p)
+    assert codes.dtype == np.uint8
+    back = decode_probabilities(codes).astype(np.float64)
+    logit = lambda x: np.log(x) - np.log1p(-x)  # noqa: E731
+    assert np.all(np.abs(logit(back) - logit(p)) <= LOGIT_STEP / 2 + 1e-4)
+    assert encode_probabilities(np.array([0.0, 1.0, 0.5])).tolist() == [0, 255, 128]  # 0.5 -> logit 0, mid-code
+    # a small probability keeps its order of magnitude (uint8 probabilities would round all of these to 0)
+    assert back[2] == pytest.approx(1e-3, rel=0.06) and back[3] == pytest.approx(0.002, rel=0.06)
+
+
+def test_a_cached_case_is_compressed_and_reads_one_patch_at_a_time(tmp_path):
+    """A 2-teacher case of 64^3 voxels: far smaller than the float16 array format 1 stored (2 bytes a voxel), and a
+    patch read through the lazy view equals the same patch of the decoded whole."""
+    from nnunetv2_fedkd.teacher_cache import CachedProbabilities, decode_probabilities, encode_probabilities
+
+    rng = np.random.default_rng(0)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, 64)] * 3, indexing="ij")
+    organ = np.stack([1 / (1 + np.exp(-40 * (0.3 - np.sqrt((z - c) ** 2 + y ** 2 + x ** 2)))) for c in (-0.4, 0.4)])
+    probs = np.clip(organ + rng.normal(0, 1e-3, organ.shape) * organ * (1 - organ), 0, 1).astype(np.float32)
+    path = save_cached(tmp_path, "case", probs, (32, 32, 32))
+    assert path.name == "case.b2nd" and not list(tmp_path.glob(".*"))  # no temporary file left
+    float16_bytes = probs.size * 2
+    assert path.stat().st_size < float16_bytes / 10
+    view = load_cached(tmp_path, "case", 2, (64, 64, 64))
+    assert isinstance(view, CachedProbabilities) and view.shape == (2, 64, 64, 64)
+    key = (slice(None), slice(5, 37), slice(10, 42), slice(30, 62))
+    np.testing.assert_array_equal(view[key], decode_probabilities(encode_probabilities(probs))[key])
+    np.testing.assert_allclose(view[key], probs[key], atol=0.014)  # at most half a logit step: 0.0135 at p = 0.5
 
 
 def test_cache_is_a_sibling_of_the_preprocessed_data(tmp_path):

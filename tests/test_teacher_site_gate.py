@@ -203,6 +203,8 @@ def _gate_trainer(tmp_path, cls, **settings):
 def _cache(tmp_path, own_rows: int = 2):
     """Cases 4 x 5 voxels; the liver teacher claims 11 of the 20 labelled kidney voxels of the kidney site (55 %).
     Each teacher finds ``own_rows`` of the 2 rows of its organ (2: Dice 1; 1: Dice 2/3)."""
+    from nnunetv2_fedkd.teacher_cache import save_cached
+
     folder = tmp_path / "cache"
     folder.mkdir()
     segs = {}
@@ -211,7 +213,7 @@ def _cache(tmp_path, own_rows: int = 2):
     segs["liver_site__0"] = liver_case
     probs = np.zeros((2, 4, 5), np.float16)
     probs[0, :own_rows] = 0.9  # the liver teacher finds the liver at home
-    np.save(folder / "liver_site__0.npy", probs)
+    save_cached(folder, "liver_site__0", probs, (4, 5))
     for n, claimed in ((0, 6), (1, 5)):
         kid = np.zeros((4, 5), np.int16)
         kid[2:] = 2  # 10 kidney voxels per case
@@ -219,7 +221,7 @@ def _cache(tmp_path, own_rows: int = 2):
         p = np.zeros((2, 4, 5), np.float16)
         p[0].reshape(-1)[10:10 + claimed] = 0.8  # liver teacher claims part of the labelled kidney
         p[1, 2:2 + own_rows] = 0.9  # the kidney teacher finds the kidney
-        np.save(folder / f"kidney_site__{n}.npy", p)
+        save_cached(folder, f"kidney_site__{n}", p, (4, 5))
     return folder, _Dataset(segs)
 
 
