@@ -20,6 +20,9 @@ and is scored with ``nnUNetv2_evaluate_folder``.
 * ``pseudo_label_central``: the baseline any nnU-Net user can run today: the seed's teachers label every other site's
   training images (``nnunetv2_fedkd pseudo-label``: the case's label wins, conflicts and unsure voxels become nnU-Net's
   ignore label), then one stock nnU-Net is trained on them with the central budget.
+* ``fedkd_seeded`` / ``fedkd_fp16``: FedKD with ``training_seed`` 0 (every site's training seeded per round:
+  reruns repeat), with float32 and with float16 transport (``--transport-dtype float16``): their difference is the
+  transport's effect alone, not run-to-run spread.
 * ``oracle_central``: the pooled images with every organ labelled (the synthetic generator knows them:
   :mod:`nnunetv2_fedkd.synthetic.oracle`), stock nnU-Net's trainer - the upper bound no real federation has.
 * ``oracle_fedavg``: the upper bound of the federated rows at their budget: the same sites and images with every organ
@@ -76,6 +79,10 @@ METHODS: Dict[str, tuple] = {
     "fedbn_marginal": ("federated", "nnUNetTrainerFedKD", ["--strategy", "fedbn"], {"global_kd_weight": 0.0}),
     "fedkd": ("federated", "nnUNetTrainerFedKD", ["--strategy", "fedavg"], {}),
     "fedkd_teachers": ("federated", "nnUNetTrainerFedKD", ["--strategy", "fedavg"], KD_FROM_TEACHERS),
+    # the transport's effect alone: the same seeded FedKD with float32 and with float16 weights and updates
+    "fedkd_seeded": ("federated", "nnUNetTrainerFedKD", ["--strategy", "fedavg"], {"training_seed": 0}),
+    "fedkd_fp16": ("federated", "nnUNetTrainerFedKD", ["--strategy", "fedavg", "--transport-dtype", "float16"],
+                   {"training_seed": 0}),
     "pseudo_label_central": ("pseudo", TEACHER_TRAINER, None, {}),
     "oracle_central": ("oracle", TEACHER_TRAINER, None, {}),
     "oracle_fedavg": ("federated_oracle", "nnUNetTrainerFedNaive", ["--strategy", "fedavg"], {}),

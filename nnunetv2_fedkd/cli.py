@@ -169,7 +169,7 @@ def _cmd_federate(args) -> int:
                  evaluate_patches=args.evaluate_patches, resume=not args.restart_refused,
                  seed=args.seed, sites=args.sites, large_updates=args.large_updates,
                  resume_with_new_settings=args.resume_with_new_settings, round_attempts=args.round_attempts,
-                 max_update_ratio=args.max_update_ratio or None, max_num_examples=args.max_num_examples or None,
+                 transport_dtype=args.transport_dtype, max_update_ratio=args.max_update_ratio or None, max_num_examples=args.max_num_examples or None,
                  **({} if args.keep_checkpoints is None else {"keep_checkpoints": args.keep_checkpoints}))
     except (FederateError, FederationStateError, FederationStopped, PlansMismatch, ValueError) as e:
         print(f"nnunetv2_fedkd federate: error: {e}", file=sys.stderr)
@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a round with fewer than --min-sites valid updates runs again, at most N times in a row, "
                         f"then the federation stops with nothing of that round committed (default "
                         f"{DEFAULT_ROUND_ATTEMPTS})")
+    f.add_argument("--transport-dtype", default="float32", choices=["float32", "float16"],
+                   help="what the global weights and the sites' updates travel in: float16 halves the bytes (updates "
+                        "as changes from the global weights sent; aggregation and checkpoints stay float32)")
     f.add_argument("--no-evaluate", action="store_true", help="skip the sites' validation of each global model")
     f.add_argument("--evaluate-every", type=int, default=1, metavar="K",
                    help="the sites validate the global model every K rounds and after the last (default 1)")

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from nnunetv2_fedkd.federated import load_weights
 from nnunetv2_fedkd.pipeline import federate_command
@@ -195,12 +196,32 @@ def test_fedbn_multihead_keeps_site_norm_layers_and_bad_inputs_are_refused(tiny_
     fed, layout = tiny_federation, planned_federation
     env = fed.env(training=True)
     two = ["liver_site", "kidney_site"]
-    cmd = federate_cmd(fed.spec.path, settings_file, "nnUNetTrainerFedKDMultiHead", "fedbn", 1, 3, "--sites", *two)
+    # with the float16 transport (issue 17, item 3): FedBN's site-local layers and the organ heads travel as changes
+    cmd = federate_cmd(fed.spec.path, settings_file, "nnUNetTrainerFedKDMultiHead", "fedbn", 1, 3, "--sites", *two,
+                       "--transport-dtype", "float16")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run = fed.results / layout.coordinator / "nnUNetTrainerFedKDMultiHead__nnUNetPlansSmall__3d_fullres" / "federation"
     glob_w, _ = load_weights(run / "global_round_0001.fedkd")
     assert any(".heads." in k for k in glob_w)  # the multi-head network
+    # float16 on the wire (what the sites received and what each sent: 2 bytes a parameter), float32 checkpoints
+    sent, sent_meta = load_weights(run / "sent_global.fedkd")
+    assert sent_meta["completed_rounds"] == 0 and sent_meta["transport_dtype"] == "float16"
+    assert all(v.dtype == torch.float16 for v in sent.values() if v.is_floating_point())
+    assert all(v.dtype == torch.float32 for v in glob_w.values() if v.is_floating_point())
+    start, _ = load_weights(run / "global_round_0000.fedkd")
+    for name in two:
+        upd, umeta = load_weights(run / "sites" / name / "update.fedkd")
+        assert umeta["transport_dtype"] == "float16" and umeta["site"] == name
+        assert all(v.dtype == torch.float16 for v in upd.values() if v.is_floating_point())
+        assert any(bool(v.abs().max() > 0) for v in upd.values() if v.is_floating_point())  # it trained
+    # FedBN: the shared conv weights of the new global model are the case-weighted mean of the decoded updates
+    key = next(k for k in glob_w if k.endswith(".weight") and glob_w[k].ndim == 5 and ".norm" not in k)
+    cases = {n: json.loads((run / "metrics.json").read_text())[0]["sites"][n]["num_examples"] for n in two}
+    decoded = {n: sent[key].float() + load_weights(run / "sites" / n / "update.fedkd")[0][key].float() for n in two}
+    mean = sum(cases[n] * decoded[n] for n in two) / sum(cases.values())
+    assert torch.allclose(glob_w[key], mean, atol=1e-6) and not torch.equal(glob_w[key], start[key])
+    assert json.loads((run / "state.json").read_text())["contract"]["transport_dtype"] == "float16"
     # each site evaluated the new global model on its own validation cases, for the organ it labels
     rec = json.loads((run / "metrics.json").read_text())[0]
     assert set(rec["evaluation"]) == set(two) and set(rec["organ_dice"]) == {"liver", "kidney"}
@@ -221,7 +242,8 @@ def test_fedbn_multihead_keeps_site_norm_layers_and_bad_inputs_are_refused(tiny_
     kept = {g: g.read_bytes() for g in (run / "global_round_0000.fedkd", run / "global_round_0001.fedkd")}
     for g, good in kept.items():
         g.write_bytes(good[: len(good) // 3])
-    more = federate_cmd(fed.spec.path, settings_file, "nnUNetTrainerFedKDMultiHead", "fedbn", 1, 3, "--sites", *two)
+    more = federate_cmd(fed.spec.path, settings_file, "nnUNetTrainerFedKDMultiHead", "fedbn", 1, 3, "--sites", *two,
+                        "--transport-dtype", "float16")
     try:
         bad = subprocess.run(more, env=env, capture_output=True, text=True, timeout=300)
         assert bad.returncode == 2, bad.stdout[-2000:] + bad.stderr[-2000:]

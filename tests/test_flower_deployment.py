@@ -288,7 +288,8 @@ def test_flower_tls_and_supernode_authentication(tiny_federation, planned_federa
         assert online == [registered], listed.stdout
         run_config = (f'spec="{fed.spec.path}" rounds=1 local-iterations={ITERATIONS} plans="nnUNetPlansSmall" '
                       f'min-sites=1 sites="{liver.name},{kidney.name}" device="cpu" wait-for-nodes=60 '
-                      f'round-timeout=300 evaluate=false settings=\'{{"num_val_iterations_per_epoch": 1}}\'')
+                      f'round-timeout=300 evaluate=false transport-dtype="float16" '
+                      f'settings=\'{{"num_val_iterations_per_epoch": 1}}\'')
         run_id = loopback.submit_app(run_config, lb.env)
         status = loopback.wait_for_run(run_id, lb.env, timeout=360, poll=3)
         log = loopback.flwr(["log", run_id, loopback.CONNECTION, "--show"], lb.env, timeout=60)
@@ -297,6 +298,16 @@ def test_flower_tls_and_supernode_authentication(tiny_federation, planned_federa
     (record,) = json.loads((run / "metrics.json").read_text())
     assert record["accepted"] == [liver.name] and not record["failed"], record
     assert not (tmp_path / "sites" / kidney.name).exists()  # the refused site never received a message
+    # float16 transport over Flower (issue 17, item 3): the site received float16 weights and sent float16 changes;
+    # the committed global model (float32) is what it received plus its change (one site: FedAvg is its update)
+    received, _ = load_weights(tmp_path / "sites" / liver.name / "received_global.fedkd")
+    change, meta = load_weights(tmp_path / "sites" / liver.name / "update.fedkd")
+    glob, _ = load_weights(run / "global_round_0001.fedkd")
+    assert meta["transport_dtype"] == "float16"
+    for k, v in glob.items():
+        if v.is_floating_point():
+            assert received[k].dtype == change[k].dtype == torch.float16 and v.dtype == torch.float32, k
+            assert torch.allclose(v, received[k].float() + change[k].float(), atol=1e-6), k
 
 
 @pytest.mark.slow

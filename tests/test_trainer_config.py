@@ -126,3 +126,28 @@ def test_cpu_trainers_take_their_thread_count_from_omp_num_threads():
                 apply_cpu_threads(torch.device("cpu"), {"OMP_NUM_THREADS": bad})
     finally:
         torch.set_num_threads(before)
+
+
+def test_training_seed_seeds_every_generator_and_federated_rounds_get_their_own(tmp_path, monkeypatch):
+    import random
+
+    import numpy as np
+    import torch
+
+    from nnunetv2_fedkd.federated.site_side import round_seed
+    from nnunetv2_fedkd.trainers.base import nnUNetTrainerFedKDBase, seed_everything
+
+    draws = []
+    for _ in range(2):
+        seed_everything(7)
+        draws.append((random.random(), float(np.random.rand()), float(torch.rand(1))))
+    assert draws[0] == draws[1]
+    assert round_seed(7, 0, "liver_site") == round_seed(7, 0, "liver_site")
+    assert len({round_seed(7, r, s) for r in range(3) for s in ("liver_site", "kidney_site")}) == 6
+    assert round_seed(8, 0, "liver_site") != round_seed(7, 0, "liver_site")
+    f = tmp_path / "settings.json"
+    for bad in ("7", -1, 1.5, True):
+        f.write_text(json.dumps({"training_seed": bad}))
+        monkeypatch.setenv(CONFIG_ENV, str(f))
+        with pytest.raises(TrainerConfigError, match="training_seed must be null or an int >= 0"):
+            nnUNetTrainerFedKDBase({"dataset_name": "Dataset999_X"}, "3d_fullres", 0, {}, torch.device("cpu"))

@@ -55,7 +55,7 @@ import inspect
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import (Any, Callable, Collection, Dict, FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple,
                     Union)
 
@@ -798,10 +798,44 @@ def _emit(log: LogTarget, level: str, message: str) -> None:
         raise TypeError(f"log must be a logging.Logger, a callable taking a string, or None; got {type(log).__name__}")
 
 
+def decode_update(update: SiteUpdate, sent: Mapping[str, torch.Tensor], dtype: str) -> SiteUpdate:
+    """The site's trained weights from what it sent (:func:`~nnunetv2_fedkd.federated.site_side.encode_update`) and
+    the global weights the server ``sent`` it that round (:func:`~nnunetv2_fedkd.federated.site_side.
+    transport_weights`): float16, ``sent + change`` in float32 (the global weights' dtype), integer tensors as
+    sent; float32, the update as it is. :class:`UpdateRejected` when its keys are not the global weights' or a
+    floating tensor is not in ``dtype`` (a site sending another precision than the federation's)."""
+    from nnunetv2_fedkd.federated.site_side import check_transport_dtype
+
+    target = check_transport_dtype(dtype)
+    if target == torch.float32:
+        return update
+    keys, expected = set(update.weights), set(sent)
+    if keys != expected:
+        k = sorted(keys ^ expected)[0]
+        raise UpdateRejected(update.site, f"{'unexpected' if k in keys else 'missing'} weight {k!r}")
+    out: Dict[str, torch.Tensor] = {}
+    for k, ref in sent.items():
+        v = update.weights[k]
+        if not isinstance(v, torch.Tensor):
+            raise UpdateRejected(update.site, f"weight {k!r} is a {type(v).__name__}, not a tensor")
+        if ref.is_floating_point():
+            if v.dtype != target:
+                raise UpdateRejected(update.site, f"weight {k!r} travels as {v.dtype}, the federation's transport is "
+                                                  f"{dtype} (a site of another version or settings?)")
+            if tuple(v.shape) != tuple(ref.shape):
+                raise UpdateRejected(update.site, f"shape of {k!r} is {tuple(v.shape)}, expected {tuple(ref.shape)}")
+            out[k] = ref.float() + v.float()
+        else:
+            out[k] = v
+    return replace(update, weights=out)
+
+
 def aggregate_round(strategy: Strategy, global_weights: Mapping[str, torch.Tensor], updates: Sequence[SiteUpdate],
                     round_idx: int, log: LogTarget = None, bounds: Optional[UpdateBounds] = None,
-                    min_updates: int = 1) -> RoundResult:
-    """Validate every update against ``global_weights`` (:func:`validate_update`, positive ``num_examples``, one
+                    min_updates: int = 1, decode: Optional[Callable[[SiteUpdate], SiteUpdate]] = None
+                    ) -> RoundResult:
+    """``decode`` (e.g. :func:`decode_update` for a float16 transport) first turns each update into weights; then
+    validate every update against ``global_weights`` (:func:`validate_update`, positive ``num_examples``, one
     update per site, and ``bounds``: :class:`UpdateBounds`), drop and log the bad ones (naming site and reason),
     aggregate the rest with ``strategy`` when at least ``min_updates`` survive.
 
@@ -826,6 +860,8 @@ def aggregate_round(strategy: Strategy, global_weights: Mapping[str, torch.Tenso
             if u.site in seen:
                 raise UpdateRejected(u.site, "duplicate update: this site already sent one in this round")
             _check_num_examples(u)
+            if decode is not None:
+                u = decode(u)
             validate_update(u.weights, global_weights, u.site)
             if bounds is not None:
                 u, note, ratio = bounds.apply(u, global_weights, skip, global_norm)

@@ -33,13 +33,13 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from nnunetv2_fedkd.federated.site_side import SiteUpdate, merge_local_state
-from nnunetv2_fedkd.federated.weights_io import load_weights
+from nnunetv2_fedkd.federated.site_side import SiteUpdate, encode_update, merge_local_state
+from nnunetv2_fedkd.federated.weights_io import load_weights, save_weights
 from nnunetv2_fedkd.label_availability import LabelAvailability
 from nnunetv2_fedkd.utils import atomic_write_json, read_json
 
 # instruction keys that are not trainer settings
-_NOT_SETTINGS = {"strategy", "evaluate_patches"}
+_NOT_SETTINGS = {"strategy", "evaluate_patches", "transport_dtype"}
 # per-round evaluation budget: network passes of one patch per site (nnU-Net validates 50 batches of 2 per epoch)
 DEFAULT_EVALUATION_PATCHES = 100
 
@@ -122,7 +122,9 @@ class NnUNetSite:
 
     # -- local training -----------------------------------------------------------------------------------------------
     def fit(self, global_file: Path, instructions: Mapping[str, Any]) -> SiteUpdate:
-        """Local training from the global weights in ``global_file``; returns the site's update."""
+        """Local training from the global weights in ``global_file``; returns the site's update, encoded for the
+        federation's ``transport_dtype`` (:func:`~nnunetv2_fedkd.federated.site_side.encode_update`: with float16,
+        the change from ``global_file``'s weights; ``update.fedkd`` then holds that, what leaves the site)."""
         self.check_files()
         r = int(instructions["round"])
         cfg = self._round_config(Path(global_file), instructions)
@@ -140,6 +142,11 @@ class NnUNetSite:
         if meta.get("round") != r or meta.get("site") != self.name:
             raise SiteError(f"site {self.name!r}: {self.update_file} is for site {meta.get('site')!r} round "
                             f"{meta.get('round')}, expected round {r}")
+        dtype = str(instructions.get("transport_dtype", "float32"))
+        if dtype != "float32":
+            weights = encode_update(weights, load_weights(global_file)[0], dtype)
+            save_weights(self.update_file, weights, {**meta, "transport_dtype": dtype,
+                                                     "encoding": "change from the received global weights"})
         metrics = {**(meta.get("metrics") or {}), "fit_seconds": round(time.time() - t0, 2)}
         return SiteUpdate(self.name, weights, int(meta["num_examples"]), metrics,
                           organs=frozenset(meta.get("organs") or self.organs))

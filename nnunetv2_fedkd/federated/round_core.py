@@ -59,7 +59,9 @@ from nnunetv2_fedkd.federated.aggregation import (
     UpdateBounds,
     Weights,
     aggregate_round,
+    decode_update,
 )
+from nnunetv2_fedkd.federated.site_side import check_transport_dtype, transport_weights
 from nnunetv2_fedkd.federated.weights_io import CorruptCheckpoint, load_weights, save_weights
 from nnunetv2_fedkd.utils import atomic_write, atomic_write_json, atomic_write_text
 
@@ -167,6 +169,10 @@ class RoundCore:
             refusing it.
         round_attempts: how many times in a row a round with fewer than ``min_sites`` valid updates is run before
             the federation stops (:class:`TooFewUpdates`).
+        transport_dtype: what the global weights and the updates travel in (``site_side.TRANSPORT_DTYPES``):
+            "float16" sends :attr:`sent_weights` (2 bytes a parameter) and decodes each update
+            (:func:`~nnunetv2_fedkd.federated.aggregation.decode_update`) before it is validated; aggregation and
+            checkpoints stay float32.
         log: callable taking one line (progress and warnings).
     """
 
@@ -174,7 +180,9 @@ class RoundCore:
                  settings: Optional[Mapping[str, Any]] = None, min_sites: int = 1,
                  log: Callable[[str], Any] = print, keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
                  bounds: Optional[UpdateBounds] = None, run_settings: Optional[Mapping[str, Any]] = None,
-                 allow_new_settings: bool = False, round_attempts: int = DEFAULT_ROUND_ATTEMPTS):
+                 allow_new_settings: bool = False, round_attempts: int = DEFAULT_ROUND_ATTEMPTS,
+                 transport_dtype: str = "float32"):
+        check_transport_dtype(transport_dtype)
         if total_rounds < 1:
             raise ValueError(f"total_rounds must be >= 1, got {total_rounds}")
         if min_sites < 1:
@@ -197,6 +205,8 @@ class RoundCore:
         self.allow_new_settings = bool(allow_new_settings)
         self.settings_changes: List[Dict[str, Any]] = []
         self.log = log
+        self.transport_dtype = transport_dtype
+        self._sent: Optional[Tuple[int, Dict[str, torch.Tensor]]] = None  # (completed rounds, weights as sent)
         self.state: Optional[FederationState] = None
         json.dumps(self.settings)  # must travel as JSON
         json.dumps(self.run_settings)
@@ -236,7 +246,8 @@ class RoundCore:
         to continue with new settings)."""
         return {"total_rounds": self.total_rounds, "strategy": self.strategy.hyperparameters(),
                 "settings": self.settings, "min_sites": self.min_sites,
-                "update_bounds": self.bounds.record() if self.bounds is not None else None, **self.run_settings}
+                "update_bounds": self.bounds.record() if self.bounds is not None else None,
+                "transport_dtype": self.transport_dtype, **self.run_settings}
 
     def _contract_changes(self, raw: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
         """``{dotted key: {"was": ..., "now": ...}}`` between the recorded contract and this one. A state file from
@@ -383,6 +394,30 @@ class RoundCore:
     def global_weights_file(self) -> Path:
         return _global_file(self.run_dir, self._need_state().completed_rounds)
 
+    @property
+    def sent_weights(self) -> Dict[str, torch.Tensor]:
+        """The round's global weights as they travel to the sites (``transport_dtype``)."""
+        s = self._need_state()
+        if self._sent is None or self._sent[0] != s.completed_rounds:
+            self._sent = (s.completed_rounds, transport_weights(s.weights, self.transport_dtype))
+        return self._sent[1]
+
+    def sent_weights_file(self) -> Path:
+        """A weights file holding :attr:`sent_weights`, for sites that read the global weights from a file (the
+        in-process engine): the round's checkpoint when they travel in float32, else ``sent_global.fedkd`` (written
+        once per round)."""
+        if self.transport_dtype == "float32":
+            return self.global_weights_file
+        done = self._need_state().completed_rounds
+        f = self.run_dir / "sent_global.fedkd"
+        try:
+            if f.is_file() and load_weights(f)[1].get("completed_rounds") == done:
+                return f
+        except CorruptCheckpoint:
+            pass
+        save_weights(f, self.sent_weights, {**self._meta(done), "transport_dtype": self.transport_dtype})
+        return f
+
     def _need_state(self) -> FederationState:
         if self.state is None:
             raise RuntimeError("call start() first")
@@ -399,7 +434,8 @@ class RoundCore:
         """What every site receives for the next round (besides the global weights)."""
         s = self._need_state()
         return {"round": s.completed_rounds, "total_rounds": self.total_rounds, "plans_digest": self.plans_digest,
-                "strategy": self.strategy.name, **self.strategy.site_settings(), **self.settings}
+                "strategy": self.strategy.name, "transport_dtype": self.transport_dtype,
+                **self.strategy.site_settings(), **self.settings}
 
     def check_failure(self, site: str, reason: str, log_hint: Optional[str] = None) -> None:
         """Stop the federation (:class:`SiteErrorWillRecur`, nothing of this round is committed) when ``site``'s
@@ -430,8 +466,12 @@ class RoundCore:
         for site, reason in failures:
             self.log(f"round {r + 1}: site {site!r} failed and is left out of this round: {reason}")
         # fewer than min_sites valid updates: the strategy is not called, so an uncommitted round leaves no trace
+        decode = None
+        if self.transport_dtype != "float32":
+            sent, dtype = self.sent_weights, self.transport_dtype
+            decode = lambda u: decode_update(u, sent, dtype)  # noqa: E731
         result = aggregate_round(self.strategy, s.weights, updates, r + 1, log=self.log, bounds=self.bounds,
-                                 min_updates=self.min_sites)
+                                 min_updates=self.min_sites, decode=decode)
         metrics = {u.site: {"num_examples": u.num_examples, **_jsonable(u.metrics)} for u in updates}
         return PendingRound(r, result, list(failures), metrics, started if started is not None else time.time())
 

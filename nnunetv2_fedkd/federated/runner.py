@@ -29,6 +29,7 @@ import torch
 
 from nnunetv2_fedkd.federated.aggregation import DEFAULT_MAX_UPDATE_RATIO, SiteUpdate, UpdateBounds, make_strategy
 from nnunetv2_fedkd.federated.nnunet_site import DEFAULT_EVALUATION_PATCHES, NnUNetSite, _env, quiet
+from nnunetv2_fedkd.federated.site_side import check_transport_dtype, transport_weights
 from nnunetv2_fedkd.federated.round_core import (DEFAULT_KEEP_CHECKPOINTS, DEFAULT_ROUND_ATTEMPTS, PendingRound,
                                                   RoundCore, plot_progress)
 from nnunetv2_fedkd.spec import FederationSpec, Site
@@ -264,7 +265,7 @@ class FederationServer:
                 continue
             evaluations: Dict[str, Dict[str, Any]] = {}
             if evaluate and core.evaluates_this_round(evaluate_every):
-                evaluations = transport.evaluate(core, pending.result.weights,
+                evaluations = transport.evaluate(core, transport_weights(pending.result.weights, core.transport_dtype),
                                                  {**instructions, "evaluate_patches": evaluate_patches},
                                                  [u.site for u in updates])
             self.finish_round(pending, evaluations)
@@ -321,7 +322,7 @@ class InProcessSites(SiteTransport):
             ts = time.time()
             self.log(f"round {r + 1}/{core.total_rounds} site {site.name}: local training ({site.dataset}) ...")
             try:
-                u = site.fit(core.global_weights_file, instructions)
+                u = site.fit(core.sent_weights_file(), instructions)
             except Exception as e:  # a transient failure leaves the site out of this round; a deterministic one stops
                 reason = f"{type(e).__name__}: {e}"
                 core.check_failure(site.name, reason, log_hint=str(site.site_dir / f"round_{r + 1:04d}" / "train.log"))
@@ -352,7 +353,8 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
                        keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
                        max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO, large_updates: str = "reject",
                        max_num_examples: Optional[int] = None, resume_with_new_settings: bool = False,
-                       round_attempts: int = DEFAULT_ROUND_ATTEMPTS, log=print) -> FederationServer:
+                       round_attempts: int = DEFAULT_ROUND_ATTEMPTS, transport_dtype: str = "float32",
+                       log=print) -> FederationServer:
     """Everything before the first round (arguments as :func:`federate`): the federation's plans and digest, the
     trainer settings, the global model's definition, the strategy and the round core, started (or resumed) in
     ``$nnUNet_results/<plans dataset>/<trainer>__<plans>__3d_fullres/federation``, and ``run.json``.
@@ -362,7 +364,9 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
     update must keep (None: unbounded); every site's claimed case count is also bounded by the cases it had when the
     federation was planned (the plans record). ``resume_with_new_settings``: resume a run folder trained with other
     settings (recorded in its ``state.json``) instead of refusing it. ``round_attempts``: how many times in a row a
-    round with fewer than ``min_sites`` valid updates runs before the federation stops."""
+    round with fewer than ``min_sites`` valid updates runs before the federation stops. ``transport_dtype``: what the
+    global weights and the updates travel in ("float32", or "float16": 2 bytes a parameter, updates as changes from
+    the global weights sent; aggregation and checkpoints stay float32)."""
     from nnunetv2_fedkd.federated.planning import check_site_plans as check_plans
     from nnunetv2_fedkd.federated.planning import federation_plans_digest, resolve_layout
 
@@ -372,6 +376,10 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
         min_sites=min_sites, sites=sites)
     _count(keep_checkpoints, "keep_checkpoints", 1)
     _count(round_attempts, "round_attempts", 1)
+    try:
+        check_transport_dtype(transport_dtype)
+    except ValueError as e:
+        raise FederateError(str(e)) from e
     if max_num_examples is not None:
         _count(max_num_examples, "max_num_examples", 1)
     layout = resolve_layout(spec, workdir)
@@ -419,7 +427,7 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
         core = RoundCore(run_dir, strat, rounds, digest, trainer_settings, min_sites=min_sites, log=log,
                          keep_checkpoints=keep_checkpoints, bounds=bounds,
                          allow_new_settings=resume_with_new_settings, round_attempts=round_attempts,
-                         run_settings={"trainer": trainer, "plans": plans,
+                         transport_dtype=transport_dtype, run_settings={"trainer": trainer, "plans": plans,
                                        "sites": sorted(s.name for s in chosen), "seed": seed})
         core.start(server.initial_weights(seed), resume=resume)
     except BaseException:
@@ -433,7 +441,8 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
         "spec": str(spec.path) if spec.path else None, "plans_dataset": layout.coordinator, "trainer": trainer,
         "plans": plans, "rounds": rounds, "strategy": strat.hyperparameters(), "settings": trainer_settings,
         "sites": {s.name: layout.views[s.name] for s in chosen}, "min_sites": min_sites, "seed": seed,
-        "update_bounds": bounds.record(), "settings_changes": core.settings_changes})
+        "update_bounds": bounds.record(), "transport_dtype": transport_dtype,
+        "settings_changes": core.settings_changes})
     log(f"federation {spec.name}: {len(chosen)} sites, {rounds} rounds of {strat.name}, trainer {trainer}, "
         f"plans {plans}; run folder {run_dir}")
     return FederationServer(spec, layout, chosen, trainer, plans, trainer_settings, model_dir, run_dir, server, core,
@@ -451,7 +460,8 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
              keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
              max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO, large_updates: str = "reject",
              max_num_examples: Optional[int] = None, resume_with_new_settings: bool = False,
-             round_attempts: int = DEFAULT_ROUND_ATTEMPTS, log=print) -> Dict[str, Any]:
+             round_attempts: int = DEFAULT_ROUND_ATTEMPTS, transport_dtype: str = "float32",
+             log=print) -> Dict[str, Any]:
     """Run (or resume) the federation; returns a summary (model folder, metrics files, last round's record).
 
     ``local_iterations`` N: one local epoch of N iterations per round; ``local_epochs`` E: E local epochs of
@@ -469,7 +479,7 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
                             keep_checkpoints=keep_checkpoints, max_update_ratio=max_update_ratio,
                             large_updates=large_updates, max_num_examples=max_num_examples,
                             resume_with_new_settings=resume_with_new_settings, round_attempts=round_attempts,
-                            log=log)
+                            transport_dtype=transport_dtype, log=log)
     site_objs = [NnUNetSite(s.name, fs.layout.views[s.name], s.organs, fs.site_dir(s.name), trainer, plans,
                             device=device, log=log) for s in fs.sites]
     return fs.run_rounds(InProcessSites(site_objs, log), evaluate=evaluate, evaluate_every=evaluate_every,

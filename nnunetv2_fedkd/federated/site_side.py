@@ -1,5 +1,5 @@
-"""What a site runs besides nnU-Net, and all it shares with the server: the update it sends (:class:`SiteUpdate`),
-FedBN's split of a model into shared and site-local keys, FedProx's proximal term, the federation-wide learning-rate
+"""What a site runs besides nnU-Net, and all it shares with the server: the update it sends (:class:`SiteUpdate`)
+and its compact transport (:func:`encode_update`), FedBN's split of a model into shared and site-local keys, FedProx's proximal term, the federation-wide learning-rate
 schedule, and the plans digest a site checks its plans against.
 
 Site code (the trainers, :mod:`~nnunetv2_fedkd.federated.nnunet_site`, the Flower ClientApp) imports from here and
@@ -37,6 +37,11 @@ __all__ = [
     "normalized_plans",
     "federation_plans_digest",
     "check_site_plans",
+    "TRANSPORT_DTYPES",
+    "check_transport_dtype",
+    "transport_weights",
+    "encode_update",
+    "round_seed",
 ]
 
 Weights = Dict[str, torch.Tensor]
@@ -251,3 +256,49 @@ def check_site_plans(site_name: str, plans: Mapping[str, Any], expected_digest: 
             f"federation's plans (digest {got[:12]}..., expected {expected_digest[:12]}...); every site must train "
             f"with the coordinator's plans: run `nnunetv2_fedkd plan SPEC --overwrite` again or restore the "
             f"site's plans file")
+
+
+# -- compact transport ------------------------------------------------------------------------------------------------
+# The federation's transport precision: what the global weights and the sites' updates travel in. Aggregation is in
+# float32 either way (the server decodes every update first: aggregation.decode_update).
+TRANSPORT_DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
+
+
+def check_transport_dtype(name: str) -> torch.dtype:
+    if name not in TRANSPORT_DTYPES:
+        raise ValueError(f"transport dtype must be one of {', '.join(TRANSPORT_DTYPES)}, not {name!r}")
+    return TRANSPORT_DTYPES[name]
+
+
+def transport_weights(weights: Mapping[str, torch.Tensor], dtype: str) -> Weights:
+    """The global weights as the server sends them: every floating tensor in ``dtype`` (float32: the weights as they
+    are), integer tensors (e.g. BatchNorm's ``num_batches_tracked``) unchanged. The sites train from these values."""
+    target = check_transport_dtype(dtype)
+    if target == torch.float32:
+        return dict(weights)
+    return {k: v.to(target) if v.is_floating_point() else v for k, v in weights.items()}
+
+
+def encode_update(weights: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor], dtype: str) -> Weights:
+    """What a site sends for its trained ``weights``: float32, the weights themselves; float16, every floating tensor
+    as its change from the global weights it ``received`` (as they arrived), in float16 (2 bytes a parameter),
+    integer tensors unchanged. One round changes a weight by a small fraction of its value, so float16's 11-bit
+    significand keeps that change to about 3 significant digits (the weights themselves in float16 would lose their
+    last digits every round); a change beyond float16's range (65504) becomes inf and the server drops the update as
+    not finite. Inverse: :func:`nnunetv2_fedkd.federated.aggregation.decode_update`."""
+    target = check_transport_dtype(dtype)
+    if target == torch.float32:
+        return dict(weights)
+    missing = [k for k in weights if k not in received]
+    if missing:
+        raise ValueError(f"encode_update: {missing[0]!r} is not in the received global weights")
+    return {k: (v.detach().float() - received[k].detach().float()).to(target) if v.is_floating_point()
+            else v for k, v in weights.items()}
+
+
+def round_seed(seed: int, round_idx: int, site: str) -> int:
+    """A site's training seed in one round, from the federation's ``training_seed``: different for every round and
+    site (each round samples other patches), the same on every rerun."""
+    import zlib
+
+    return zlib.crc32(f"{int(seed)}:{int(round_idx)}:{site}".encode("utf-8"))

@@ -71,7 +71,8 @@ def federation_arguments(rc: Mapping[str, Any]) -> Dict[str, Any]:
                 large_updates=str(rc.get("large-updates", "reject")),
                 max_num_examples=int(rc.get("max-num-examples", 0)) or None,
                 resume_with_new_settings=bool(rc.get("resume-with-new-settings", False)),
-                round_attempts=int(rc.get("round-attempts", DEFAULT_ROUND_ATTEMPTS)))
+                round_attempts=int(rc.get("round-attempts", DEFAULT_ROUND_ATTEMPTS)),
+                transport_dtype=str(rc.get("transport-dtype", "float32")))
 
 
 @app.main()

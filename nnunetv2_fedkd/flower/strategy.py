@@ -166,7 +166,7 @@ class FlowerSites:
         self.log(f"round {int(instructions['round']) + 1}/{core.total_rounds}: train messages to {len(self.nodes)} "
                  f"SuperNode(s)")
         updates, failures, self.trained = train_round(
-            self.grid, self.nodes, weights_to_record(core.state.weights), instructions, self.directory, self.timeout,
+            self.grid, self.nodes, weights_to_record(core.sent_weights), instructions, self.directory, self.timeout,
             on_update=lambda u: on_update(u, time.time() - t0))
         return updates, failures
 

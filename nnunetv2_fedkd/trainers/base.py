@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -15,6 +15,18 @@ from nnunetv2_fedkd.utils import atomic_write_json
 
 NNUNET_FOLDS = 5  # nnU-Net's do_split creates a 5-fold cross-validation when no splits_final.json exists
 SPLITS_FILE = "splits_final.json"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's (global: nnU-Net's data loader samples cases and patches with it) and torch's random
+    generators."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
 
 
 def apply_cpu_threads(device: torch.device, environ=os.environ) -> int:
@@ -53,6 +65,10 @@ class nnUNetTrainerFedKDBase(nnUNetTrainer):
         if self.fedkd_config["data_augmentation"] not in DATA_AUGMENTATION:
             raise TrainerConfigError(f"trainer config {self.fedkd_config_file}: data_augmentation must be one of "
                                      f"{list(DATA_AUGMENTATION)}, not {self.fedkd_config['data_augmentation']!r}")
+        seed = self.fedkd_config["training_seed"]
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise TrainerConfigError(f"trainer config {self.fedkd_config_file}: training_seed must be null or an int "
+                                     f">= 0, not {seed!r}")
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_cpu_threads(self.device)
         for key in ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr",
@@ -99,6 +115,17 @@ class nnUNetTrainerFedKDBase(nnUNetTrainer):
         tr_keys, val_keys = super().do_split()
         self.validates_on_training_cases = set(val_keys) <= set(tr_keys)
         return tr_keys, val_keys
+
+    def training_seed(self) -> Optional[int]:
+        """The seed this training starts from (``training_seed``; None: not seeded)."""
+        return self.fedkd_config["training_seed"]
+
+    def on_train_start(self):
+        seed = self.training_seed()
+        if seed is not None:  # before nnU-Net builds the network and the data loaders
+            seed_everything(seed)
+            self.print_to_log_file(f"random generators seeded with {seed} (training_seed)")
+        super().on_train_start()
 
     def on_train_end(self):
         super().on_train_end()

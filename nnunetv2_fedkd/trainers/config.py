@@ -43,6 +43,11 @@ BASE_DEFAULTS: Dict[str, Any] = {
     # liver/spleen/kidney/pancreas .889/.521/.705/0 and .889/.192/.711/0 with it (two runs), .901/.797/.811/.622 and
     # .894/.803/.817/.626 without (README, Trainer settings).
     "data_augmentation": "nnunet",
+    # an int seeds Python's, numpy's and torch's random generators when training starts (nnU-Net does not seed): with
+    # nnUNet_n_proc_DA=0 (augmentation and patch sampling in the training process) the same settings give the same
+    # training on a CPU. Federated sites derive each round's seed from it, the round and the site's name. null: no
+    # seeding (nnU-Net's behaviour)
+    "training_seed": None,
 }
 DATA_AUGMENTATION = ("nnunet", "none")
 

@@ -152,6 +152,16 @@ class _FedKDMixin(_MSKDMixin):
     def _site(self) -> str:
         return self.fedkd_config["site_name"] or self.plans_manager.dataset_name
 
+    def training_seed(self):
+        """In a federated round, the seed of this round at this site (:func:`~nnunetv2_fedkd.federated.site_side.
+        round_seed`), so that rounds differ and reruns repeat."""
+        seed = super().training_seed()
+        if seed is None or not self.fedkd_config["global_model"]:
+            return seed
+        from nnunetv2_fedkd.federated.site_side import round_seed
+
+        return round_seed(seed, int(self.fedkd_config["round"]), self._site())
+
     def initialize(self):
         if not hasattr(self, "label_availability"):  # the naive trainer does not read it itself
             self.label_availability = LabelAvailability(self.dataset_json)
