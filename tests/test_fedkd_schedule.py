@@ -150,3 +150,26 @@ def test_bad_global_kd_start_round_is_refused_naming_the_file(bad):
     site.fedkd_config["global_kd_start_round"] = bad
     with pytest.raises(FederationError, match="global_kd_start_round.*fake_fedkd_trainer.json"):
         site._check_settings()
+
+
+def test_federated_rounds_do_not_compile_unless_asked(monkeypatch):
+    """Issue 17, item 7: a site rebuilds its trainer every round; nnU-Net's default torch.compile on a GPU would
+    compile again every round, so a federated round does not compile unless nnUNet_compile says so."""
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunetv2_fedkd.trainers.fedkd import nnUNetTrainerFedKD
+
+    log = []
+    monkeypatch.setattr(nnUNetTrainer, "_do_i_compile", lambda self: "nnU-Net decides")
+    t = nnUNetTrainerFedKD.__new__(nnUNetTrainerFedKD)  # no nnU-Net set-up: only what the decision reads
+    t.fedkd_config, t.device = {"global_model": "/run/sent_global.fedkd"}, torch.device("cuda")
+    t.print_to_log_file = lambda *a: log.append(" ".join(map(str, a)))
+    monkeypatch.delenv("nnUNet_compile", raising=False)
+    assert nnUNetTrainerFedKD._do_i_compile(t) is False and nnUNetTrainerFedKD._do_i_compile(t) is False
+    assert len(log) == 1 and "nnUNet_compile=true" in log[0]  # said once
+    monkeypatch.setenv("nnUNet_compile", "true")  # asked for: nnU-Net's own rule
+    assert nnUNetTrainerFedKD._do_i_compile(t) == "nnU-Net decides"
+    monkeypatch.delenv("nnUNet_compile")
+    t.fedkd_config = {"global_model": None}  # not a federated round (the server's model, a single-site training)
+    assert nnUNetTrainerFedKD._do_i_compile(t) == "nnU-Net decides"

@@ -152,6 +152,20 @@ class _FedKDMixin(_MSKDMixin):
     def _site(self) -> str:
         return self.fedkd_config["site_name"] or self.plans_manager.dataset_name
 
+    def _do_i_compile(self):
+        """nnU-Net compiles the network on a GPU by default (``torch.compile``, minutes). A federated site builds a
+        new trainer every round, so it would compile again every round, which costs more than a round's few hundred
+        local iterations gain from it. In a federated round it is off unless ``nnUNet_compile`` is set (true:
+        compile anyway, e.g. for long local training); elsewhere nnU-Net decides."""
+        if self.fedkd_config.get("global_model") and "nnUNet_compile" not in os.environ:
+            if not getattr(self, "_compile_note_logged", False):
+                self._compile_note_logged = True
+                self.print_to_log_file("torch.compile off for this federated round (a site builds a new trainer each "
+                                       "round and would compile again every round); set nnUNet_compile=true to "
+                                       "compile anyway")
+            return False
+        return super()._do_i_compile()
+
     def training_seed(self):
         """In a federated round, the seed of this round at this site (:func:`~nnunetv2_fedkd.federated.site_side.
         round_seed`), so that rounds differ and reruns repeat."""
