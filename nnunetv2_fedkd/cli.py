@@ -169,7 +169,8 @@ def _cmd_federate(args) -> int:
                  evaluate_patches=args.evaluate_patches, resume=not args.restart_refused,
                  seed=args.seed, sites=args.sites, large_updates=args.large_updates,
                  resume_with_new_settings=args.resume_with_new_settings, round_attempts=args.round_attempts,
-                 transport_dtype=args.transport_dtype, max_update_ratio=args.max_update_ratio or None, max_num_examples=args.max_num_examples or None,
+                 transport_dtype=args.transport_dtype, sites_per_round=args.sites_per_round,
+                 sampling=args.sampling, max_update_ratio=args.max_update_ratio or None, max_num_examples=args.max_num_examples or None,
                  **({} if args.keep_checkpoints is None else {"keep_checkpoints": args.keep_checkpoints}))
     except (FederateError, FederationStateError, FederationStopped, PlansMismatch, ValueError) as e:
         print(f"nnunetv2_fedkd federate: error: {e}", file=sys.stderr)
@@ -364,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--transport-dtype", default="float32", choices=["float32", "float16"],
                    help="what the global weights and the sites' updates travel in: float16 halves the bytes (updates "
                         "as changes from the global weights sent; aggregation and checkpoints stay float32)")
+    f.add_argument("--sites-per-round", type=int, default=None, metavar="K",
+                   help="K of the sites train each round, drawn afresh every round (seeded by --seed; recorded in "
+                        "metrics.json); default: every site")
+    f.add_argument("--sampling", default="uniform", choices=["uniform", "organs"],
+                   help="how --sites-per-round draws: uniformly, or every organ's labelling sites first (organs)")
     f.add_argument("--no-evaluate", action="store_true", help="skip the sites' validation of each global model")
     f.add_argument("--evaluate-every", type=int, default=1, metavar="K",
                    help="the sites validate the global model every K rounds and after the last (default 1)")

@@ -250,9 +250,14 @@ class _Transport:
     def before_round(self, core):
         self.calls.append(("before", core.state.completed_rounds))
 
-    def train(self, core, instructions, on_update):
+    def available_sites(self, core):
+        return ["liver_site", "kidney_site"]
+
+    def train(self, core, instructions, on_update, sites):
         updates, failures = [], []
         for site, target in (("liver_site", 2.0), ("kidney_site", 6.0)):
+            if site not in sites:
+                continue
             if site == "kidney_site" and self.kidney_failures:
                 self.kidney_failures -= 1
                 failures.append((site, "RuntimeError: connection reset"))
@@ -300,3 +305,23 @@ def test_an_unreadable_settings_path_is_not_turned_into_a_json_error(spec, tmp_p
     # a directory (or a permission error, a failing disk) is not "invalid JSON": the OSError is raised as it is
     with pytest.raises(IsADirectoryError):
         prepare_federation(spec, 3, **{**GOOD, "settings_file": tmp_path}, workdir=tmp_path / "wd")
+
+
+def test_the_round_loop_draws_the_sites_of_each_round_and_records_them(spec, tmp_path, monkeypatch):
+    """Issue 17, item 1: --sites-per-round 1 of 2 with organ coverage: one site a round, the organs in turn, each
+    round's draw in its record and in the run's contract; only the drawn site trains."""
+    monkeypatch.setattr(runner_module(), "ServerModel", _FakeServerModel)
+    wd = tmp_path / "wd"
+    _coordinator(spec, wd)
+    with pytest.raises(FederateError, match="sites_per_round 1 is fewer than min_sites 2"):
+        prepare_federation(spec, 4, **{**RUN, "min_sites": 2}, workdir=wd, sites_per_round=1)
+    fs = prepare_federation(spec, 4, **{**RUN, "min_sites": 1}, workdir=wd, sites_per_round=1, sampling="organs")
+    t = _Transport()
+    t.kidney_failures = 0
+    history = fs.run_rounds(t, evaluate=False)["history"]
+    sampled = [h["sampled"] for h in history]
+    assert all(len(x) == 1 for x in sampled) and [h["accepted"] for h in history] == sampled
+    assert {x[0] for x in sampled[:2]} == {"liver_site", "kidney_site"}  # every organ within ceil(2 / 1) rounds
+    assert fs.core.contract()["sampling"] == {"per_round": 1, "mode": "organs"}
+    with pytest.raises(FederateError, match="site sampling must be one of"):
+        prepare_federation(spec, 4, **RUN, workdir=tmp_path / "wd2", sites_per_round=1, sampling="greedy")

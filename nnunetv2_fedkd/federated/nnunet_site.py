@@ -86,6 +86,15 @@ class NnUNetSite:
     def local_state_after(self, completed_rounds: int) -> Path:
         return self.site_dir / f"local_state_after_round_{completed_rounds:04d}.fedkd"
 
+    def latest_local_state(self, completed_rounds: int) -> Path:
+        """The site's newest local state (FedBN layers) written after round ``completed_rounds`` or before: a site
+        that was not drawn in some rounds (site sampling) continues from the state of the last round it trained. The
+        path of round ``completed_rounds`` when there is none yet."""
+        for r in range(int(completed_rounds), -1, -1):
+            if self.local_state_after(r).is_file():
+                return self.local_state_after(r)
+        return self.local_state_after(completed_rounds)
+
     @property
     def update_file(self) -> Path:
         return self.site_dir / "update.fedkd"
@@ -95,7 +104,7 @@ class NnUNetSite:
         r = int(instructions["round"])
         cfg = {**self.settings, **{k: v for k, v in instructions.items() if k not in _NOT_SETTINGS},
                "global_model": None if global_file is None else str(global_file),
-               "local_state_file": str(self.local_state_after(r)),
+               "local_state_file": str(self.latest_local_state(r)),
                "local_state_out": str(self.local_state_after(r + 1)),
                "update_file": str(self.update_file), "site_name": self.name, "final_validation": False}
         return atomic_write_json(self.site_dir / f"round_{r + 1:04d}" / name, cfg)
@@ -173,7 +182,7 @@ class NnUNetSite:
             self.log(f"site {self.name!r}: evaluates on its {len(val_keys)} training case(s) (fewer than nnU-Net's "
                      f"5 folds, or fold 'all'): its Dice is a training Dice")
         weights = dict(weights)
-        local = self.local_state_after(completed)
+        local = self.latest_local_state(completed)
         if instructions.get("local_keys") == "norm" and local.is_file():
             weights = merge_local_state(weights, load_weights(local)[0])
         pm, cm, lm = trainer.plans_manager, trainer.configuration_manager, trainer.label_manager

@@ -61,6 +61,7 @@ from nnunetv2_fedkd.federated.aggregation import (
     aggregate_round,
     decode_update,
 )
+from nnunetv2_fedkd.federated.sampling import SiteSampling
 from nnunetv2_fedkd.federated.site_side import check_transport_dtype, transport_weights
 from nnunetv2_fedkd.federated.weights_io import CorruptCheckpoint, load_weights, save_weights
 from nnunetv2_fedkd.utils import atomic_write, atomic_write_json, atomic_write_text
@@ -112,6 +113,7 @@ class PendingRound:
     failures: List[Tuple[str, str]]
     site_metrics: Dict[str, Dict[str, Any]]
     started: float
+    sampled: Optional[List[str]] = None  # the sites drawn to train (None: every available site)
 
 
 @dataclass
@@ -169,6 +171,8 @@ class RoundCore:
             refusing it.
         round_attempts: how many times in a row a round with fewer than ``min_sites`` valid updates is run before
             the federation stops (:class:`TooFewUpdates`).
+        sampling: which sites train each round (:class:`~nnunetv2_fedkd.federated.sampling.SiteSampling`; None:
+            every site).
         transport_dtype: what the global weights and the updates travel in (``site_side.TRANSPORT_DTYPES``):
             "float16" sends :attr:`sent_weights` (2 bytes a parameter) and decodes each update
             (:func:`~nnunetv2_fedkd.federated.aggregation.decode_update`) before it is validated; aggregation and
@@ -181,8 +185,10 @@ class RoundCore:
                  log: Callable[[str], Any] = print, keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
                  bounds: Optional[UpdateBounds] = None, run_settings: Optional[Mapping[str, Any]] = None,
                  allow_new_settings: bool = False, round_attempts: int = DEFAULT_ROUND_ATTEMPTS,
-                 transport_dtype: str = "float32"):
+                 transport_dtype: str = "float32", sampling: Optional[SiteSampling] = None):
         check_transport_dtype(transport_dtype)
+        if sampling is not None and sampling.per_round is not None and sampling.per_round < min_sites:
+            raise ValueError(f"{sampling.per_round} sites per round can never give min_sites={min_sites} updates")
         if total_rounds < 1:
             raise ValueError(f"total_rounds must be >= 1, got {total_rounds}")
         if min_sites < 1:
@@ -206,6 +212,7 @@ class RoundCore:
         self.settings_changes: List[Dict[str, Any]] = []
         self.log = log
         self.transport_dtype = transport_dtype
+        self.sampling = sampling or SiteSampling()
         self._sent: Optional[Tuple[int, Dict[str, torch.Tensor]]] = None  # (completed rounds, weights as sent)
         self.state: Optional[FederationState] = None
         json.dumps(self.settings)  # must travel as JSON
@@ -247,7 +254,7 @@ class RoundCore:
         return {"total_rounds": self.total_rounds, "strategy": self.strategy.hyperparameters(),
                 "settings": self.settings, "min_sites": self.min_sites,
                 "update_bounds": self.bounds.record() if self.bounds is not None else None,
-                "transport_dtype": self.transport_dtype, **self.run_settings}
+                "transport_dtype": self.transport_dtype, "sampling": self.sampling.record(), **self.run_settings}
 
     def _contract_changes(self, raw: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
         """``{dotted key: {"was": ..., "now": ...}}`` between the recorded contract and this one. A state file from
@@ -430,6 +437,12 @@ class RoundCore:
         n = self._need_state().completed_rounds + 1
         return every > 0 and (n % every == 0 or n == self.total_rounds)
 
+    def choose_sites(self, available: Sequence[str]) -> List[str]:
+        """The sites that train in the round now in progress, among ``available`` (:attr:`sampling`; an attempt run
+        again after too few updates draws again)."""
+        s = self._need_state()
+        return self.sampling.choose(s.completed_rounds, available, attempt=len(self._failed_attempts))
+
     def fit_instructions(self) -> Dict[str, Any]:
         """What every site receives for the next round (besides the global weights)."""
         s = self._need_state()
@@ -451,7 +464,7 @@ class RoundCore:
             f"it resumes after round {r}.")
 
     def aggregate(self, updates: Sequence[SiteUpdate], failures: Sequence[Tuple[str, str]] = (),
-                  started: Optional[float] = None) -> PendingRound:
+                  started: Optional[float] = None, sampled: Optional[Sequence[str]] = None) -> PendingRound:
         s = self._need_state()
         r = s.completed_rounds
         for site, reason in failures:
@@ -473,7 +486,8 @@ class RoundCore:
         result = aggregate_round(self.strategy, s.weights, updates, r + 1, log=self.log, bounds=self.bounds,
                                  min_updates=self.min_sites, decode=decode)
         metrics = {u.site: {"num_examples": u.num_examples, **_jsonable(u.metrics)} for u in updates}
-        return PendingRound(r, result, list(failures), metrics, started if started is not None else time.time())
+        return PendingRound(r, result, list(failures), metrics, started if started is not None else time.time(),
+                            None if sampled is None else list(sampled))
 
     def accept(self, pending: PendingRound) -> bool:
         """Whether ``pending`` can be committed (at least ``min_sites`` valid updates). If not, the attempt is logged
@@ -516,7 +530,7 @@ class RoundCore:
                   "sites": pending.site_metrics, "evaluation": evaluations,
                   "organ_dice": organ_dice(evaluations), "seconds": round(time.time() - pending.started, 1),
                   "attempts": 1 + len(self._failed_attempts), "failed_attempts": self._failed_attempts,
-                  **_jsonable(extra or {})}
+                  **({} if pending.sampled is None else {"sampled": pending.sampled}), **_jsonable(extra or {})}
         self._failed_attempts = []
         save_weights(_global_file(self.run_dir, done), pending.result.weights, self._meta(done))
         self.state = FederationState(done, pending.result.weights, s.history + [record])

@@ -29,6 +29,7 @@ import torch
 
 from nnunetv2_fedkd.federated.aggregation import DEFAULT_MAX_UPDATE_RATIO, SiteUpdate, UpdateBounds, make_strategy
 from nnunetv2_fedkd.federated.nnunet_site import DEFAULT_EVALUATION_PATCHES, NnUNetSite, _env, quiet
+from nnunetv2_fedkd.federated.sampling import SiteSampling
 from nnunetv2_fedkd.federated.site_side import check_transport_dtype, transport_weights
 from nnunetv2_fedkd.federated.round_core import (DEFAULT_KEEP_CHECKPOINTS, DEFAULT_ROUND_ATTEMPTS, PendingRound,
                                                   RoundCore, plot_progress)
@@ -259,8 +260,15 @@ class FederationServer:
             transport.before_round(core)
             t0 = time.time()
             instructions = core.fit_instructions()
-            updates, failures = transport.train(core, instructions, self.log_update)
-            pending = core.aggregate(updates, failures, started=t0)
+            available = transport.available_sites(core)
+            chosen = core.choose_sites(available)
+            sampled = None
+            if core.sampling.per_round is not None:
+                sampled = chosen
+                self.log(f"round {core.state.completed_rounds + 1}/{core.total_rounds}: {len(chosen)} of "
+                         f"{len(available)} site(s) drawn ({core.sampling.mode}): {', '.join(chosen)}")
+            updates, failures = transport.train(core, instructions, self.log_update, chosen)
+            pending = core.aggregate(updates, failures, started=t0, sampled=sampled)
             if not core.accept(pending):
                 continue
             evaluations: Dict[str, Dict[str, Any]] = {}
@@ -288,8 +296,10 @@ class SiteTransport:
     """How the round loop (:meth:`FederationServer.run_rounds`) reaches the sites; the engines differ only here.
 
     ``before_round(core)``: wait until the round can start (Flower: for ``min_sites`` SuperNodes).
-    ``train(core, instructions, on_update) -> (updates, failures)``: every site trains from ``core.state.weights``
-    with ``instructions``; ``on_update(update, seconds)`` per update as it arrives; a failure is ``(site, reason)``
+    ``available_sites(core) -> [site]``: the sites that could train this round (the round core draws from them).
+    ``train(core, instructions, on_update, sites) -> (updates, failures)``: the ``sites`` train from the round's
+    global weights with ``instructions``; ``on_update(update, seconds)`` per update as it arrives; a failure is
+    ``(site, reason)``
     (``"<ExceptionType>: <message>"``), passed to ``core.check_failure`` as soon as it is known where the transport
     can (a deterministic one stops the federation at once).
     ``evaluate(core, weights, instructions, sites) -> {site: evaluation}``: the ``sites`` evaluate ``weights``; a
@@ -299,8 +309,11 @@ class SiteTransport:
     def before_round(self, core: RoundCore) -> None:
         pass
 
-    def train(self, core: RoundCore, instructions: Mapping[str, Any],
-              on_update: Callable[[SiteUpdate, float], Any]) -> Tuple[List[SiteUpdate], List[Tuple[str, str]]]:
+    def available_sites(self, core: RoundCore) -> List[str]:
+        raise NotImplementedError
+
+    def train(self, core: RoundCore, instructions: Mapping[str, Any], on_update: Callable[[SiteUpdate, float], Any],
+              sites: Sequence[str]) -> Tuple[List[SiteUpdate], List[Tuple[str, str]]]:
         raise NotImplementedError
 
     def evaluate(self, core: RoundCore, weights: Mapping[str, torch.Tensor], instructions: Mapping[str, Any],
@@ -315,10 +328,13 @@ class InProcessSites(SiteTransport):
         self.sites = list(sites)
         self.log = log
 
-    def train(self, core, instructions, on_update):
+    def available_sites(self, core):
+        return [s.name for s in self.sites]
+
+    def train(self, core, instructions, on_update, sites):
         r = int(instructions["round"])
         updates, failures = [], []
-        for site in self.sites:
+        for site in (s for s in self.sites if s.name in set(sites)):
             ts = time.time()
             self.log(f"round {r + 1}/{core.total_rounds} site {site.name}: local training ({site.dataset}) ...")
             try:
@@ -354,6 +370,7 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
                        max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO, large_updates: str = "reject",
                        max_num_examples: Optional[int] = None, resume_with_new_settings: bool = False,
                        round_attempts: int = DEFAULT_ROUND_ATTEMPTS, transport_dtype: str = "float32",
+                       sites_per_round: Optional[int] = None, sampling: str = "uniform",
                        log=print) -> FederationServer:
     """Everything before the first round (arguments as :func:`federate`): the federation's plans and digest, the
     trainer settings, the global model's definition, the strategy and the round core, started (or resumed) in
@@ -366,7 +383,9 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
     settings (recorded in its ``state.json``) instead of refusing it. ``round_attempts``: how many times in a row a
     round with fewer than ``min_sites`` valid updates runs before the federation stops. ``transport_dtype``: what the
     global weights and the updates travel in ("float32", or "float16": 2 bytes a parameter, updates as changes from
-    the global weights sent; aggregation and checkpoints stay float32)."""
+    the global weights sent; aggregation and checkpoints stay float32). ``sites_per_round`` K: K of the selected
+    sites train each round, drawn with ``sampling`` ("uniform", or "organs": every organ's labelling sites first,
+    :mod:`~nnunetv2_fedkd.federated.sampling`), seeded by ``seed``; None: every site."""
     from nnunetv2_fedkd.federated.planning import check_site_plans as check_plans
     from nnunetv2_fedkd.federated.planning import federation_plans_digest, resolve_layout
 
@@ -378,8 +397,12 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
     _count(round_attempts, "round_attempts", 1)
     try:
         check_transport_dtype(transport_dtype)
+        site_sampling = SiteSampling(sites_per_round, sampling, seed, {s.name: list(s.organs) for s in chosen})
     except ValueError as e:
         raise FederateError(str(e)) from e
+    if sites_per_round is not None and sites_per_round < min_sites:
+        raise FederateError(f"sites_per_round {sites_per_round} is fewer than min_sites {min_sites}: no round could "
+                            f"ever be committed")
     if max_num_examples is not None:
         _count(max_num_examples, "max_num_examples", 1)
     layout = resolve_layout(spec, workdir)
@@ -427,7 +450,7 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
         core = RoundCore(run_dir, strat, rounds, digest, trainer_settings, min_sites=min_sites, log=log,
                          keep_checkpoints=keep_checkpoints, bounds=bounds,
                          allow_new_settings=resume_with_new_settings, round_attempts=round_attempts,
-                         transport_dtype=transport_dtype, run_settings={"trainer": trainer, "plans": plans,
+                         transport_dtype=transport_dtype, sampling=site_sampling, run_settings={"trainer": trainer, "plans": plans,
                                        "sites": sorted(s.name for s in chosen), "seed": seed})
         core.start(server.initial_weights(seed), resume=resume)
     except BaseException:
@@ -441,7 +464,7 @@ def prepare_federation(spec: FederationSpec, rounds: int, *, local_epochs: Optio
         "spec": str(spec.path) if spec.path else None, "plans_dataset": layout.coordinator, "trainer": trainer,
         "plans": plans, "rounds": rounds, "strategy": strat.hyperparameters(), "settings": trainer_settings,
         "sites": {s.name: layout.views[s.name] for s in chosen}, "min_sites": min_sites, "seed": seed,
-        "update_bounds": bounds.record(), "transport_dtype": transport_dtype,
+        "update_bounds": bounds.record(), "transport_dtype": transport_dtype, "sampling": site_sampling.record(),
         "settings_changes": core.settings_changes})
     log(f"federation {spec.name}: {len(chosen)} sites, {rounds} rounds of {strat.name}, trainer {trainer}, "
         f"plans {plans}; run folder {run_dir}")
@@ -461,7 +484,7 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
              max_update_ratio: Optional[float] = DEFAULT_MAX_UPDATE_RATIO, large_updates: str = "reject",
              max_num_examples: Optional[int] = None, resume_with_new_settings: bool = False,
              round_attempts: int = DEFAULT_ROUND_ATTEMPTS, transport_dtype: str = "float32",
-             log=print) -> Dict[str, Any]:
+             sites_per_round: Optional[int] = None, sampling: str = "uniform", log=print) -> Dict[str, Any]:
     """Run (or resume) the federation; returns a summary (model folder, metrics files, last round's record).
 
     ``local_iterations`` N: one local epoch of N iterations per round; ``local_epochs`` E: E local epochs of
@@ -479,7 +502,8 @@ def federate(spec: FederationSpec, rounds: int, *, local_epochs: Optional[int] =
                             keep_checkpoints=keep_checkpoints, max_update_ratio=max_update_ratio,
                             large_updates=large_updates, max_num_examples=max_num_examples,
                             resume_with_new_settings=resume_with_new_settings, round_attempts=round_attempts,
-                            transport_dtype=transport_dtype, log=log)
+                            transport_dtype=transport_dtype, sites_per_round=sites_per_round, sampling=sampling,
+                            log=log)
     site_objs = [NnUNetSite(s.name, fs.layout.views[s.name], s.organs, fs.site_dir(s.name), trainer, plans,
                             device=device, log=log) for s in fs.sites]
     return fs.run_rounds(InProcessSites(site_objs, log), evaluate=evaluate, evaluate_every=evaluate_every,

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from nnunetv2_fedkd.federated.weights_io import save_weights
-from nnunetv2_fedkd.flower.task import evaluation_content, read_round_content, site_from_context, update_content
+from nnunetv2_fedkd.flower.task import (SITE, evaluation_content, read_round_content, site_from_context,
+                                        site_record, update_content)
 
 app = ClientApp()
 
@@ -43,6 +44,14 @@ def train(msg: Message, context: Context) -> Message:
                                  "plans_digest": instructions.get("plans_digest")})
         update = site.fit(received, instructions)
     return Message(update_content(update), reply_to=msg)
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Which site this SuperNode serves (its ``--node-config``): the server asks before it draws a round's sites."""
+    nc = context.node_config
+    organs = [o.strip() for o in str(nc.get("organs", "")).split(",") if o.strip()]
+    return Message(RecordDict({SITE: site_record(str(nc.get("site", "")), organs)}), reply_to=msg)
 
 
 @app.evaluate()

@@ -72,7 +72,9 @@ def federation_arguments(rc: Mapping[str, Any]) -> Dict[str, Any]:
                 max_num_examples=int(rc.get("max-num-examples", 0)) or None,
                 resume_with_new_settings=bool(rc.get("resume-with-new-settings", False)),
                 round_attempts=int(rc.get("round-attempts", DEFAULT_ROUND_ATTEMPTS)),
-                transport_dtype=str(rc.get("transport-dtype", "float32")))
+                transport_dtype=str(rc.get("transport-dtype", "float32")),
+                sites_per_round=int(rc.get("sites-per-round", 0)) or None,
+                sampling=str(rc.get("sampling", "uniform")))
 
 
 @app.main()

@@ -19,7 +19,8 @@ from flwr.serverapp import Grid
 
 from nnunetv2_fedkd.federated.aggregation import SiteUpdate
 from nnunetv2_fedkd.federated.round_core import FederationStopped
-from nnunetv2_fedkd.flower.task import MessageContentError, read_evaluation, read_update, round_content
+from nnunetv2_fedkd.flower.task import (MessageContentError, read_evaluation, read_update, reply_site,
+                                        round_content)
 
 
 class NoSitesError(FederationStopped):
@@ -103,6 +104,25 @@ def _exchange(grid: Grid, nodes: Sequence[int], kind: str, weights: ArrayRecord,
     return replies, failed
 
 
+def identify_nodes(grid: Grid, nodes: Sequence[int], sites: SiteDirectory, timeout: float,
+                   log: Callable[[str], Any] = print) -> None:
+    """Ask the ``nodes`` whose site is not known yet which site they are (a ``query`` message; the ClientApp answers
+    from its ``--node-config`` without training) and bind their names, so that the round core can draw sites by name
+    before anything trains. A node that does not answer or declares a site outside the federation is logged and
+    stays unknown (it gets no ``train`` message this round)."""
+    unknown = [n for n in nodes if n not in sites.by_node and n not in sites.excluded]
+    if not unknown:
+        return
+    replies, failed = _exchange(grid, unknown, MessageType.QUERY, ArrayRecord(), {"round": -1}, timeout)
+    for node, reply in replies.items():
+        try:
+            sites.bind(node, reply_site(reply.content)[0])
+        except MessageContentError as e:
+            failed[node] = f"unusable query reply: {e}"
+    for node, why in sorted(failed.items()):
+        log(f"node {node} did not say which site it is: {why}")
+
+
 def train_round(grid: Grid, nodes: Sequence[int], weights: ArrayRecord, instructions: Mapping[str, Any],
                 sites: SiteDirectory, timeout: float, on_update: Optional[Callable[[SiteUpdate], Any]] = None
                 ) -> Tuple[List[SiteUpdate], List[Tuple[str, str]], List[int]]:
@@ -158,15 +178,21 @@ class FlowerSites:
 
     def before_round(self, core) -> None:
         self.nodes = wait_for_nodes(self.grid, core.min_sites, self.wait_s, self.log, select=self.directory.select)
+        identify_nodes(self.grid, self.nodes, self.directory, self.timeout, self.log)
 
-    def train(self, core, instructions: Mapping[str, Any], on_update: Callable[[SiteUpdate, float], Any]):
+    def available_sites(self, core) -> List[str]:
+        return [self.directory.by_node[n] for n in self.nodes if n in self.directory.by_node]
+
+    def train(self, core, instructions: Mapping[str, Any], on_update: Callable[[SiteUpdate, float], Any],
+              sites: Sequence[str]):
         from nnunetv2_fedkd.flower.task import weights_to_record
 
         t0 = time.time()
-        self.log(f"round {int(instructions['round']) + 1}/{core.total_rounds}: train messages to {len(self.nodes)} "
+        nodes = [n for n in self.nodes if self.directory.by_node.get(n) in set(sites)]
+        self.log(f"round {int(instructions['round']) + 1}/{core.total_rounds}: train messages to {len(nodes)} "
                  f"SuperNode(s)")
         updates, failures, self.trained = train_round(
-            self.grid, self.nodes, weights_to_record(core.sent_weights), instructions, self.directory, self.timeout,
+            self.grid, nodes, weights_to_record(core.sent_weights), instructions, self.directory, self.timeout,
             on_update=lambda u: on_update(u, time.time() - t0))
         return updates, failures
 
@@ -180,4 +206,5 @@ class FlowerSites:
                               self.timeout, self.log)
 
 
-__all__ = ["FlowerSites", "NoSitesError", "SiteDirectory", "evaluate_round", "train_round", "wait_for_nodes"]
+__all__ = ["FlowerSites", "NoSitesError", "SiteDirectory", "evaluate_round", "identify_nodes", "train_round",
+           "wait_for_nodes"]

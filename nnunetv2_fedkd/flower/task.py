@@ -8,6 +8,8 @@ Message contents (:class:`flwr.app.RecordDict`), by record name:
 * site -> server, ``train`` reply: ``"arrays"`` the site's updated weights, ``"metrics"`` (:class:`~flwr.app.
   MetricRecord`) ``num-examples`` (Flower's name for the case count) and the site's numeric training metrics,
   ``"site"`` (:class:`~flwr.app.ConfigRecord`) the site's name and organs.
+* site -> server, ``query`` reply (the server asks which site a SuperNode serves before it draws a round's
+  sites): ``"site"`` the site's name and organs.
 * site -> server, ``evaluate`` reply: ``"metrics"`` ``num-cases``, ``sampled-patches`` (0: whole volumes),
   ``network-passes``, ``seconds`` and ``dice-<organ>`` per organ with a Dice value, ``"site"`` as above (an organ
   listed there without a Dice entry has Dice None: absent in reference and prediction).
@@ -96,7 +98,7 @@ def _numeric(metrics: Mapping[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _site_record(name: str, organs) -> ConfigRecord:
+def site_record(name: str, organs) -> ConfigRecord:
     return ConfigRecord({"site": str(name), "organs": [str(o) for o in sorted(organs)]})
 
 
@@ -104,7 +106,7 @@ def update_content(update: SiteUpdate) -> RecordDict:
     """A site's ``train`` reply. Metrics that are not numbers (None for a non-finite loss) are left out."""
     return RecordDict({ARRAYS: weights_to_record(update.weights),
                        METRICS: MetricRecord({NUM_EXAMPLES: int(update.num_examples), **_numeric(update.metrics)}),
-                       SITE: _site_record(update.site, update.organs)})
+                       SITE: site_record(update.site, update.organs)})
 
 
 def _record(content: RecordDict, name: str, kind: type):
@@ -137,7 +139,7 @@ def evaluation_content(site: str, organs, evaluation: Mapping[str, Any]) -> Reco
     organs = list(organs) + [o for o in (evaluation.get("dice") or {}) if o not in organs]
     figures = {m: evaluation[k] for m, k in EVALUATION_FIGURES.items() if evaluation.get(k) is not None}
     return RecordDict({METRICS: MetricRecord({NUM_CASES: int(evaluation.get("num_cases", 0)), **figures, **dice}),
-                       SITE: _site_record(site, organs)})
+                       SITE: site_record(site, organs)})
 
 
 def read_evaluation(content: RecordDict) -> Tuple[str, Dict[str, Any]]:
