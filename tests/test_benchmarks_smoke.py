@@ -172,3 +172,21 @@ def test_teacher_cache_size_benchmark_restores_format_1_caches(tmp_path):
     assert rec["rows"][0]["max_logit_error"] <= LOGIT_STEP / 2 + 1e-3
     assert rec["ratio"] > 5 and rec["estimate"]["now_gb"] < rec["estimate"]["format1_gb"]
     assert "smaller" in (tmp_path / "out" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_site_sampling_benchmark_smallest(tiny_federation, planned_federation, tmp_path):
+    """benchmarks/site_sampling.py on the planned tiny federation: 6 simulated sites sharing its data, 2 drawn for
+    1 round of 1 iteration; checks the run and its record, not the figures."""
+    fed = tiny_federation
+    out = tmp_path / "sampling"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "site_sampling.py"), "--out", str(out), "--workdir",
+           str(fed.workdir), "--prepared", "--runs", "6x2", "--rounds", "1", "--local-iterations", "1"]
+    p = subprocess.run(cmd, env=fed.env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert (run["sites"], run["per_round"], len(run["round_seconds"])) == (6, 2, 1)
+    (drawn,) = run["sampled"]
+    assert len(drawn) == 2 and len({s.rsplit("_", 1)[0] for s in drawn}) == 2  # organ coverage: two organs' sites
+    assert "--sites-per-round 2" in run["command"] and run["peak_rss_mib"] > 0
+    assert "| 6 | 2 |" in (out / "results.md").read_text()
