@@ -254,7 +254,7 @@ class _Transport:
         return ["liver_site", "kidney_site"]
 
     def train(self, core, instructions, on_update, sites):
-        updates, failures = [], []
+        failures = []
         for site, target in (("liver_site", 2.0), ("kidney_site", 6.0)):
             if site not in sites:
                 continue
@@ -264,10 +264,9 @@ class _Transport:
                 continue
             w = core.state.weights["w"]
             u = runner_module().SiteUpdate(site, {"w": w + 0.5 * (target - w)}, 2)
-            updates.append(u)
             on_update(u, 0.0)
         self.calls.append(("train", int(instructions["round"])))
-        return updates, failures
+        return failures
 
     def evaluate(self, core, weights, instructions, sites):
         self.evaluated.append((int(instructions["round"]), list(sites), instructions["evaluate_patches"]))

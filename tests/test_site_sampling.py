@@ -85,7 +85,7 @@ def test_flower_asks_unknown_nodes_their_site_and_sends_train_messages_to_the_dr
     monkeypatch.setattr(strategy, "_exchange", exchange)
     monkeypatch.setattr(strategy, "wait_for_nodes", lambda grid, least, t, log, select: select([1, 2, 3, 4]))
     monkeypatch.setattr(strategy, "train_round", lambda grid, nodes, *a, **k: (trained.append(list(nodes)) or
-                                                                             ([], [], list(nodes))))
+                                                                             ([], list(nodes))))
     logs = []
     fs = strategy.FlowerSites(None, strategy.SiteDirectory(["liver_0", "kidney_0"]), 5, 5, logs.append)
     core = type("Core", (), {"min_sites": 1, "total_rounds": 2, "sent_weights": {"w": torch.zeros(1)}})()

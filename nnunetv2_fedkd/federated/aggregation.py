@@ -334,6 +334,9 @@ class Strategy:
 
     name = "base"
     proximal_mu = 0.0  # FedProx: the mu a site's trainer passes to proximal_term (0 = no proximal term)
+    # the weighted mean folds one update at a time (RunningMean: memory O(model), whatever the number of sites);
+    # False for the order statistics (median, trimmed mean), which need every site's value of a coordinate at once
+    streaming = True
 
     def __init__(self, *, weighting: str = "cases",
                  organ_aware_heads: Union[None, Sequence[str], HeadOrganFn] = None):
@@ -370,7 +373,26 @@ class Strategy:
         for u in updates:
             _check_num_examples(u)
             validate_update(u.weights, global_weights, u.site, check_finite=False)
-        averaged, kept, heads_kept = self._average(global_weights, updates)
+        if not self.streaming:
+            averaged, kept, heads_kept = self._average(global_weights, updates)
+            new = self._server_step(global_weights, averaged, kept, round_idx)
+            return new, AggregationInfo(frozenset(kept), tuple(sorted(heads_kept)))
+        acc = self.begin(global_weights)
+        for u in updates:
+            acc.fold(u)
+        return self.finish(global_weights, acc, round_idx)
+
+    def begin(self, global_weights: Mapping[str, torch.Tensor]) -> "RunningMean":
+        """An empty running weighted mean of this round's site models (streaming strategies)."""
+        if not self.streaming:
+            raise TypeError(f"{self.name} aggregates order statistics of all the updates; it cannot fold them one by "
+                            f"one (call aggregate_detailed with every update)")
+        return RunningMean(self, global_weights)
+
+    def finish(self, global_weights: Mapping[str, torch.Tensor], acc: "RunningMean", round_idx: int
+               ) -> Tuple[Weights, AggregationInfo]:
+        """The new global weights from the running mean of the round's (validated) updates, then the server step."""
+        averaged, kept, heads_kept = acc.result(global_weights)
         new = self._server_step(global_weights, averaged, kept, round_idx)
         return new, AggregationInfo(frozenset(kept), tuple(sorted(heads_kept)))
 
@@ -397,59 +419,77 @@ class Strategy:
         return f"{type(self).__name__}({opts})"
 
     # --- helpers -----------------------------------------------------------------------------------------------------
-    def _coefficients(self, updates: Sequence[SiteUpdate]) -> List[float]:
-        raw = [1.0] * len(updates) if self.weighting == "equal" else [float(u.num_examples) for u in updates]
-        total = sum(raw)
-        if not total > 0:
-            raise ValueError(f"{self.name}: total aggregation weight is {total}")
-        return [r / total for r in raw]
-
-    def _average(self, global_weights: Mapping[str, torch.Tensor], updates: Sequence[SiteUpdate]
-                 ) -> Tuple[Weights, Set[str], Set[str]]:
-        local = self.local_keys(global_weights)
-        everyone = (list(updates), self._coefficients(updates))
-        by_organ: Dict[str, Tuple[List[SiteUpdate], List[float]]] = {}
-        out: Weights = {}
-        kept: Set[str] = set()
-        heads_kept: Set[str] = set()
-        any_head = False
-        for key, g in global_weights.items():
-            if key in local:
-                out[key] = g.detach().to("cpu").clone()
-                kept.add(key)
-                continue
-            members, coeffs = everyone
-            organ = self.head_organ_of(key) if self.head_organ_of is not None else None
-            if organ is not None:
-                any_head = True
-                if organ not in by_organ:
-                    sub = [u for u in updates if organ in u.organs]
-                    by_organ[organ] = (sub, self._coefficients(sub) if sub else [])
-                members, coeffs = by_organ[organ]
-                if not members:
-                    out[key] = g.detach().to("cpu").clone()
-                    kept.add(key)
-                    heads_kept.add(organ)
-                    continue
-            if g.is_floating_point():
-                out[key] = self._combine([u.weights[key] for u in members], coeffs).to(g.dtype)
-            else:
-                out[key] = members[0].weights[key].detach().to("cpu").clone()
-        if self.head_organ_of is not None and not any_head:
-            raise ValueError(f"{self.name}: organ_aware_heads is set, but no weight key belongs to an organ head "
-                             f"(expected names like 'decoder.seg_layers.0.heads.0.weight')")
-        return out, kept, heads_kept
-
-    def _combine(self, values: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
-        """One key's value from the sites' values (float64 result): the weighted mean ``sum_i c_i w_i``."""
-        acc = torch.zeros(values[0].shape, dtype=torch.float64)
-        for v, c in zip(values, coeffs):
-            acc.add_(v.detach().to("cpu", torch.float64), alpha=c)
-        return acc
-
     def _server_step(self, global_weights: Mapping[str, torch.Tensor], averaged: Weights, kept: Set[str],
                      round_idx: int) -> Weights:
         return averaged
+
+
+def _check_heads(strategy: Strategy, organs) -> None:
+    """organ_aware_heads set, but no weight key (of ``organs``: each key's organ or None) belongs to an organ head."""
+    if strategy.head_organ_of is not None and not any(o is not None for o in organs):
+        raise ValueError(f"{strategy.name}: organ_aware_heads is set, but no weight key belongs to an organ head "
+                         f"(expected names like 'decoder.seg_layers.0.heads.0.weight')")
+
+
+class RunningMean:
+    """The weighted mean of a round's site models, folded in one update at a time: per weight, ``sum_i r_i w_i / sum_i r_i`` with ``r_i`` the site's case count
+    (``weighting="cases"``) or 1, in float64; an organ head's weights over the sites that label the organ only (and
+    kept global when none of the round does); the strategy's local keys kept global; integer tensors from the first
+    contributing update. The server holds one float64 sum per weight, whatever the number of sites: an update can be
+    released as soon as it is folded in."""
+
+    def __init__(self, strategy: Strategy, global_weights: Mapping[str, torch.Tensor]):
+        self.weighting = strategy.weighting
+        self.local = strategy.local_keys(global_weights)
+        self.group: Dict[str, Optional[str]] = {}
+        for key in global_weights:
+            if key not in self.local:
+                self.group[key] = strategy.head_organ_of(key) if strategy.head_organ_of is not None else None
+        _check_heads(strategy, self.group.values())
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.first: Dict[str, torch.Tensor] = {}
+        self.weight: Dict[Optional[str], float] = {None: 0.0}
+        self.count = 0
+
+    def fold(self, update: SiteUpdate) -> None:
+        """Add one (validated) update."""
+        r = 1.0 if self.weighting == "equal" else float(update.num_examples)
+        self.weight[None] += r
+        for organ in update.organs:
+            self.weight[organ] = self.weight.get(organ, 0.0) + r
+        for key, organ in self.group.items():
+            if organ is not None and organ not in update.organs:
+                continue
+            v = update.weights[key].detach().to("cpu")
+            if v.is_floating_point():
+                acc = self.sums.get(key)
+                if acc is None:
+                    acc = self.sums[key] = torch.zeros(v.shape, dtype=torch.float64)
+                acc.add_(v.to(torch.float64), alpha=r)
+            elif key not in self.first:
+                self.first[key] = v.clone()
+        self.count += 1
+
+    def result(self, global_weights: Mapping[str, torch.Tensor]) -> Tuple[Weights, Set[str], Set[str]]:
+        """(averaged weights, keys kept global, organs whose head kept its global value)."""
+        if not self.count:
+            raise ValueError("no update was folded into the running mean")
+        out: Weights = {}
+        kept: Set[str] = set()
+        heads_kept: Set[str] = set()
+        for key, g in global_weights.items():
+            organ = self.group.get(key)
+            if key in self.local or not self.weight.get(organ, 0.0) > 0:
+                out[key] = g.detach().to("cpu").clone()
+                kept.add(key)
+                if key not in self.local:
+                    heads_kept.add(organ)
+                continue
+            if g.is_floating_point():
+                out[key] = (self.sums[key] / self.weight[organ]).to(g.dtype)
+            else:
+                out[key] = self.first[key]
+        return out, kept, heads_kept
 
 
 class FedAvg(Strategy):
@@ -689,6 +729,7 @@ class TrimmedMean(Strategy):
     """
 
     name = "trimmed_mean"
+    streaming = False
 
     def __init__(self, *, beta: float = 0.1, organ_aware_heads: Union[None, Sequence[str], HeadOrganFn] = None):
         super().__init__(weighting="equal", organ_aware_heads=organ_aware_heads)
@@ -702,7 +743,32 @@ class TrimmedMean(Strategy):
         """How many site values are dropped at each end of a coordinate with ``n`` sites."""
         return min(math.ceil(self.beta * n), (n - 1) // 2)
 
-    def _combine(self, values: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
+    def _average(self, global_weights: Mapping[str, torch.Tensor], updates: Sequence[SiteUpdate]
+                 ) -> Tuple[Weights, Set[str], Set[str]]:
+        """Per coordinate, the trimmed mean of the sites' values (an organ head's over the sites that label the
+        organ; kept global when none does), the local keys kept global, integer tensors from the first site."""
+        local = self.local_keys(global_weights)
+        out: Weights = {}
+        kept: Set[str] = set()
+        heads_kept: Set[str] = set()
+        organs: Dict[str, Optional[str]] = {}
+        for key, g in global_weights.items():
+            organ = organs[key] = (self.head_organ_of(key) if self.head_organ_of is not None and key not in local
+                                   else None)
+            members = [u for u in updates if organ is None or organ in u.organs]
+            if key in local or not members:
+                out[key] = g.detach().to("cpu").clone()
+                kept.add(key)
+                if key not in local:
+                    heads_kept.add(organ)
+            elif g.is_floating_point():
+                out[key] = self._combine([u.weights[key] for u in members]).to(g.dtype)
+            else:
+                out[key] = members[0].weights[key].detach().to("cpu").clone()
+        _check_heads(self, organs.values())
+        return out, kept, heads_kept
+
+    def _combine(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
         n = len(values)
         k = self.trimmed(n)
         stacked = torch.stack([v.detach().to("cpu", torch.float64) for v in values])
@@ -830,69 +896,107 @@ def decode_update(update: SiteUpdate, sent: Mapping[str, torch.Tensor], dtype: s
     return replace(update, weights=out)
 
 
+class RoundAggregation:
+    """One round's aggregation, fed one update at a time as the sites' replies arrive (both engines do so).
+
+    :meth:`add` turns an update into weights (``decode``, e.g. :func:`decode_update` for a float16 transport),
+    validates it against ``global_weights`` (:func:`validate_update`, a positive ``num_examples``, one update per
+    site, and ``bounds``: :class:`UpdateBounds`), drops and logs a bad one (naming site and reason; it leaves no trace
+    in the sums), and folds a good one into the strategy's running mean (:class:`RunningMean`), so the caller can
+    release it: the server holds O(model) memory whatever the number of sites. The order statistics (median, trimmed
+    mean) keep the valid updates until :meth:`finish`. :meth:`finish` aggregates when at least ``min_updates`` were
+    valid; with fewer the strategy's server state is untouched, the global weights are kept (copied), the valid
+    updates are listed as dropped with the reason :data:`TOO_FEW_UPDATES`, and the result says ``aggregated=False``.
+
+    ``log`` is a ``logging.Logger`` (warnings for drops, info otherwise), any callable taking one string (e.g.
+    nnU-Net's ``print_to_log_file``), or None (this module's logger)."""
+
+    def __init__(self, strategy: Strategy, global_weights: Mapping[str, torch.Tensor], round_idx: int,
+                 log: LogTarget = None, bounds: Optional[UpdateBounds] = None,
+                 decode: Optional[Callable[[SiteUpdate], SiteUpdate]] = None):
+        self.strategy, self.global_weights, self.round_idx = strategy, global_weights, round_idx
+        self.log, self.bounds, self.decode = log, bounds, decode
+        self.accepted: List[str] = []
+        self.dropped: List[Tuple[str, str]] = []
+        self.ratios: Dict[str, float] = {}
+        self._skip: FrozenSet[str] = frozenset()
+        self._global_norm: Optional[float] = None
+        if bounds is not None and bounds.max_update_ratio is not None:
+            self._skip = strategy.local_keys(global_weights)
+            self._global_norm = _norm(global_weights, self._skip)
+        self._acc = strategy.begin(global_weights) if strategy.streaming else None
+        self._held: List[SiteUpdate] = []
+        self._finished = False
+
+    def add(self, update: SiteUpdate) -> bool:
+        """Validate ``update`` and fold it in (True), or drop and log it (False)."""
+        if self._finished:
+            raise RuntimeError(f"round {self.round_idx}: the aggregation is finished; no more updates")
+        u = update
+        try:
+            if u.site in self.accepted:
+                raise UpdateRejected(u.site, "duplicate update: this site already sent one in this round")
+            _check_num_examples(u)
+            if self.decode is not None:
+                u = self.decode(u)
+            validate_update(u.weights, self.global_weights, u.site)
+            if self.bounds is not None:
+                u, note, ratio = self.bounds.apply(u, self.global_weights, self._skip, self._global_norm)
+                if note:
+                    _emit(self.log, "warning", f"round {self.round_idx}: {note}")
+                if ratio is not None:
+                    self.ratios[u.site] = round(ratio, 6)
+        except UpdateRejected as e:
+            self.dropped.append((e.site, e.reason))
+            _emit(self.log, "warning", f"round {self.round_idx}: dropped the update of site {e.site!r}: {e.reason}")
+            return False
+        if self._acc is not None:
+            self._acc.fold(u)
+        else:
+            self._held.append(u)
+        self.accepted.append(u.site)
+        return True
+
+    def finish(self, min_updates: int = 1) -> RoundResult:
+        if isinstance(min_updates, bool) or not isinstance(min_updates, int) or min_updates < 1:
+            raise ValueError(f"min_updates must be an int >= 1, got {min_updates!r}")
+        self._finished = True
+        r, name = self.round_idx, self.strategy.name
+        if len(self.accepted) < min_updates:
+            if self.accepted:
+                _emit(self.log, "warning", f"round {r}: {len(self.accepted)} valid update(s), fewer than "
+                                           f"{min_updates}; the global weights are kept unchanged")
+            else:
+                _emit(self.log, "warning", f"round {r}: no valid update ({len(self.dropped)} dropped); the global "
+                                           f"weights are kept unchanged")
+            weights = {k: v.detach().to("cpu").clone() for k, v in self.global_weights.items()}
+            return RoundResult(weights, r, name, [], self.dropped + [(s, TOO_FEW_UPDATES) for s in self.accepted],
+                               aggregated=False)
+        if self._acc is not None:
+            weights, info = self.strategy.finish(self.global_weights, self._acc, r)
+        else:
+            weights, info = self.strategy.aggregate_detailed(self.global_weights, self._held, r)
+        for organ in info.heads_kept:
+            _emit(self.log, "info", f"round {r}: no site of this round labels {organ!r}; its head keeps the global "
+                                    f"weights")
+        sites = list(self.accepted)
+        _emit(self.log, "info", f"round {r}: {name} aggregated {len(sites)} site(s): {', '.join(sites)}"
+                                + (f"; dropped: {', '.join(s for s, _ in self.dropped)}" if self.dropped else ""))
+        return RoundResult(weights, r, name, sites, list(self.dropped), aggregated=True, heads_kept=info.heads_kept,
+                           update_ratios={s: self.ratios[s] for s in sites if s in self.ratios})
+
+
 def aggregate_round(strategy: Strategy, global_weights: Mapping[str, torch.Tensor], updates: Sequence[SiteUpdate],
                     round_idx: int, log: LogTarget = None, bounds: Optional[UpdateBounds] = None,
                     min_updates: int = 1, decode: Optional[Callable[[SiteUpdate], SiteUpdate]] = None
                     ) -> RoundResult:
-    """``decode`` (e.g. :func:`decode_update` for a float16 transport) first turns each update into weights; then
-    validate every update against ``global_weights`` (:func:`validate_update`, positive ``num_examples``, one
-    update per site, and ``bounds``: :class:`UpdateBounds`), drop and log the bad ones (naming site and reason),
-    aggregate the rest with ``strategy`` when at least ``min_updates`` survive.
-
-    ``log`` is a ``logging.Logger`` (warnings for drops, info otherwise), any callable taking one string (e.g.
-    nnU-Net's ``print_to_log_file``), or None (this module's logger). If fewer than ``min_updates`` updates survive,
-    the strategy is not called (its server state is untouched), the global weights are kept (copied), the valid
-    updates are listed as dropped with the reason :data:`TOO_FEW_UPDATES`, and the result says ``aggregated=False``.
-    """
+    """:class:`RoundAggregation` over ``updates`` given all at once: each is decoded, validated, dropped or folded
+    in, then the round is aggregated when at least ``min_updates`` were valid."""
     if isinstance(min_updates, bool) or not isinstance(min_updates, int) or min_updates < 1:
         raise ValueError(f"min_updates must be an int >= 1, got {min_updates!r}")
-    accepted: List[SiteUpdate] = []
-    dropped: List[Tuple[str, str]] = []
-    seen: Set[str] = set()
-    ratios: Dict[str, float] = {}
-    skip: FrozenSet[str] = frozenset()
-    global_norm: Optional[float] = None
-    if bounds is not None and bounds.max_update_ratio is not None:
-        skip = strategy.local_keys(global_weights)
-        global_norm = _norm(global_weights, skip)
+    agg = RoundAggregation(strategy, global_weights, round_idx, log=log, bounds=bounds, decode=decode)
     for u in updates:
-        try:
-            if u.site in seen:
-                raise UpdateRejected(u.site, "duplicate update: this site already sent one in this round")
-            _check_num_examples(u)
-            if decode is not None:
-                u = decode(u)
-            validate_update(u.weights, global_weights, u.site)
-            if bounds is not None:
-                u, note, ratio = bounds.apply(u, global_weights, skip, global_norm)
-                if note:
-                    _emit(log, "warning", f"round {round_idx}: {note}")
-                if ratio is not None:
-                    ratios[u.site] = round(ratio, 6)
-        except UpdateRejected as e:
-            dropped.append((e.site, e.reason))
-            _emit(log, "warning", f"round {round_idx}: dropped the update of site {e.site!r}: {e.reason}")
-            continue
-        seen.add(u.site)
-        accepted.append(u)
+        agg.add(u)
+    return agg.finish(min_updates)
 
-    if len(accepted) < min_updates:
-        if accepted:
-            _emit(log, "warning", f"round {round_idx}: {len(accepted)} valid update(s), fewer than {min_updates}; "
-                                  f"the global weights are kept unchanged")
-        else:
-            _emit(log, "warning", f"round {round_idx}: no valid update ({len(dropped)} dropped); the global weights "
-                                  f"are kept unchanged")
-        weights = {k: v.detach().to("cpu").clone() for k, v in global_weights.items()}
-        return RoundResult(weights, round_idx, strategy.name, [],
-                           dropped + [(u.site, TOO_FEW_UPDATES) for u in accepted], aggregated=False)
 
-    weights, info = strategy.aggregate_detailed(global_weights, accepted, round_idx)
-    for organ in info.heads_kept:
-        _emit(log, "info", f"round {round_idx}: no site of this round labels {organ!r}; its head keeps the global "
-                           f"weights")
-    sites = [u.site for u in accepted]
-    _emit(log, "info", f"round {round_idx}: {strategy.name} aggregated {len(sites)} site(s): {', '.join(sites)}"
-                       + (f"; dropped: {', '.join(s for s, _ in dropped)}" if dropped else ""))
-    return RoundResult(weights, round_idx, strategy.name, sites, dropped, aggregated=True, heads_kept=info.heads_kept,
-                       update_ratios={s: ratios[s] for s in sites if s in ratios})

@@ -57,8 +57,8 @@ from nnunetv2_fedkd.federated.aggregation import (
     SiteUpdate,
     Strategy,
     UpdateBounds,
+    RoundAggregation,
     Weights,
-    aggregate_round,
     decode_update,
 )
 from nnunetv2_fedkd.federated.sampling import SiteSampling
@@ -213,6 +213,8 @@ class RoundCore:
         self.log = log
         self.transport_dtype = transport_dtype
         self.sampling = sampling or SiteSampling()
+        self._round: Optional[RoundAggregation] = None  # the round being aggregated (begin_round .. aggregate)
+        self._round_metrics: Dict[str, Dict[str, Any]] = {}
         self._sent: Optional[Tuple[int, Dict[str, torch.Tensor]]] = None  # (completed rounds, weights as sent)
         self.state: Optional[FederationState] = None
         json.dumps(self.settings)  # must travel as JSON
@@ -463,14 +465,47 @@ class RoundCore:
             f"that the message names{f' (site log: {log_hint})' if log_hint else ''}, then run the same command: "
             f"it resumes after round {r}.")
 
-    def aggregate(self, updates: Sequence[SiteUpdate], failures: Sequence[Tuple[str, str]] = (),
+    def begin_round(self) -> None:
+        """Start aggregating the round now in progress (:meth:`add_update` as the updates arrive, then
+        :meth:`aggregate`). Called by :meth:`add_update` when needed; an earlier unfinished attempt is discarded."""
+        s = self._need_state()
+        decode = None
+        if self.transport_dtype != "float32":
+            sent, dtype = self.sent_weights, self.transport_dtype
+            decode = lambda u: decode_update(u, sent, dtype)  # noqa: E731
+        self._round = RoundAggregation(self.strategy, s.weights, s.completed_rounds + 1, log=self.log,
+                                       bounds=self.bounds, decode=decode)
+        self._round_metrics: Dict[str, Dict[str, Any]] = {}
+
+    def add_update(self, update: SiteUpdate) -> bool:
+        """Validate one site's update as it arrives and fold it into the round's aggregate (the engines call this
+        from their ``on_update``, so no engine holds every site's weights: the server's memory is O(model)); True if
+        it was accepted. A rejected update is logged, listed as dropped, and leaves no trace in the aggregate."""
+        if getattr(self, "_round", None) is None:
+            self.begin_round()
+        self._round_metrics[update.site] = {"num_examples": update.num_examples, **_jsonable(update.metrics)}
+        return self._round.add(update)
+
+    def aggregate(self, updates: Sequence[SiteUpdate] = (), failures: Sequence[Tuple[str, str]] = (),
                   started: Optional[float] = None, sampled: Optional[Sequence[str]] = None) -> PendingRound:
+        """Finish the round's aggregation: ``updates`` (if any were not added with :meth:`add_update`) are added
+        first; a deterministic failure stops the federation; with at least ``min_sites`` valid updates the strategy
+        aggregates them (with fewer it is not called, so an uncommitted round leaves no trace)."""
         s = self._need_state()
         r = s.completed_rounds
-        for site, reason in failures:
-            self.check_failure(site, reason)
+        if getattr(self, "_round", None) is None:
+            self.begin_round()
+        for u in updates:
+            self.add_update(u)
+        try:
+            for site, reason in failures:
+                self.check_failure(site, reason)
+        except SiteErrorWillRecur:
+            self._round = None  # nothing of this attempt is kept
+            raise
         same = {_same_failure(a, b) for a, b in failures}
-        if len(failures) >= 2 and not updates and len(same) == 1 and None not in same:
+        if len(failures) >= 2 and not self._round_metrics and len(same) == 1 and None not in same:
+            self._round = None
             raise SiteErrorWillRecur(
                 f"round {r + 1}: every site ({', '.join(a for a, _ in failures)}) failed the same way: "
                 f"{failures[0][1]}. "
@@ -478,14 +513,8 @@ class RoundCore:
                 f"not committed). Fix the cause and run the same command: it resumes after round {r}.")
         for site, reason in failures:
             self.log(f"round {r + 1}: site {site!r} failed and is left out of this round: {reason}")
-        # fewer than min_sites valid updates: the strategy is not called, so an uncommitted round leaves no trace
-        decode = None
-        if self.transport_dtype != "float32":
-            sent, dtype = self.sent_weights, self.transport_dtype
-            decode = lambda u: decode_update(u, sent, dtype)  # noqa: E731
-        result = aggregate_round(self.strategy, s.weights, updates, r + 1, log=self.log, bounds=self.bounds,
-                                 min_updates=self.min_sites, decode=decode)
-        metrics = {u.site: {"num_examples": u.num_examples, **_jsonable(u.metrics)} for u in updates}
+        result = self._round.finish(self.min_sites)
+        metrics, self._round, self._round_metrics = self._round_metrics, None, {}
         return PendingRound(r, result, list(failures), metrics, started if started is not None else time.time(),
                             None if sampled is None else list(sampled))
 

@@ -267,15 +267,22 @@ class FederationServer:
                 sampled = chosen
                 self.log(f"round {core.state.completed_rounds + 1}/{core.total_rounds}: {len(chosen)} of "
                          f"{len(available)} site(s) drawn ({core.sampling.mode}): {', '.join(chosen)}")
-            updates, failures = transport.train(core, instructions, self.log_update, chosen)
-            pending = core.aggregate(updates, failures, started=t0, sampled=sampled)
+            core.begin_round()
+            trained: List[str] = []
+
+            def on_update(update: SiteUpdate, seconds: float) -> None:
+                self.log_update(update, seconds)
+                trained.append(update.site)
+                core.add_update(update)  # folded in at once: no engine holds every site's weights
+
+            failures = transport.train(core, instructions, on_update, chosen)
+            pending = core.aggregate((), failures, started=t0, sampled=sampled)
             if not core.accept(pending):
                 continue
             evaluations: Dict[str, Dict[str, Any]] = {}
             if evaluate and core.evaluates_this_round(evaluate_every):
                 evaluations = transport.evaluate(core, transport_weights(pending.result.weights, core.transport_dtype),
-                                                 {**instructions, "evaluate_patches": evaluate_patches},
-                                                 [u.site for u in updates])
+                                                 {**instructions, "evaluate_patches": evaluate_patches}, trained)
             self.finish_round(pending, evaluations)
         return self.finish()
 
@@ -297,9 +304,9 @@ class SiteTransport:
 
     ``before_round(core)``: wait until the round can start (Flower: for ``min_sites`` SuperNodes).
     ``available_sites(core) -> [site]``: the sites that could train this round (the round core draws from them).
-    ``train(core, instructions, on_update, sites) -> (updates, failures)``: the ``sites`` train from the round's
-    global weights with ``instructions``; ``on_update(update, seconds)`` per update as it arrives; a failure is
-    ``(site, reason)``
+    ``train(core, instructions, on_update, sites) -> failures``: the ``sites`` train from the round's global
+    weights with ``instructions``; each update goes to ``on_update(update, seconds)`` as it arrives (which folds it
+    into the round's aggregate; the transport keeps no reference to it); a failure is ``(site, reason)``
     (``"<ExceptionType>: <message>"``), passed to ``core.check_failure`` as soon as it is known where the transport
     can (a deterministic one stops the federation at once).
     ``evaluate(core, weights, instructions, sites) -> {site: evaluation}``: the ``sites`` evaluate ``weights``; a
@@ -313,7 +320,7 @@ class SiteTransport:
         raise NotImplementedError
 
     def train(self, core: RoundCore, instructions: Mapping[str, Any], on_update: Callable[[SiteUpdate, float], Any],
-              sites: Sequence[str]) -> Tuple[List[SiteUpdate], List[Tuple[str, str]]]:
+              sites: Sequence[str]) -> List[Tuple[str, str]]:
         raise NotImplementedError
 
     def evaluate(self, core: RoundCore, weights: Mapping[str, torch.Tensor], instructions: Mapping[str, Any],
@@ -333,7 +340,7 @@ class InProcessSites(SiteTransport):
 
     def train(self, core, instructions, on_update, sites):
         r = int(instructions["round"])
-        updates, failures = [], []
+        failures = []
         for site in (s for s in self.sites if s.name in set(sites)):
             ts = time.time()
             self.log(f"round {r + 1}/{core.total_rounds} site {site.name}: local training ({site.dataset}) ...")
@@ -344,9 +351,9 @@ class InProcessSites(SiteTransport):
                 core.check_failure(site.name, reason, log_hint=str(site.site_dir / f"round_{r + 1:04d}" / "train.log"))
                 failures.append((site.name, reason))
                 continue
-            updates.append(u)
             on_update(u, time.time() - ts)
-        return updates, failures
+            del u  # folded into the round's aggregate: the next site's training does not share memory with it
+        return failures
 
     def evaluate(self, core, weights, instructions, sites):
         out = {}

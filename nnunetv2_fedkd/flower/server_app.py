@@ -6,11 +6,15 @@ in-process runner's (:func:`~nnunetv2_fedkd.federated.runner.prepare_federation`
 RoundCore`); only the transport that reaches the sites differs (:class:`~nnunetv2_fedkd.flower.strategy.
 FlowerSites`). Per round:
 
-1. wait (bounded: ``wait-for-nodes`` s) until at least ``min-sites`` SuperNodes are connected;
-2. ``train`` message with the global weights and the round's instructions to every connected SuperNode
-   (``grid.send_and_receive``, ``round-timeout``); error replies and missing replies are failed sites;
-3. ``core.aggregate`` (validation, strategy, ``min_sites``); a round with fewer than ``min-sites`` valid updates is
-   not committed and runs again (``core.accept``; at most ``round-attempts`` times in a row);
+1. wait (bounded: ``wait-for-nodes`` s) until at least ``min-sites`` SuperNodes are connected, and ask the ones not
+   known yet which site they serve (a ``query`` message);
+2. the round core draws the round's sites (``sites-per-round``; default every connected site); ``train`` message
+   with the global weights and the round's instructions to their SuperNodes (pushed, then the replies pulled every
+   0.5 s until ``round-timeout``); each update is validated and folded into the round's aggregate as its reply
+   arrives (``core.add_update``: the server never holds every site's weights); error replies and missing replies
+   are failed sites;
+3. ``core.aggregate`` (strategy, ``min_sites``); a round with fewer than ``min-sites`` valid updates is not
+   committed and runs again (``core.accept``; at most ``round-attempts`` times in a row);
 4. ``evaluate`` message with the new global weights to every site that sent an update;
 5. ``core.commit`` (checkpoint + record), ``progress.png``.
 

@@ -78,29 +78,51 @@ class SiteDirectory:
         self.by_node[node] = site
 
 
+#: seconds between two pulls for replies (Flower's own send_and_receive waits 3 s between pulls)
+POLL_S = 0.5
+
+
 def _exchange(grid: Grid, nodes: Sequence[int], kind: str, weights: ArrayRecord, instructions: Mapping[str, Any],
-              timeout: float) -> Tuple[Dict[int, Message], Dict[int, str]]:
-    """Send one message per node; returns (replies with content by node, failure reason by node)."""
+              timeout: float, on_reply: Optional[Callable[[int, Message], Any]] = None, poll: float = POLL_S
+              ) -> Tuple[Dict[int, Message], Dict[int, str]]:
+    """Send one message per node and pull the replies as they come (every ``poll`` s, at most ``timeout`` s);
+    returns (replies with content by node, failure reason by node). With ``on_reply(node, reply)`` each reply with
+    content goes there as soon as it is pulled and is not kept (a round's updates are folded one by one and never
+    held together). Pushed and pulled with the Grid's own ``push_messages`` / ``pull_messages``: Flower's
+    ``send_and_receive`` does the same with 3 s between pulls and returns the replies only once all are in."""
     group = str(int(instructions["round"]) + 1)
     messages = [Message(round_content(weights, instructions), dst_node_id=n, message_type=kind, group_id=group,
                         ttl=timeout) for n in nodes]
+    ids = list(grid.push_messages(messages))
+    del messages
     replies: Dict[int, Message] = {}
     failed: Dict[int, str] = {}
-    received = grid.send_and_receive(messages, timeout=timeout)
     # a reply names the message it answers; its sender is not always the node: for a node that stopped sending
     # heartbeats the SuperLink itself answers (error NODE_UNAVAILABLE, src_node_id = the SuperLink's id)
-    to_node = {m.metadata.message_id: n for m, n in zip(messages, nodes)}
-    for reply in received:
-        node = to_node.get(reply.metadata.reply_to_message_id)
-        if node is None:
-            continue
-        if reply.has_error():
-            failed[node] = f"error reply (code {reply.error.code}): {reply.error.reason}"
-        else:
-            replies[node] = reply
-    for n in nodes:
-        if n not in replies and n not in failed:
-            failed[n] = f"no {kind} reply within {timeout:.0f} s"
+    to_node = {mid: n for mid, n in zip(ids, nodes) if mid is not None}
+    for mid, n in zip(ids, nodes):
+        if mid is None:
+            failed[n] = f"the {kind} message could not be pushed to the SuperLink"
+    pending = set(to_node)
+    deadline = time.monotonic() + timeout
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            mid = reply.metadata.reply_to_message_id
+            if mid not in pending:
+                continue
+            pending.discard(mid)
+            node = to_node[mid]
+            if reply.has_error():
+                failed[node] = f"error reply (code {reply.error.code}): {reply.error.reason}"
+            elif on_reply is not None:
+                on_reply(node, reply)
+            else:
+                replies[node] = reply
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(poll)
+    for mid in pending:
+        failed[to_node[mid]] = f"no {kind} reply within {timeout:.0f} s"
     return replies, failed
 
 
@@ -124,23 +146,26 @@ def identify_nodes(grid: Grid, nodes: Sequence[int], sites: SiteDirectory, timeo
 
 
 def train_round(grid: Grid, nodes: Sequence[int], weights: ArrayRecord, instructions: Mapping[str, Any],
-                sites: SiteDirectory, timeout: float, on_update: Optional[Callable[[SiteUpdate], Any]] = None
-                ) -> Tuple[List[SiteUpdate], List[Tuple[str, str]], List[int]]:
-    """One ``train`` message per node; returns (updates, failures, nodes that sent an update)."""
-    replies, failed = _exchange(grid, nodes, MessageType.TRAIN, weights, instructions, timeout)
-    updates, ok = [], []
-    for node, reply in replies.items():
+                sites: SiteDirectory, timeout: float, on_update: Callable[[SiteUpdate], Any]
+                ) -> Tuple[List[Tuple[str, str]], List[int]]:
+    """One ``train`` message per node; each update goes to ``on_update`` as its reply is pulled (and is not kept).
+    Returns (failures, nodes that sent an update)."""
+    ok: List[int] = []
+    unusable: Dict[int, str] = {}
+
+    def on_reply(node: int, reply: Message) -> None:
         try:
             u = read_update(reply.content)
             sites.bind(node, u.site)
         except MessageContentError as e:
-            failed[node] = f"unusable train reply: {e}"
-            continue
-        updates.append(u)
+            unusable[node] = f"unusable train reply: {e}"
+            return
         ok.append(node)
-        if on_update is not None:
-            on_update(u)
-    return updates, [(sites.name(n), why) for n, why in sorted(failed.items())], ok
+        on_update(u)
+
+    _, failed = _exchange(grid, nodes, MessageType.TRAIN, weights, instructions, timeout, on_reply=on_reply)
+    failed.update(unusable)
+    return [(sites.name(n), why) for n, why in sorted(failed.items())], ok
 
 
 def evaluate_round(grid: Grid, nodes: Sequence[int], weights: ArrayRecord, instructions: Mapping[str, Any],
@@ -191,10 +216,10 @@ class FlowerSites:
         nodes = [n for n in self.nodes if self.directory.by_node.get(n) in set(sites)]
         self.log(f"round {int(instructions['round']) + 1}/{core.total_rounds}: train messages to {len(nodes)} "
                  f"SuperNode(s)")
-        updates, failures, self.trained = train_round(
+        failures, self.trained = train_round(
             self.grid, nodes, weights_to_record(core.sent_weights), instructions, self.directory, self.timeout,
             on_update=lambda u: on_update(u, time.time() - t0))
-        return updates, failures
+        return failures
 
     def evaluate(self, core, weights, instructions: Mapping[str, Any], sites: Sequence[str]):
         from nnunetv2_fedkd.flower.task import weights_to_record
