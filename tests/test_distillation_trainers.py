@@ -96,8 +96,8 @@ def test_mskd_student_trains_and_predicts_with_stock_commands(tiny_federation, p
 @pytest.mark.slow
 def test_mskd_with_cached_teacher_outputs(tiny_federation, pooled_federation, teachers, tmp_path):
     """teacher_outputs 'cached': the teachers predict every training case once into a sibling folder of the
-    preprocessed data (one float16 [K, *shape] file per case, and a manifest), which is complete for a later run (the
-    comparison test below predicts with a cached-teacher student)."""
+    preprocessed data (one compressed uint8 [K, *shape] blosc2 file per case, and a manifest), which is complete for a
+    later run (the comparison test below predicts with a cached-teacher student)."""
     fed = tiny_federation
     cfg = _config(tmp_path, "cached", teachers=_teacher_entries(teachers), teacher_outputs="cached",
                   feature_kd_weight=0.0)
@@ -112,10 +112,18 @@ def test_mskd_with_cached_teacher_outputs(tiny_federation, pooled_federation, te
     split = json.loads((fed.preprocessed / pooled_federation.name / "splits_final.json").read_text())[0]
     assert manifest["cases"] == sorted(split["train"])
     assert [t["organ"] for t in manifest["teachers"]] == list(teachers)
+    import blosc2
+
+    from nnunetv2_fedkd.teacher_cache import CASE_SUFFIX, decode_probabilities
+
     for case in split["train"]:
-        arr = np.load(caches[0].parent / f"{case}.npy")
-        assert arr.dtype == np.float16 and arr.shape[0] == len(teachers)
-        assert 0.0 <= float(arr.min()) and float(arr.max()) <= 1.0
+        codes = blosc2.open(str(caches[0].parent / f"{case}{CASE_SUFFIX}"), mode="r")
+        assert codes.dtype == np.uint8 and codes.shape[0] == len(teachers)
+        probs = decode_probabilities(codes[...])
+        assert 0.0 <= float(probs.min()) and float(probs.max()) <= 1.0 and float(probs.max()) > 0.5  # organs found
+    assert 0 < manifest["stored_bytes"] < sum(  # compressed: below the float16 arrays of format 1
+        2 * int(np.prod(blosc2.open(str(caches[0].parent / f"{c}{CASE_SUFFIX}"), mode="r").shape))
+        for c in split["train"])
     assert not list(caches[0].parent.glob(".*tmp*"))  # nothing half-written
     assert not list(data_folder.glob("*fedkd*"))  # nnU-Net's own data folder is untouched
     # another training with the same teachers and plans finds every case there and predicts none (the key is
