@@ -190,3 +190,20 @@ def test_site_sampling_benchmark_smallest(tiny_federation, planned_federation, t
     assert len(drawn) == 2 and len({s.rsplit("_", 1)[0] for s in drawn}) == 2  # organ coverage: two organs' sites
     assert "--sites-per-round 2" in run["command"] and run["peak_rss_mib"] > 0
     assert "| 6 | 2 |" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_multihead_step_benchmark_smallest(planned_federation, tmp_path):
+    """benchmarks/multihead_step.py on the tiny federation's small plans: one turn of one step per variant; checks the
+    record, not the figures (the fused and one-by-one networks are the same function: tests/test_organ_heads.py)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import multihead_step
+
+    plans = planned_federation.coordinator_preprocessed / "nnUNetPlansSmall.json"
+    out = tmp_path / "mh"
+    assert multihead_step.main(["--out", str(out), "--plans", str(plans), "--steps", "1", "--repeats", "1"]) == 0
+    rec = json.loads((out / "results.json").read_text())
+    names = ["stock", "multi-head, fused heads", "multi-head, heads one by one"]
+    assert list(rec["median_step_seconds"]) == names and rec["ratio_to_stock"]["stock"] == 1.0
+    assert rec["parameters"][names[1]] == rec["parameters"][names[2]] > rec["parameters"]["stock"]
+    assert rec["patch_size"] == [32, 32, 32] and "| stock |" in (out / "results.md").read_text()
