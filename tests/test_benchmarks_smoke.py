@@ -193,17 +193,20 @@ def test_site_sampling_benchmark_smallest(tiny_federation, planned_federation, t
 
 
 @pytest.mark.slow
-def test_multihead_step_benchmark_smallest(planned_federation, tmp_path):
-    """benchmarks/multihead_step.py on the tiny federation's small plans: one turn of one step per variant; checks the
-    record, not the figures (the fused and one-by-one networks are the same function: tests/test_organ_heads.py)."""
+def test_multihead_step_benchmark_smallest(tmp_path):
+    """benchmarks/multihead_step.py on stock nnU-Net's plans for a CT-like fingerprint (planned by
+    nnUNetv2_plan_experiment, 6 stages), at a small patch: one turn of one step per variant; checks the record, not the
+    figures (the fused and one-by-one networks are the same function: tests/test_organ_heads.py)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import multihead_step
 
-    plans = planned_federation.coordinator_preprocessed / "nnUNetPlansSmall.json"
     out = tmp_path / "mh"
-    assert multihead_step.main(["--out", str(out), "--plans", str(plans), "--steps", "1", "--repeats", "1"]) == 0
+    assert multihead_step.main(["--out", str(out), "--ct-like-plans", str(tmp_path / "plans"), "--patch-size", "32",
+                                "32", "32", "--batch-size", "1", "--steps", "1", "--repeats", "1"]) == 0
     rec = json.loads((out / "results.json").read_text())
     names = ["stock", "multi-head, fused heads", "multi-head, heads one by one"]
     assert list(rec["median_step_seconds"]) == names and rec["ratio_to_stock"]["stock"] == 1.0
     assert rec["parameters"][names[1]] == rec["parameters"][names[2]] > rec["parameters"]["stock"]
+    plans = json.loads(Path(rec["plans"]).read_text())["configurations"]["3d_fullres"]
+    assert len(plans["architecture"]["arch_kwargs"]["features_per_stage"]) == 6  # nnU-Net's real-size network
     assert rec["patch_size"] == [32, 32, 32] and "| stock |" in (out / "results.md").read_text()
