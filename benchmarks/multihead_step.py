@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -125,6 +124,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from accuracy import machine, versions
+    from record import command_line, write_results
 
     from nnunetv2_fedkd.networks.organ_heads import OrganHeads
 
@@ -153,24 +153,20 @@ def main(argv=None) -> int:
             seconds[name] += time_steps(net, x, args.steps, device)
     median = {name: statistics.median(s) for name, s in seconds.items()}
     params = {name: sum(p.numel() for p in net.parameters()) for name, net in nets.items()}
-    record = {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), "plans": str(args.plans),
+    record = {"command": command_line(), "plans": str(args.plans),
               "configuration": args.configuration, "patch_size": patch, "batch_size": batch, "organs": args.organs,
               "head_channels": args.head_channels, "device": str(device), "threads": torch.get_num_threads(),
               "step_seconds": seconds, "median_step_seconds": median, "parameters": params,
               "ratio_to_stock": {name: median[name] / median["stock"] for name in nets},
               "versions": versions(), "machine": machine()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(record, indent=1))
-    lines = [f"Command: `{record['command']}`", "",
-             f"{args.configuration} of {args.plans.name}, patch {patch}, batch {batch}, {args.organs} organs, head "
+    lines = [f"{args.configuration} of {args.plans.name}, patch {patch}, batch {batch}, {args.organs} organs, head "
              f"channels {args.head_channels}, {device} ({record['threads']} threads); median of "
              f"{args.repeats} x {args.steps} steps per variant, in turns.", "",
              "| network | parameters | median step s | x stock |", "|---|---|---|---|"]
     lines += [f"| {name} | {params[name]:,} | {median[name]:.4f} | {record['ratio_to_stock'][name]:.2f} |"
               for name in nets]
-    lines += ["", f"Versions: {record['versions']}; machine: {record['machine']}"]
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:-2]))
+    write_results(args.out, record, lines)
+    print("\n".join(lines))
     return 0
 
 

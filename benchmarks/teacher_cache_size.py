@@ -15,8 +15,6 @@ issue's 64 MB float16 per teacher and case, 4 teachers). Writes ``results.json``
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 import tempfile
 import time
@@ -65,6 +63,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from accuracy import machine, versions
+    from record import command_line, write_results
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = [r for f in args.folders for r in measure(f, args.patch_size, Path(tmp))]
@@ -74,17 +73,14 @@ def main(argv=None) -> int:
     old, new = sum(r["format1_bytes"] for r in rows), sum(r["bytes"] for r in rows)
     per_voxel_old, per_voxel_new = old / voxels, new / voxels
     scale = args.cases * args.case_voxels * args.teachers
-    record = {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), "rows": rows,
+    record = {"command": command_line(), "rows": rows,
               "cases": len(rows), "voxels": voxels, "format1_bytes": old, "bytes": new,
               "bytes_per_voxel": {"format1": per_voxel_old, "now": per_voxel_new}, "ratio": old / new,
               "max_logit_error": max((r.get("max_logit_error", 0.0) for r in rows), default=None),
               "estimate": {"cases": args.cases, "case_voxels": args.case_voxels, "teachers": args.teachers,
                            "format1_gb": per_voxel_old * scale / 1e9, "now_gb": per_voxel_new * scale / 1e9},
               "versions": versions(), "machine": machine()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(record, indent=1))
-    lines = [f"Command: `{record['command']}`", "",
-             f"{len(rows)} cached cases ({voxels:,} teacher-voxels): format 1 (float16 .npy) {old:,} bytes, now "
+    lines = [f"{len(rows)} cached cases ({voxels:,} teacher-voxels): format 1 (float16 .npy) {old:,} bytes, now "
              f"(uint8 logit codes, blosc2) {new:,} bytes: {old / new:.1f}x smaller, "
              f"{per_voxel_new:.4f} bytes per teacher-voxel (format 1: {per_voxel_old:.3f}); largest logit error of the "
              f"re-stored codes {record['max_logit_error']}.", "",
@@ -94,9 +90,8 @@ def main(argv=None) -> int:
              "| case | teachers | voxels | format 1 bytes | bytes now | ratio |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['case']} | {r['teachers']} | {r['voxels']:,} | {r['format1_bytes']:,} | {r['bytes']:,} | "
               f"{r['format1_bytes'] / r['bytes']:.1f} |" for r in rows]
-    lines += ["", f"Versions: {record['versions']}; machine: {record['machine']}"]
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:5]))
+    write_results(args.out, record, lines)
+    print("\n".join(lines[:3]))
     return 0
 
 
