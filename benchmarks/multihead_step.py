@@ -2,7 +2,8 @@
 1x1 segmentation layers (stock, softmax over organs + background) or with the plugin's organ heads
 (:mod:`nnunetv2_fedkd.networks.organ_heads`), the heads run fused (one network, the default) and one by one.
 
-    python benchmarks/multihead_step.py --out benchmarks/results/multihead_step (--plans PLANS.json | --ct-like-plans DIR)
+    python benchmarks/multihead_step.py --out benchmarks/results/multihead_step
+        (--plans PLANS.json | --ct-like-plans DIR)
         [--configuration 3d_fullres] [--patch-size 32 32 32] [--batch-size 2] [--organs 4] [--head-channels 8]
         [--steps 10] [--repeats 3]
 
@@ -78,7 +79,8 @@ def ct_like_plans(workdir: Path) -> Path:
         "channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "spleen": 2, "kidney": 3, "pancreas": 4},
         "numTraining": 40, "file_ending": ".nii.gz"}))
     # the planner picks its image reader from one file name; the image itself is never read
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 4, 4), np.int16)), str(raw / "imagesTr" / "case_000_0000.nii.gz"))
+    image = sitk.GetImageFromArray(np.zeros((4, 4, 4), np.int16))
+    sitk.WriteImage(image, str(raw / "imagesTr" / "case_000_0000.nii.gz"))
     env = {**os.environ, "nnUNet_raw": str(workdir / "nnUNet_raw"), "nnUNet_preprocessed": str(pre.parent),
            "nnUNet_results": str(workdir / "nnUNet_results")}
     from nnunetv2_fedkd.pipeline import nnunet_script

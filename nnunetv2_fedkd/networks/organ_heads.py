@@ -48,7 +48,8 @@ class OrganHeads(nn.Module):
     def fused(self) -> bool:
         """Whether :meth:`forward` runs the heads as one network (see the module's docstring)."""
         first = self.heads[0]
-        if not self.fuse or any(isinstance(m, nn.modules.conv._ConvNd) and m.padding_mode != "zeros" for m in self.modules()):
+        convs = [m for m in self.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+        if not self.fuse or any(c.padding_mode != "zeros" for c in convs):
             return False
         if isinstance(first, nn.modules.conv._ConvNd):
             return True
