@@ -43,22 +43,15 @@ class OrganHeads(nn.Module):
             else:
                 heads.append(conv_op(in_channels, 1, 1, 1, 0, bias=True))
         self.heads = nn.ModuleList(heads)
+        norm = heads[0][1] if hidden_channels > 0 and norm_op is not None else None
+        # fixed by the construction: only a norm that keeps running statistics (batch norm) cannot be fused
+        self._fusable = norm is None or (isinstance(norm, nn.modules.instancenorm._InstanceNorm)
+                                         and not norm.track_running_stats)
 
     @property
     def fused(self) -> bool:
         """Whether :meth:`forward` runs the heads as one network (see the module's docstring)."""
-        first = self.heads[0]
-        convs = [m for m in self.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-        if not self.fuse or any(c.padding_mode != "zeros" for c in convs):
-            return False
-        if isinstance(first, nn.modules.conv._ConvNd):
-            return True
-        norms = [m for m in first if not isinstance(m, (nn.modules.conv._ConvNd, nn.LeakyReLU))]
-        if not norms:
-            return len(first) == 3
-        norm = norms[0]
-        return (len(first) == 4 and isinstance(norm, nn.modules.instancenorm._InstanceNorm)
-                and not norm.track_running_stats)
+        return self.fuse and self._fusable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
