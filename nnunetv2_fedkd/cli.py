@@ -218,7 +218,7 @@ def _cmd_upgrade_weights(args) -> int:
 def _cmd_demo(args) -> int:
     from nnunetv2_fedkd.demo import run_demo
 
-    return run_demo(args.workdir, quick=args.quick, seed=args.seed)
+    return run_demo(args.workdir, quick=args.quick, seed=args.seed, with_teachers=args.teachers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -424,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", type=Path, default=Path("fedkd_demo"))
     d.add_argument("--quick", action="store_true", help="smaller data and shorter training")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--teachers", action="store_true",
+                   help="also train one single-organ teacher per site and compare FedKD with them merged (longer)")
     d.set_defaults(func=_cmd_demo)
     return p
 
