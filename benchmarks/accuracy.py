@@ -346,6 +346,14 @@ def dice_bar_plot(path: Path, methods: List[str], columns: List[str], values: Di
         plt.close(fig)
 
 
+def preparation_covers(have: dict, want: dict) -> bool:
+    """Whether a workdir prepared as ``have`` serves a run that needs ``want``: the same seed and data, and the pooled
+    datasets if ``want`` needs them (a workdir prepared with them also serves federated-only methods; preparing it
+    again would delete the models trained there, e.g. the seed's teachers)."""
+    return (have.get("seed") == want["seed"] and have.get("data") == want["data"]
+            and (bool(have.get("central")) or not want["central"]))
+
+
 def prepare_seed(wd: Path, preparation: dict) -> None:
     """Synthesise, convert and plan one seed's federation in a new ``wd``, then write its ``prepared.json``."""
     import shutil
@@ -399,7 +407,8 @@ def main(argv=None) -> int:
             preparation = {"seed": seed, "central": central, "data": {k: list(v) if isinstance(v, tuple) else v
                                                                        for k, v in DATA.items()}}
             marker = wd / "prepared.json"
-            if args.fresh or not marker.is_file() or json.loads(marker.read_text()) != preparation:
+            if args.fresh or not marker.is_file() or not preparation_covers(json.loads(marker.read_text()),
+                                                                            preparation):
                 units.append(Unit(f"prepare seed {seed}", prepare_seed, (wd, preparation)))
                 deps = (f"prepare seed {seed}",)
             else:

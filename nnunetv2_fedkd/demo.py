@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from nnunetv2_fedkd.env import apply_env, nnunet_env, shell_exports
 
@@ -52,20 +52,28 @@ class Step:
     run: Callable[[], object]
 
 
-def run_side_by_side(lanes: Sequence[Sequence[Step]], t_start: float) -> None:
+def run_side_by_side(lanes: Sequence[Sequence[Step]], t_start: float, shared: Sequence[Step] = ()) -> None:
     """Run each lane's steps in order and the lanes at the same time (each step a subprocess that logs to its own
-    file); print when each step starts and ends. A failed step stops every lane before its next step; the steps
-    already running finish; then the first failure is raised."""
+    file); a lane done with its own steps takes the next of ``shared`` until none is left. Prints when each step
+    starts and ends. A failed step stops every lane before its next step; the steps already running finish; then the
+    first failure is raised."""
     stop = threading.Event()
     lock = threading.Lock()
+    queue = list(shared)
 
     def say(text: str) -> None:
         with lock:
             print(f"  {text}  ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
+    def next_shared() -> Optional[Step]:
+        with lock:
+            return queue.pop(0) if queue else None
+
     def run_lane(steps: Sequence[Step]) -> None:
-        for step in steps:
-            if stop.is_set():
+        own = iter(steps)
+        while not stop.is_set():
+            step = next(own, None) or next_shared()
+            if step is None:
                 return
             say(f"start {step.label}")
             t0 = time.perf_counter()
@@ -161,21 +169,20 @@ def run_demo(workdir: Path, quick: bool = False, seed: int = 0, with_teachers: b
                     lambda: train(layout.views[s.name], TEACHER_TRAINER, workdir, teacher_settings, fold="all",
                                   log_dir=logs, extra_env=threads))
 
-    # FedKD on one lane, naive FedAvg on the other (same budget, same time); with --teachers, two teachers after
-    # each. FedKD here distils from the round's global model only (the teachers are a comparison, not its teachers).
+    # FedKD on one lane, naive FedAvg on the other (same budget); with --teachers, each lane then takes the next
+    # teacher not yet started. FedKD here distils from the round's global model only (the teachers are a comparison,
+    # not its teachers).
     (label_kd, kd), (label_naive, naive) = METHODS
     plan = [[federation(label_kd, kd)], [federation(label_naive, naive)]]
-    if with_teachers:
-        plan[0] += [teacher(s) for s in spec.sites[:2]]
-        plan[1] += [teacher(s) for s in spec.sites[2:]]
     if lanes == 1:
         plan = [plan[0] + plan[1]]
+    teacher_steps = [teacher(s) for s in spec.sites] if with_teachers else []
     what = f"{label_kd} and {label_naive} federations, {rounds} rounds x {iterations} local iterations per site"
     if with_teachers:
         what += (f"; one single-organ teacher per site (stock nnUNetv2_train -tr {TEACHER_TRAINER}, {teacher_its} "
                  f"iterations: the local iterations each site spends in the federation)")
     stage(4, f"training, {len(plan)} at a time ({threads['OMP_NUM_THREADS']} thread(s) each): {what}")
-    run_side_by_side(plan, t_start)
+    run_side_by_side(plan, t_start, shared=teacher_steps)
 
     stage(5, "predicting the external test set with stock nnUNetv2_predict (FedKD, naive FedAvg"
              + (", each teacher; the teachers' label maps merged" if with_teachers else "")

@@ -127,6 +127,17 @@ def test_accuracy_benchmark_resumes_per_seed_and_method(tmp_path, monkeypatch):
     assert prepared == [0, 1] and len(ran) == 4
     assert accuracy.main(args + ["--fresh"]) == 0
     assert prepared == [0, 1, 0, 1]
+    # federated-only methods on seeds prepared with the pooled datasets: served as they are (preparing again would
+    # delete the models trained there); the other way round, a federated-only preparation is prepared again
+    ran.clear()
+    assert accuracy.main(args[:7] + ["--methods", "fedprox_marginal", "--rounds", "2"]) == 0
+    assert prepared == [0, 1, 0, 1] and ran == [("fedprox_marginal", "seed_0"), ("fedprox_marginal", "seed_1")]
+    fed_only = tmp_path / "wd_fed"
+    assert accuracy.main(["--out", str(tmp_path / "out2"), "--workdir", str(fed_only), "--seeds", "0",
+                          "--methods", "fedkd"]) == 0
+    assert accuracy.main(["--out", str(tmp_path / "out2"), "--workdir", str(fed_only), "--seeds", "0",
+                          "--methods", "oracle_central"]) == 0
+    assert prepared == [0, 1, 0, 1, 0, 0]
 
 
 @pytest.mark.slow

@@ -50,3 +50,27 @@ def test_one_lane_runs_everything_in_order():
     order = []
     run_side_by_side([[Step(str(i), lambda i=i: order.append(i)) for i in range(4)]], time.perf_counter())
     assert order == [0, 1, 2, 3]
+
+
+def test_shared_steps_go_to_whichever_lane_is_free_each_exactly_once():
+    done = []
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def record(name):
+        with lock:
+            done.append((name, threading.current_thread().name))
+
+    def long_step():
+        assert release.wait(timeout=10)  # the other lane takes the shared steps meanwhile
+        record("long")
+
+    shared = [Step(f"s{i}", lambda i=i: record(f"s{i}")) for i in range(3)]
+    shared[-1] = Step("s2", lambda: (record("s2"), release.set()))
+    run_side_by_side([[Step("long", long_step)], [Step("short", lambda: record("short"))]], time.perf_counter(),
+                     shared=shared)
+    names = [n for n, _ in done]
+    assert sorted(names) == ["long", "s0", "s1", "s2", "short"]
+    assert names.index("s2") < names.index("long")  # taken by the free lane while the long step ran
+    threads = {n: th for n, th in done}
+    assert threads["s0"] == threads["s1"] == threads["s2"] == threads["short"] != threads["long"]
