@@ -449,6 +449,18 @@ def main(argv=None) -> int:
               flush=True)
 
     run_units(units, args.jobs, on_done)
+    # the outputs show every method measured on these seeds at this budget, also those an earlier invocation ran
+    # (runs.json keeps each row's commit and seconds)
+    shown = [m for m in METHODS if m in args.methods or any(
+        r["method"] == m and r["seed"] == seed and r["budget"] == method_budget(m, args.rounds, args.local_iterations,
+                                                                                 teacher_iterations)
+        for r in runs for seed in args.seeds)]
+    for seed in args.seeds:
+        for m in shown:
+            budget = method_budget(m, args.rounds, args.local_iterations, teacher_iterations)
+            done = [r for r in runs if r["seed"] == seed and r["method"] == m and r["budget"] == budget]
+            if m not in results[str(seed)] and done:
+                results[str(seed)][m] = done[-1]["dice"]
     from nnunetv2_fedkd.spec import load_spec
 
     organs = list(load_spec(workdirs[args.seeds[0]] / "federation.toml").labels)
@@ -456,7 +468,7 @@ def main(argv=None) -> int:
               "seeds": args.seeds, "rounds": args.rounds, "local_iterations": args.local_iterations,
               "teacher_iterations": teacher_iterations, "jobs": args.jobs,
               "methods": {m: {"kind": METHODS[m][0], "trainer": METHODS[m][1], "federate_args": METHODS[m][2],
-                              "settings": {**BASE_SETTINGS, **METHODS[m][3]}} for m in args.methods},
+                              "settings": {**BASE_SETTINGS, **METHODS[m][3]}} for m in shown},
               "per_seed": results, "summary": summarise(results, organs), "versions": versions(),
               "machine": machine(), "seconds": round(time.time() - t0)}
     write_outputs(out, record, organs)

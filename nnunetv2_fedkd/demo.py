@@ -29,7 +29,7 @@ from nnunetv2_fedkd.env import apply_env, nnunet_env, shell_exports
 
 MARKER = ".nnunetv2_fedkd_demo"
 
-# (size, cases per site, test cases, field-of-view scale, rounds, local iterations, teacher iterations) of the demo.
+# (size, cases per site, test cases, field-of-view scale, rounds, local iterations) of the demo.
 # FULL is the accuracy benchmark's federation (benchmarks/accuracy.py DATA: 48x48x40 voxels, 0.55x field of view,
 # 12 cases per site, 6 test cases; with the same seed, the same images). Budget chosen from FedKD runs on the
 # benchmark's seed-0 federation (2026-12-07, two runs side by side, one thread each; test Dice liver / spleen / kidney
@@ -38,9 +38,9 @@ MARKER = ".nnunetv2_fedkd_demo"
 # iterations; at initial_lr 0.06, 6 x 40 .808/.579/.798/.731 (266 s), 8 x 30 .854/.720/.815/.795 (266 s), 8 x 40
 # .863/.802/.842/.806 (345 s). The benchmark itself (8 x 120 at 0.03): .893/.878/.858/.804. More rounds of fewer
 # local iterations learn more than fewer, longer rounds (4 x 120 vs 8 x 40 above). The teachers (--teachers) get the
-# local iterations each site spends in the federation.
-FULL = ((48, 48, 40), 12, 6, 0.55, 8, 40, 320)
-QUICK = ((40, 40, 32), 5, 2, 0.7, 2, 20, 20)
+# local iterations each site spends in the federation (rounds x local iterations).
+FULL = ((48, 48, 40), 12, 6, 0.55, 8, 40)
+QUICK = ((40, 40, 32), 5, 2, 0.7, 2, 20)
 DEMO_LR = 0.06  # every training of the demo (FedKD, naive FedAvg, teachers); the benchmarks keep SHORT_CPU_RUN's 0.03
 METHODS = (("FedKD", "nnUNetTrainerFedKD"), ("naive FedAvg", "nnUNetTrainerFedNaive"))
 TEACHER_TRAINER = "nnUNetTrainerFedKDBase"  # nnU-Net's own trainer, schedule from the settings file
@@ -121,7 +121,8 @@ def run_demo(workdir: Path, quick: bool = False, seed: int = 0, with_teachers: b
     prepare_workdir(workdir)
     apply_env(workdir, cpu=True)
     logs = workdir / "logs"
-    size, n_cases, n_test, fov, rounds, iterations, teacher_its = QUICK if quick else FULL
+    size, n_cases, n_test, fov, rounds, iterations = QUICK if quick else FULL
+    teacher_its = rounds * iterations
     n_stages = 5
 
     def stage(i: int, text: str) -> None:

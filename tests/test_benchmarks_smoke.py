@@ -132,6 +132,10 @@ def test_accuracy_benchmark_resumes_per_seed_and_method(tmp_path, monkeypatch):
     ran.clear()
     assert accuracy.main(args[:7] + ["--methods", "fedprox_marginal", "--rounds", "2"]) == 0
     assert prepared == [0, 1, 0, 1] and ran == [("fedprox_marginal", "seed_0"), ("fedprox_marginal", "seed_1")]
+    # the outputs show every method measured at this budget, not only the ones this invocation asked for
+    rec = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert sorted(rec["summary"]) == ["fedkd", "fedprox_marginal", "oracle_central"]
+    assert "| oracle_central |" in (tmp_path / "out" / "results.md").read_text()
     fed_only = tmp_path / "wd_fed"
     assert accuracy.main(["--out", str(tmp_path / "out2"), "--workdir", str(fed_only), "--seeds", "0",
                           "--methods", "fedkd"]) == 0
