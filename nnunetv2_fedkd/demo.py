@@ -6,10 +6,11 @@ Stages (each prints the commands it runs and where its output is):
 2. convert every site with ``nnunetv2_fedkd convert`` (to the organ registry) and check them against the spec;
 3. plan the federation once from the sites' merged fingerprints (``nnunetv2_fedkd plan``; every site preprocesses
    locally with stock nnU-Net) and derive small CPU-sized plans (``nnUNetPlansSmall``);
-4. train, two at a time (one per core): FedKD (``nnunetv2_fedkd federate ... -tr nnUNetTrainerFedKD``, in-process:
-   each site distils from the round's global model on the organs it does not label) and the baseline users would
-   run today, naive FedAvg (``-tr nnUNetTrainerFedNaive``), same rounds and budget; with ``--teachers`` also one
-   single-organ teacher per site, trained where its data is with stock ``nnUNetv2_train`` (nnU-Net's trainer);
+4. train, two at a time (each with half the cores): FedKD (``nnunetv2_fedkd federate ... -tr nnUNetTrainerFedKD``,
+   in-process: each site distils from the round's global model on the organs it does not label) and the baseline
+   users would run today, naive FedAvg (``-tr nnUNetTrainerFedNaive``), same rounds and budget; with ``--teachers``
+   also one single-organ teacher per site, trained where its data is with stock ``nnUNetv2_train`` (nnU-Net's
+   trainer);
 5. predict the external test set with stock ``nnUNetv2_predict`` (FedKD, naive FedAvg, and every teacher, whose label
    maps are merged into one), evaluate with ``nnUNetv2_evaluate_folder`` and print the per-organ Dice table (also
    ``demo_results.json`` and ``demo_dice.png``).
@@ -151,8 +152,9 @@ def run_demo(workdir: Path, quick: bool = False, seed: int = 0, with_teachers: b
                                          {**settings_, "num_epochs": 1, "num_iterations_per_epoch": teacher_its,
                                           "final_validation": False})
     settings = {t: atomic_write_json(workdir / f"{t}_settings.json", settings_) for _, t in METHODS}
-    lanes = max(1, min(2, os.cpu_count() or 1))
-    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // lanes))}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    lanes = max(1, min(2, cores))
+    threads = {"OMP_NUM_THREADS": str(max(1, cores // lanes))}
     train_env = subprocess_env(workdir, cpu=True, training=True, extra=threads)
     teachers = [Model(layout.views[s.name], TEACHER_TRAINER, "all", organ=s.organs[0]) for s in spec.sites]
 

@@ -36,7 +36,7 @@ def test_a_failed_step_stops_the_steps_not_started_and_is_raised():
     def slow():
         b_started.set()
         failed.wait(timeout=10)
-        time.sleep(0.05)
+        time.sleep(0.5)  # the failing lane stops the others as its step raises: microseconds, given 0.5 s here
         ran.append("b1")
 
     lanes = [[Step("a1", fail), Step("a2", lambda: ran.append("a2"))],

@@ -1,7 +1,9 @@
 """Base class of every plugin trainer: nnU-Net's trainer plus settings read from the plugin's config file."""
 from __future__ import annotations
 
+import json
 import os
+import time
 from typing import Any, Dict, Optional
 
 import torch
@@ -15,6 +17,7 @@ from nnunetv2_fedkd.utils import atomic_write_json
 
 NNUNET_FOLDS = 5  # nnU-Net's do_split creates a 5-fold cross-validation when no splits_final.json exists
 SPLITS_FILE = "splits_final.json"
+SPLIT_READ_ATTEMPTS = 3  # reads of a splits_final.json that another training may be writing at that moment
 
 
 def seed_everything(seed: int) -> None:
@@ -112,7 +115,17 @@ class nnUNetTrainerFedKDBase(nnUNetTrainer):
                     f"to choose another split.")
                 self.validates_on_training_cases = True
                 return keys, keys
-        tr_keys, val_keys = super().do_split()
+        for attempt in range(SPLIT_READ_ATTEMPTS):
+            try:
+                tr_keys, val_keys = super().do_split()
+                break
+            except json.JSONDecodeError:
+                # nnU-Net writes splits_final.json in place when it is missing; another training of the same dataset
+                # started at the same moment (the demo's two federations, a benchmark's --jobs 2) can read it half
+                # written. Transient: read it again once the writer is done.
+                if attempt == SPLIT_READ_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.5)
         self.validates_on_training_cases = set(val_keys) <= set(tr_keys)
         return tr_keys, val_keys
 
