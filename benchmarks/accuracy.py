@@ -55,7 +55,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -308,12 +308,13 @@ def write_outputs(out: Path, record: dict, organs: List[str]) -> None:
     atomic_write_json(out / "results.json", record)
     lines = [f"Command: `{record['command']}`", "",
              f"Seeds: {record['seeds']}; {record['rounds']} rounds x {record['local_iterations']} local iterations "
-             f"per site (central: the same total). Dice on the external test set, mean +- sd over seeds.", "",
-             "| method | " + " | ".join(organs) + " | mean |", "|---" * (len(organs) + 2) + "|"]
+             f"per site (central: the same total). Dice on the external test set, mean +- sd over the n seeds a "
+             f"method was measured on (runs.json: each run's commit and seconds).", "",
+             "| method | n | " + " | ".join(organs) + " | mean |", "|---" * (len(organs) + 3) + "|"]
     order = [m for m in METHODS if m in record["summary"]]
     for m in order:
         cells = [f"{record['summary'][m][o][0]:.3f} +- {record['summary'][m][o][1]:.3f}" for o in organs + ["mean"]]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m} | {record['summary'][m]['mean'][2]} | " + " | ".join(cells) + " |")
     lines += ["", f"Versions: {record['versions']}; machine: {record['machine']}; {record['seconds']} s"]
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
 
@@ -344,6 +345,12 @@ def dice_bar_plot(path: Path, methods: List[str], columns: List[str], values: Di
         fig.tight_layout()
         fig.savefig(path, dpi=90)
         plt.close(fig)
+
+
+def finished_run(runs: List[dict], seed: int, method: str, budget: dict) -> Optional[dict]:
+    """The last finished run of ``method`` on ``seed`` at ``budget`` in runs.json's list, or None."""
+    done = [r for r in runs if r["seed"] == seed and r["method"] == method and r["budget"] == budget]
+    return done[-1] if done else None
 
 
 def preparation_covers(have: dict, want: dict) -> bool:
@@ -416,9 +423,9 @@ def main(argv=None) -> int:
         todo = []
         for m in args.methods:
             budget = method_budget(m, args.rounds, args.local_iterations, teacher_iterations)
-            done = [r for r in runs if r["seed"] == seed and r["method"] == m and r["budget"] == budget]
+            done = finished_run(runs, seed, m, budget)
             if done:
-                results[str(seed)][m] = done[-1]["dice"]
+                results[str(seed)][m] = done["dice"]
                 print(f"== seed {seed}: {m} done earlier ({runs_file})", flush=True)
             else:
                 todo.append((m, budget))
@@ -451,16 +458,12 @@ def main(argv=None) -> int:
     run_units(units, args.jobs, on_done)
     # the outputs show every method measured on these seeds at this budget, also those an earlier invocation ran
     # (runs.json keeps each row's commit and seconds)
-    shown = [m for m in METHODS if m in args.methods or any(
-        r["method"] == m and r["seed"] == seed and r["budget"] == method_budget(m, args.rounds, args.local_iterations,
-                                                                                 teacher_iterations)
-        for r in runs for seed in args.seeds)]
     for seed in args.seeds:
-        for m in shown:
-            budget = method_budget(m, args.rounds, args.local_iterations, teacher_iterations)
-            done = [r for r in runs if r["seed"] == seed and r["method"] == m and r["budget"] == budget]
+        for m in METHODS:
+            done = finished_run(runs, seed, m, method_budget(m, args.rounds, args.local_iterations, teacher_iterations))
             if m not in results[str(seed)] and done:
-                results[str(seed)][m] = done[-1]["dice"]
+                results[str(seed)][m] = done["dice"]
+    shown = [m for m in METHODS if m in args.methods or any(m in per_seed for per_seed in results.values())]
     from nnunetv2_fedkd.spec import load_spec
 
     organs = list(load_spec(workdirs[args.seeds[0]] / "federation.toml").labels)

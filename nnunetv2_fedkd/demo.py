@@ -160,9 +160,10 @@ def run_demo(workdir: Path, quick: bool = False, seed: int = 0, with_teachers: b
 
     def federation(label: str, trainer: str) -> Step:
         log = logs / f"federate_{trainer}.log"
-        extra = ["--evaluate-every", str(max(1, rounds // 2))] if trainer == "nnUNetTrainerFedKD" else []
+        fedkd = trainer == METHODS[0][1]  # the sites validate FedKD halfway and at the end, not the naive run
+        extra = ["--evaluate-every", str(max(1, rounds // 2))] if fedkd else []
         cmd = federate_command(spec_path, trainer, rounds, iterations, settings[trainer], *extra, strategy="fedavg",
-                               evaluate=trainer == "nnUNetTrainerFedKD")
+                               evaluate=fedkd)
         return Step(f"{label}: {' '.join(map(str, cmd))}  (log {log})",
                     lambda: run_command(cmd, train_env, log, quiet=True))
 

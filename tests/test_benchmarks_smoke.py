@@ -135,13 +135,14 @@ def test_accuracy_benchmark_resumes_per_seed_and_method(tmp_path, monkeypatch):
     # the outputs show every method measured at this budget, not only the ones this invocation asked for
     rec = json.loads((tmp_path / "out" / "results.json").read_text())
     assert sorted(rec["summary"]) == ["fedkd", "fedprox_marginal", "oracle_central"]
-    assert "| oracle_central |" in (tmp_path / "out" / "results.md").read_text()
+    assert "| oracle_central | 2 |" in (tmp_path / "out" / "results.md").read_text()  # n: seeds measured
     fed_only = tmp_path / "wd_fed"
     assert accuracy.main(["--out", str(tmp_path / "out2"), "--workdir", str(fed_only), "--seeds", "0",
                           "--methods", "fedkd"]) == 0
     assert accuracy.main(["--out", str(tmp_path / "out2"), "--workdir", str(fed_only), "--seeds", "0",
                           "--methods", "oracle_central"]) == 0
     assert prepared == [0, 1, 0, 1, 0, 0]
+    assert "| fedkd | 1 |" in (tmp_path / "out2" / "results.md").read_text()
 
 
 @pytest.mark.slow
