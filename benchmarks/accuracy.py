@@ -152,6 +152,13 @@ def schedule(total_iterations: int) -> Dict[str, int]:
     return {"num_epochs": epochs, "num_iterations_per_epoch": max(1, total_iterations // epochs)}
 
 
+def trained_with(fold: Path, settings: dict) -> bool:
+    """A finished training in ``fold`` (checkpoint_final.pth) whose recorded plugin settings include ``settings``."""
+    record = fold / "fedkd_trainer_config.json"
+    return (fold / "checkpoint_final.pth").is_file() and record.is_file() and all(
+        json.loads(record.read_text())["settings"].get(k) == v for k, v in settings.items())
+
+
 def teacher_model(workdir: Path, site) -> "Model":
     from nnunetv2_fedkd.federated.planning import resolve_layout
     from nnunetv2_fedkd.spec import load_spec
@@ -170,11 +177,7 @@ def train_teacher(workdir: Path, site_name: str, iterations: int) -> None:
 
     site = next(s for s in load_spec(workdir / "federation.toml").sites if s.name == site_name)
     m = teacher_model(workdir, site)
-    fold = m.folder(m.results)
-    done = (fold / "checkpoint_final.pth").is_file() and all(
-        json.loads((fold / "fedkd_trainer_config.json").read_text())["settings"][k] == v
-        for k, v in schedule(iterations).items())
-    if done:
+    if trained_with(m.folder(m.results), schedule(iterations)):
         return
     cfg = workdir / "bench_settings" / f"teacher_{iterations}.json"
     cfg.parent.mkdir(exist_ok=True)

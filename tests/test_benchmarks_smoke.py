@@ -34,6 +34,32 @@ def test_accuracy_benchmark_smallest(tiny_federation, planned_federation, tmp_pa
 
 
 @pytest.mark.slow
+def test_ensemble_kd_benchmark_smallest(tiny_federation, ci_oracle, tmp_path):
+    """benchmarks/ensemble_kd.py on the tiny federation's fully labelled pool (the CI oracle's dataset), every network
+    2 iterations: 5 folds, the EnsembleKD student of those folds and the labels-only network trained, the four rows
+    predicted and scored. Checks the files and keys it writes, not the figures."""
+    fed = tiny_federation
+    out = tmp_path / "ens"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "ensemble_kd.py"), "--out", str(out), "--workdir",
+           str(fed.workdir), "--prepared", "--iterations", "2", "--jobs", "2"]
+    p = subprocess.run(cmd, env=fed.env(), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rec = json.loads((out / "results.json").read_text())
+    assert list(rec["rows"]) == ["ensemble (5 folds)", "fold_0", "student (EnsembleKD)", "labels_only"]
+    for row in rec["rows"].values():
+        assert set(row) == set(fed.spec.labels) | {"mean", "seconds"} and row["seconds"] > 0
+    assert set(rec["train_seconds"]) == {f"ensemble fold {f}" for f in range(5)} | {"labels_only", "student"}
+    student = (fed.workdir / "bench_results" / "ensemble_kd" / "student" / rec["dataset"]
+               / "nnUNetTrainerEnsembleKD__nnUNetPlansSmall__3d_fullres" / "fold_all")
+    used = json.loads((student / "fedkd_trainer_config.json").read_text())["settings"]
+    assert used["ensemble"][0]["folds"] == [0, 1, 2, 3, 4]  # the student distilled all five members
+    assert "Student >= ensemble - 0.01 on every organ:" in (out / "results.md").read_text()
+    # a rerun reuses every finished training (nothing is trained again)
+    p = subprocess.run(cmd, env=fed.env(), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0 and p.stdout.count("trained earlier with these settings") == 7, p.stdout[-3000:]
+
+
+@pytest.mark.slow
 def test_federation_performance_benchmark_smallest(tiny_federation, planned_federation, tmp_path):
     """benchmarks/federation_performance.py --smallest on the planned tiny federation: one in-process run (2 sites,
     1 round of 2 iterations, no Flower). Checks the files and keys it writes, not the figures."""
