@@ -26,7 +26,8 @@ def _cmd_convert(args) -> int:
     from nnunetv2_fedkd.dataset_conversion import convert_dataset
 
     out = convert_dataset(args.format, args.input_dir, args.dataset_id, dataset_name=args.name,
-                          keep_tumour=args.keep_tumour, organs=args.organs, overwrite=args.overwrite)
+                          keep_tumour=args.keep_tumour, organs=args.organs, overwrite=args.overwrite,
+                          unlabelled_as_training=args.unlabelled_as_training)
     print(f"wrote {out}")
     return 0
 
@@ -250,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write exactly these registry entries (sub-structures merge into them, others become "
                         "background), e.g. --organs liver spleen kidney pancreas")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--unlabelled-as-training", action="store_true",
+                   help="the source's unlabelled images (MSD imagesTs, ...) become training cases that annotate no "
+                        "organ (dataset.json fedkd.case_annotated []), for nnUNetTrainerDualKD; default: imagesTs")
     c.set_defaults(func=_cmd_convert)
 
     cf = sub.add_parser("convert-federation",

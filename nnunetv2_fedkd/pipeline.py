@@ -72,7 +72,8 @@ def convert_federation(spec: FederationSpec, nnunet_raw: Path, overwrite: bool =
     for s in chosen:
         name = s.dataset.split("_", 1)[1]
         out.append(convert_dataset(s.source_format, s.source_dir, s.dataset_id, dataset_name=name,
-                                   organs=s.organs, overwrite=overwrite, nnunet_raw=nnunet_raw))
+                                   organs=s.organs, overwrite=overwrite, nnunet_raw=nnunet_raw,
+                                   unlabelled_as_training=s.unlabelled_as_training))
     if t is not None:
         out.append(convert_dataset(t.source_format, t.source_dir, t.dataset_id,
                                    dataset_name=t.dataset.split("_", 1)[1], organs=spec.labels,

@@ -96,14 +96,22 @@ def _label_lut(site: Site, dj: Dict[str, Any], dj_file: Path,
 
 
 def write_remapped_cases(site: Site, raw: Path, dst: Path, global_value: Dict[str, int],
-                         case_prefix: str = "") -> List[str]:
+                         case_prefix: str = "") -> Dict[str, List[str]]:
     """Write every labelled training case of ``site``'s dataset into ``dst/imagesTr`` and ``dst/labelsTr`` (which
     must exist), as case ``<case_prefix><case>``: labels remapped to ``global_value`` (uint8, the label's geometry),
     images hard-linked (or copied) unchanged. Raises ConversionError naming the site and file for missing labels or
     images, label values outside the site's dataset.json, and site labels outside the global label set.
-    Returns the new case identifiers."""
+    Returns, per new case identifier (in the site's case order), the organs that case annotates: the site's organs,
+    or what the site's dataset.json lists for it in ``fedkd.case_annotated`` (``[]`` for the unlabelled training
+    cases of ``nnunetv2_fedkd convert --unlabelled-as-training``)."""
     src = Path(raw) / site.dataset
     dj = site_dataset_json(site, raw)
+    per_case = (dj.get("fedkd") or {}).get("case_annotated") or {}
+    for case, organs in per_case.items():
+        if not set(organs) <= set(site.organs):
+            raise ConversionError(f"site {site.name!r}: {src / 'dataset.json'} fedkd.case_annotated[{case!r}] names "
+                                  f"{sorted(set(organs) - set(site.organs))}, which the site does not annotate "
+                                  f"({site.organs})")
     n_channels = len(dj["channel_names"])
     lut, allowed = _label_lut(site, dj, src / "dataset.json", global_value)
     labels = sorted((src / "labelsTr").glob(f"*{FILE_ENDING}"))
@@ -115,7 +123,7 @@ def write_remapped_cases(site: Site, raw: Path, dst: Path, global_value: Dict[st
     if unlabelled:
         raise ConversionError(f"site {site.name!r}: case {unlabelled[0]} has images in {src / 'imagesTr'} but no "
                               f"label {src / 'labelsTr' / (unlabelled[0] + FILE_ENDING)}")
-    new_cases = []
+    new_cases: Dict[str, List[str]] = {}
     for lab_file in labels:
         case = lab_file.name[: -len(FILE_ENDING)]
         new_case = f"{case_prefix}{case}"
@@ -134,7 +142,7 @@ def write_remapped_cases(site: Site, raw: Path, dst: Path, global_value: Dict[st
         sitk.WriteImage(out, str(dst / "labelsTr" / f"{new_case}{FILE_ENDING}"), useCompression=True)
         for ch, img in enumerate(images):
             _link_or_copy(img, dst / "imagesTr" / f"{new_case}_{ch:04d}{FILE_ENDING}")
-        new_cases.append(new_case)
+        new_cases[new_case] = list(per_case.get(case, site.organs))
     return new_cases
 
 
@@ -166,8 +174,8 @@ def merge_sites(spec: FederationSpec, dataset_id: int, dataset_name: Optional[st
             (tmp / "labelsTr").mkdir()
             for site in spec.sites:
                 cases = write_remapped_cases(site, raw, tmp, global_value, case_prefix=f"{site.name}__")
-                for new_case in cases:
-                    case_annotated[new_case] = list(site.organs)
+                for new_case, organs in cases.items():
+                    case_annotated[new_case] = organs
                     case_site[new_case] = site.name
                 print(f"  {site.name}: {len(cases)} cases from {site.dataset} ({site.organs})", flush=True)
             write_global_dataset_json(

@@ -312,8 +312,8 @@ def _stage_source(source, raw: Path, tmp: Path) -> Tuple[Dict[str, int], Dict[st
         channel_names = common_channel_names(source, raw)
         case_annotated, case_site = {}, {}
         for site in source.sites:
-            for case in write_remapped_cases(site, raw, tmp, values, case_prefix=f"{site.name}__"):
-                case_annotated[case] = list(site.organs)
+            for case, organs in write_remapped_cases(site, raw, tmp, values, case_prefix=f"{site.name}__").items():
+                case_annotated[case] = organs
                 case_site[case] = site.name
         return values, case_annotated, case_site, channel_names, IMAGE_READER, f"federation spec {source.path}"
     folder = Path(source)

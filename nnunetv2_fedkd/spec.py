@@ -59,6 +59,8 @@ class Site:
     source_format: Optional[str] = None
     source_dir: Optional[Path] = None
     federated_dataset: Optional[str] = None  # the site's view dataset in the global label set (see view_dataset)
+    # convert-federation: the source's unlabelled images become training cases that annotate no organ (dual KD)
+    unlabelled_as_training: bool = False
 
     @property
     def dataset_id(self) -> int:
@@ -132,6 +134,8 @@ class FederationSpec:
                 e["source_dir"] = rel(s.source_dir)
             if s.federated_dataset:
                 e["federated_dataset"] = s.federated_dataset
+            if s.unlabelled_as_training:
+                e["unlabelled_as_training"] = True
             d["sites"].append(e)
         if self.test_set is not None:
             t: Dict[str, Any] = {"dataset": self.test_set.dataset}
@@ -185,6 +189,12 @@ def spec_from_dict(raw: Dict[str, Any], path: Optional[Path] = None) -> Federati
             raise SpecError(f"{where}: {ctx}.{key} must be str, got {type(v).__name__}")
         return v
 
+    def opt_bool(table: Dict[str, Any], key: str, ctx: str) -> bool:
+        v = table.get(key, False)
+        if not isinstance(v, bool):
+            raise SpecError(f"{where}: {ctx}.{key} must be true or false, got {v!r}")
+        return v
+
     fed = need(raw, "federation", "the file", dict)
     sites_raw = need(raw, "sites", "the file", list)
     sites = []
@@ -202,6 +212,7 @@ def spec_from_dict(raw: Dict[str, Any], path: Optional[Path] = None) -> Federati
                 source_format=s.get("source_format"),
                 source_dir=opt_path(s, "source_dir"),
                 federated_dataset=opt_str(s, "federated_dataset", ctx),
+                unlabelled_as_training=opt_bool(s, "unlabelled_as_training", ctx),
             )
         )
     test = None

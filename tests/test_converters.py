@@ -205,6 +205,45 @@ def test_msd_liver_default_and_nnunet_integrity(raw, src):
     verify_dataset_integrity(str(out), num_processes=1)  # raises on any problem
 
 
+def test_msd_unlabelled_images_as_training_cases(raw, src, monkeypatch):
+    """--unlabelled-as-training (dual KD, He et al. 2023): the MSD task's imagesTs image becomes a training case with
+    an all-background label map on its own grid that annotates no organ; the labelled cases annotate the task's
+    organs; nnU-Net accepts the dataset, and the partial-label losses read [] for the unlabelled case."""
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    from nnunetv2_fedkd.label_availability import LabelAvailability
+
+    from nnunetv2_fedkd.cli import main
+
+    task = make_msd(src)
+    monkeypatch.setenv("nnUNet_raw", str(raw))
+    assert main(["convert", "msd", str(task), "-d", "3", "--unlabelled-as-training"]) == 0
+    out = raw / "Dataset003_Liver"
+    assert not (out / "imagesTs").exists()
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == [
+        "liver_0.nii.gz", "liver_1.nii.gz", "liver_10.nii.gz", "liver_132.nii.gz"]
+    img = assert_image_preserved(task / "imagesTs" / "liver_132.nii.gz", out / "imagesTr" / "liver_132_0000.nii.gz")
+    lab = sitk.ReadImage(str(out / "labelsTr" / "liver_132.nii.gz"))
+    assert lab.GetPixelID() == sitk.sitkUInt8 and _geometry(lab) == _geometry(img)
+    assert not sitk.GetArrayViewFromImage(lab).any()
+    dj = load_json(out)
+    assert dj["numTraining"] == 4 and dj["fedkd"]["test_cases"] == []
+    assert dj["fedkd"]["unlabelled_cases"] == ["liver_132"]
+    assert dj["fedkd"]["case_annotated"] == {"liver_0": ["liver"], "liver_1": ["liver"], "liver_10": ["liver"],
+                                             "liver_132": []}
+    la = LabelAvailability(dj)
+    assert la.annotated("liver_132") == [] and la.softmax_mask(["liver_132", "liver_0"]).tolist() == [
+        [True, False], [True, True]]
+    verify_dataset_integrity(str(out), num_processes=1)
+
+
+def test_unlabelled_as_training_without_unlabelled_images_is_refused(raw, src):
+    lits = make_lits(src)
+    with pytest.raises(ConversionError, match="no unlabelled .* images to use as training cases"):
+        convert_dataset("lits", lits, 5, nnunet_raw=raw, unlabelled_as_training=True)
+    assert_nothing_written(raw)
+
+
 def test_msd_keep_tumour(raw, src):
     task = make_msd(src, n_train=1)
     out = convert_dataset("msd", task, 3, dataset_name="LiverTumour", keep_tumour=True, nnunet_raw=raw)
@@ -565,3 +604,18 @@ def test_convert_federation_from_the_spec(tmp_path, monkeypatch):
     assert len(names) == 5 and "Dataset509_SynthBTCV" in names, names
     test_labels = load_json(raw / "Dataset509_SynthBTCV")["labels"]
     assert set(test_labels) == {"background", "liver", "kidney", "spleen", "pancreas"}, test_labels
+    assert "case_annotated" not in load_json(raw / "Dataset503_SynthSpleen")["fedkd"]
+    # a site whose unlabelled images train too (dual KD): `unlabelled_as_training = true` in its [[sites]] table
+    from nnunetv2_fedkd.spec import SpecError, load_spec, save_spec
+
+    loaded = load_spec(spec)
+    loaded.sites[2].unlabelled_as_training = True  # the MSD spleen site (2 unlabelled imagesTs images)
+    assert load_spec(save_spec(loaded, spec)).sites[2].unlabelled_as_training
+    spleen = cli("--sites", "spleen_site", "--overwrite")
+    assert spleen.returncode == 0, spleen.stderr
+    meta = load_json(raw / "Dataset503_SynthSpleen")["fedkd"]
+    assert len(meta["unlabelled_cases"]) == 2 and all(meta["case_annotated"][c] == [] for c in meta["unlabelled_cases"])
+    assert sum(v == ["spleen"] for v in meta["case_annotated"].values()) == 1  # the one labelled case
+    spec.write_text(spec.read_text().replace("unlabelled_as_training = true", 'unlabelled_as_training = "yes"'))
+    with pytest.raises(SpecError, match=r"sites\[2\].unlabelled_as_training must be true or false"):
+        load_spec(spec)

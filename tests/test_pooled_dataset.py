@@ -40,6 +40,31 @@ def two_sites(tmp_path):
     return raw, spec
 
 
+def test_merge_keeps_the_unlabelled_training_cases_of_a_site(two_sites):
+    """A site dataset converted with unlabelled training cases (fedkd.case_annotated [] for them) keeps them
+    unlabelled in the pooled dataset and in the site's federated view, instead of claiming the site's organs there."""
+    from nnunetv2_fedkd.federated.planning import _write_site_view
+    from nnunetv2_fedkd.pooled_dataset import global_label_values
+
+    raw, spec = two_sites
+    dj_file = raw / "Dataset501_A" / "dataset.json"
+    dj = json.loads(dj_file.read_text())
+    dj["fedkd"]["case_annotated"] = {"c0": ["kidney"], "c1": []}
+    dj_file.write_text(json.dumps(dj))
+    pooled = json.loads((merge_sites(spec, 510, nnunet_raw=raw) / "dataset.json").read_text())
+    assert pooled["fedkd"]["case_annotated"] == {"a__c0": ["kidney"], "a__c1": [], "b__c0": ["liver"]}
+    assert LabelAvailability(pooled).softmax_mask(["a__c1"]).tolist() == [[True, False, False]]
+    view = raw / "view"
+    view.mkdir()
+    _write_site_view(spec, spec.sites[0], raw, view, "Dataset601_AFed", {"0": "CT"}, global_label_values(spec))
+    assert json.loads((view / "dataset.json").read_text())["fedkd"]["case_annotated"] == {"c0": ["kidney"], "c1": []}
+    # a table naming an organ the site does not annotate is refused, naming the site and the file
+    dj["fedkd"]["case_annotated"] = {"c0": ["liver"], "c1": []}
+    dj_file.write_text(json.dumps(dj))
+    with pytest.raises(ConversionError, match=r"site 'a': .*dataset.json fedkd.case_annotated\['c0'\] names \['liver'\]"):
+        merge_sites(spec, 511, nnunet_raw=raw)
+
+
 def test_merge_remaps_labels_and_records_availability(two_sites):
     raw, spec = two_sites
     out = merge_sites(spec, 510, nnunet_raw=raw)

@@ -37,6 +37,7 @@ def convert_dataset(
     organs: Optional[Sequence[str]] = None,
     overwrite: bool = False,
     nnunet_raw: Union[str, os.PathLike, None] = None,
+    unlabelled_as_training: bool = False,
 ) -> Path:
     """Convert the public dataset in ``input_dir`` (layout ``fmt``, one of FORMATS) to
     ``<nnunet_raw>/DatasetXXX_<dataset_name>`` and return that folder.
@@ -46,12 +47,15 @@ def convert_dataset(
         background); default: one binary label per annotated organ, tumours/cysts merged into it unless keep_tumour.
     overwrite: replace an existing target folder (only once the new one is complete).
     nnunet_raw: default: the nnUNet_raw environment variable.
+    unlabelled_as_training: the source's unlabelled images become training cases that annotate no organ
+        (``fedkd.case_annotated`` ``[]``), for ``nnUNetTrainerDualKD``; default: they go to imagesTs.
     Raises ConversionError with the case, file and problem; on any error nothing is left at the target path.
     """
     if fmt not in _SCANNERS:
         raise ConversionError(f"unknown dataset format {fmt!r}; known formats: {', '.join(FORMATS)}")
     source = _SCANNERS[fmt](require_dir(input_dir, "input folder"), fmt)
-    return convert_source(source, dataset_id, dataset_name, keep_tumour, organs, overwrite, nnunet_raw)
+    return convert_source(source, dataset_id, dataset_name, keep_tumour, organs, overwrite, nnunet_raw,
+                          unlabelled_as_training)
 
 
 __all__ = ["FORMATS", "ConversionError", "Source", "SourceCase", "convert_dataset"]

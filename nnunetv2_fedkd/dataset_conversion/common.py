@@ -213,11 +213,20 @@ def _write_image(img: sitk.Image, path: Path) -> None:
     sitk.WriteImage(img, str(path), useCompression=True)
 
 
-def convert_case(case: SourceCase, fmt: reg.SourceFormat, lut: np.ndarray, out_dir: Path) -> None:
-    """Validate one case and write it into ``out_dir`` (imagesTr+labelsTr, or imagesTs for a test image)."""
+def convert_case(case: SourceCase, fmt: reg.SourceFormat, lut: np.ndarray, out_dir: Path,
+                 unlabelled_as_training: bool = False) -> None:
+    """Validate one case and write it into ``out_dir`` (imagesTr+labelsTr, or imagesTs for an unlabelled image;
+    ``unlabelled_as_training``: an unlabelled image goes to imagesTr with an all-background label map on its grid, a
+    training case that annotates no organ)."""
     img = _read(case.case_id, "image", case.image_path)
     if case.label_path is None:
-        _write_image(img, out_dir / "imagesTs" / f"{case.case_id}_0000{FILE_ENDING}")
+        if not unlabelled_as_training:
+            _write_image(img, out_dir / "imagesTs" / f"{case.case_id}_0000{FILE_ENDING}")
+            return
+        empty = sitk.Image(img.GetSize(), sitk.sitkUInt8)
+        empty.CopyInformation(img)
+        _write_image(img, out_dir / "imagesTr" / f"{case.case_id}_0000{FILE_ENDING}")
+        _write_image(empty, out_dir / "labelsTr" / f"{case.case_id}{FILE_ENDING}")
         return
     lab = _read(case.case_id, "label", case.label_path)
     _check_geometry(case.case_id, case.image_path, case.label_path, img, lab)
@@ -290,14 +299,23 @@ def convert_source(
     organs: Optional[Sequence[str]] = None,
     overwrite: bool = False,
     nnunet_raw=None,
+    unlabelled_as_training: bool = False,
 ) -> Path:
     """Convert every case of ``source`` into an nnU-Net raw dataset; returns the dataset folder. All or nothing: the
-    dataset is assembled in a temporary sibling folder that replaces the target only when every case passed."""
+    dataset is assembled in a temporary sibling folder that replaces the target only when every case passed.
+    ``unlabelled_as_training``: the source's unlabelled images (MSD imagesTs, KiTS19's imaging-only case) become
+    training cases that annotate no organ (an all-background label map; ``fedkd.case_annotated`` lists them with
+    ``[]``), for the trainers that learn from unlabelled cases (``nnUNetTrainerDualKD``); the partial-label losses
+    take no label loss from them."""
     fmt = source.format
     train = [c for c in source.cases if c.label_path is not None]
     test = [c for c in source.cases if c.label_path is None]
     if not train:
         raise ConversionError(f"no {fmt.description} training cases found in {source.input_dir}")
+    if unlabelled_as_training and not test:
+        raise ConversionError(f"{source.input_dir} has no unlabelled {fmt.description} images to use as training "
+                              f"cases (unlabelled_as_training)")
+    unlabelled = test if unlabelled_as_training else []
     label_set, value_map, merged = resolve_label_set(source.source_format, organs, keep_tumour)
     lut = np.zeros(max(value_map) + 1, dtype=np.uint8)
     for value, out in value_map.items():
@@ -306,16 +324,16 @@ def convert_source(
     final = target_folder(dataset_id, dataset_name or source.default_name, nnunet_raw)
     try:
         with atomic_output_dir(final, overwrite) as tmp:
-            for sub in ("imagesTr", "labelsTr") + (("imagesTs",) if test else ()):
+            for sub in ("imagesTr", "labelsTr") + (("imagesTs",) if test and not unlabelled else ()):
                 (tmp / sub).mkdir()
             for i, case in enumerate(source.cases, 1):
-                convert_case(case, fmt, lut, tmp)
+                convert_case(case, fmt, lut, tmp, unlabelled_as_training)
                 print(f"[{i}/{len(source.cases)}] {case.case_id}", flush=True)
             generate_dataset_json(
                 str(tmp),
                 channel_names=dict(CHANNEL_NAMES),
                 labels=reg.nnunet_labels(label_set),
-                num_training_cases=len(train),
+                num_training_cases=len(train) + len(unlabelled),
                 file_ending=FILE_ENDING,
                 dataset_name=final.name,
                 description=f"{fmt.description} converted by nnunetv2_fedkd",
@@ -329,13 +347,18 @@ def convert_source(
                     "annotated": list(label_set),
                     "merged": merged,
                     "source_labels": {str(v): k for v, k in sorted(fmt.labels.items())},
-                    "cases": [c.case_id for c in train],
-                    "test_cases": [c.case_id for c in test],
+                    "cases": [c.case_id for c in train + unlabelled],
+                    "test_cases": [c.case_id for c in test if not unlabelled],
+                    **({"unlabelled_cases": [c.case_id for c in unlabelled],
+                        "case_annotated": {**{c.case_id: list(label_set) for c in train},
+                                           **{c.case_id: [] for c in unlabelled}}} if unlabelled else {}),
                 },
             )
     except FileExistsError as e:
         raise ConversionError(str(e)) from None
-    print(f"wrote {final} ({len(train)} training case(s), {len(test)} test image(s); labels {label_set})", flush=True)
+    what = (f"{len(train)} labelled + {len(unlabelled)} unlabelled training case(s)" if unlabelled
+            else f"{len(train)} training case(s), {len(test)} test image(s)")
+    print(f"wrote {final} ({what}; labels {label_set})", flush=True)
     return final
 
 

@@ -236,7 +236,7 @@ def _check_targets(spec: FederationSpec, layout: FederationLayout, plans_name: s
 # 1. site view datasets
 # --------------------------------------------------------------------------------------------------------------------
 def _write_site_view(spec: FederationSpec, site: Site, raw: Path, tmp: Path, name: str,
-                     channel_names: Dict[str, str], global_value: Dict[str, int]) -> List[str]:
+                     channel_names: Dict[str, str], global_value: Dict[str, int]) -> Dict[str, List[str]]:
     (tmp / "imagesTr").mkdir()
     (tmp / "labelsTr").mkdir()
     cases = write_remapped_cases(site, raw, tmp, global_value)
@@ -249,7 +249,7 @@ def _write_site_view(spec: FederationSpec, site: Site, raw: Path, tmp: Path, nam
             "site": site.name,
             "source_dataset": site.dataset,
             "annotated": list(site.organs),
-            "case_annotated": {c: list(site.organs) for c in cases},
+            "case_annotated": cases,
             "case_site": {c: site.name for c in cases},
         },
     )
