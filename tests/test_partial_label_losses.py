@@ -518,3 +518,25 @@ def test_masked_sigmoid_accepts_nnunet_region_onehot_target():
         a = masked_sigmoid_loss(logits, label_map, annotated, batch_dice=bd)
         b = masked_sigmoid_loss(logits, regions, annotated, batch_dice=bd)
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_case_annotating_no_organ_adds_no_label_loss():
+    """An unlabelled training case (``fedkd.case_annotated`` [], e.g. ``convert --unlabelled-as-training``): every
+    class merges into one, so the marginal, marginal+exclusion and masked-sigmoid losses give it neither loss nor
+    gradient, and a batch with a labelled case keeps that case's loss unchanged in the CE part (voxel mean over the
+    batch: halved with a second, silent case)."""
+    c = 3
+    x, t = _random_case((2, 6, 5, 4), c, seed=7)
+    t[1] = 0  # the unlabelled case's label map is all background
+    a = torch.tensor([[True, True, True], [True, False, False]])
+    for loss in (marginal_loss, marginal_exclusion_loss):
+        xs = x[1:2].clone().requires_grad_(True)
+        out = loss(xs, t[1:2], a[1:2])
+        out.backward()
+        assert out.item() == pytest.approx(0.0, abs=1e-6) and float(xs.grad.abs().max()) < 1e-6, loss.__name__
+    ce_labelled = marginal_loss(x[0:1], t[0:1], a[0:1], weight_dice=0)
+    assert marginal_loss(x, t, a, weight_dice=0).item() == pytest.approx(ce_labelled.item() / 2, abs=1e-6)
+    xs = x[1:2, 1:].clone().requires_grad_(True)  # sigmoid heads: one per organ, none annotated
+    out = masked_sigmoid_loss(xs, torch.zeros_like(xs), a[1:2, 1:])
+    out.backward()
+    assert out.item() == pytest.approx(0.0, abs=1e-6) and float(xs.grad.abs().max()) < 1e-6
