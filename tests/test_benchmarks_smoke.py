@@ -60,6 +60,31 @@ def test_ensemble_kd_benchmark_smallest(tiny_federation, ci_oracle, tmp_path):
 
 
 @pytest.mark.slow
+def test_dual_kd_benchmark_smallest(tiny_federation, tmp_path):
+    """benchmarks/dual_kd.py on the tiny federation (1 labelled + 2 unlabelled pancreas cases, 2 held out; every
+    network 2 iterations): the few-shot datasets converted with --unlabelled-as-training, the public pool of the other
+    sites fully labelled, the four models trained and scored on the held-out cases. Checks the files and keys it
+    writes, not the figures."""
+    fed = tiny_federation
+    out = tmp_path / "dual"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "dual_kd.py"), "--out", str(out), "--workdir",
+           str(fed.workdir), "--prepared", "--labelled", "1", "--unlabelled", "2", "--held-out", "2",
+           "--public-iterations", "2", "--site-iterations", "2", "--jobs", "2"]
+    p = subprocess.run(cmd, env=fed.env(), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rec = json.loads((out / "results.json").read_text())
+    assert list(rec["pancreas_dice"]) == ["public", "labelled_only", "marginal", "dual_kd"]
+    assert rec["public_sites"] == [s.name for s in fed.spec.sites if s.name != "pancreas_site"]
+    fewshot = json.loads((fed.raw / "Dataset521_PancreasFewShot" / "dataset.json").read_text())["fedkd"]
+    assert len(fewshot["unlabelled_cases"]) == 2 and sum(v == [] for v in fewshot["case_annotated"].values()) == 2
+    dual = (fed.workdir / "bench_results" / "dual_kd" / "dual_kd" / "Dataset521_PancreasFewShot"
+            / "nnUNetTrainerDualKD__nnUNetPlansSmall__3d_fullres" / "fold_all")
+    used = json.loads((dual / "fedkd_trainer_config.json").read_text())["settings"]
+    assert "Dataset531_PublicFullyLabelled" in used["public_model"]["results_folder"]
+    assert "| DualKD on 1 labelled + 2 unlabelled, from the public model |" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
 def test_federation_performance_benchmark_smallest(tiny_federation, planned_federation, tmp_path):
     """benchmarks/federation_performance.py --smallest on the planned tiny federation: one in-process run (2 sites,
     1 round of 2 iterations, no Flower). Checks the files and keys it writes, not the figures."""
