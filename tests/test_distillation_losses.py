@@ -719,3 +719,24 @@ def test_deep_supervision_wrapper():
     w = DeepSupervisionWrapper(PartialKDSoftmaxLoss(temperature=2.0), weight_factors=[0.6, 0.4])
     expected = 0.6 * partial_kd_softmax(ss[0], ts[0], a, 2.0) + 0.4 * partial_kd_softmax(ss[1], ts[1], a, 2.0)
     assert w(ss, ts, [a] * 2).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_teacher_probs_for_student_classes_fold_the_organs_the_student_lacks_into_background():
+    """A public model with 5 classes (bg, liver, spleen, kidney, pancreas) taught to a pancreas-only student: at a
+    voxel where the teacher is sure of the liver, the student's target is background, not a renormalised split of
+    the two kept columns (the old DualKD mapping gave pancreas .005 / (.01 + .005) = .33 there)."""
+    from nnunetv2_fedkd.losses.distillation import teacher_probs_for_student_classes
+
+    p = torch.tensor([[.01, .97, .01, .005, .005],   # liver voxel
+                      [.10, .00, .00, .10, .80],     # pancreas voxel
+                      [.90, .05, .05, .00, .00]])     # background voxel
+    probs = p.T.reshape(1, 5, 3, 1, 1)  # [B, C, 3 voxels]
+    out = teacher_probs_for_student_classes(probs, [4])
+    assert out.shape == (1, 2, 3, 1, 1)
+    assert torch.allclose(out[0, :, :, 0, 0].T, torch.tensor([[.995, .005], [.20, .80], [1.0, 0.0]]), atol=1e-6)
+    assert torch.allclose(out.sum(1), torch.ones(1, 3, 1, 1))
+    two = teacher_probs_for_student_classes(probs, [1, 4])  # student (bg, liver, pancreas)
+    assert two[0, :, 0, 0, 0].tolist() == pytest.approx([.025, .97, .005], abs=1e-6)
+    for bad in ([], [0], [5], [4, 4]):
+        with pytest.raises(ValueError, match="channels"):
+            teacher_probs_for_student_classes(probs, bad)

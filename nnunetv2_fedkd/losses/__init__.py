@@ -13,6 +13,7 @@ from nnunetv2_fedkd.losses.distillation import (
     region_logit_kd_sigmoid,
     region_logit_kd_softmax,
     soft_label_kd_loss,
+    teacher_probs_for_student_classes,
 )
 from nnunetv2_fedkd.losses.partial_label import (
     ExclusionLoss,

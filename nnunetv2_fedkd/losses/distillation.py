@@ -78,6 +78,7 @@ from nnunetv2_fedkd.losses.partial_label import _log_one_minus_softmax, _spatial
 
 __all__ = [
     "binary_teacher_logit",
+    "teacher_probs_for_student_classes",
     "region_logit_kd_softmax",
     "region_logit_kd_sigmoid",
     "feature_kd_loss",
@@ -106,6 +107,25 @@ def binary_teacher_logit(two_class_logits: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"binary_teacher_logit: expected [B, 2, *spatial], got {tuple(two_class_logits.shape)}")
     z = two_class_logits.detach().float()
     return z[:, 1:2] - z[:, 0:1]
+
+
+def teacher_probs_for_student_classes(teacher_probs: torch.Tensor, channels) -> torch.Tensor:
+    r"""A softmax teacher's class probabilities in a student's label set: ``[B, C_t, *spatial] -> [B, 1 + K, ...]``.
+
+    ``channels``: for each of the student's K foreground classes, the teacher's channel of the same organ. Student
+    class k takes the teacher's ``p[channels[k]]``; the student's background takes everything else, i.e. the teacher's
+    background **and** every organ the student does not have: :math:`p_0^s = 1 - \sum_k p_{c_k}^t`. (Keeping only
+    the listed columns and renormalising instead would turn a teacher sure of an organ the student lacks into an
+    arbitrary split between the student's classes, e.g. liver .97 -> student pancreas .33.) A distribution in, a
+    distribution out; the sum is taken in float32 and clamped at 0 against rounding.
+    """
+    if teacher_probs.ndim < 3:
+        raise ValueError(f"teacher_probs: expected [B, C, *spatial], got {tuple(teacher_probs.shape)}")
+    idx = [int(c) for c in channels]
+    if not idx or len(set(idx)) != len(idx) or min(idx) < 1 or max(idx) >= teacher_probs.shape[1]:
+        raise ValueError(f"channels {idx}: distinct teacher foreground channels in 1..{teacher_probs.shape[1] - 1}")
+    fg = teacher_probs[:, idx].float()
+    return torch.cat([(1.0 - fg.sum(1, keepdim=True)).clamp_min(0.0), fg], dim=1)
 
 
 def _check_temperature(temperature: float, name: str) -> float:

@@ -60,6 +60,7 @@ from nnunetv2_fedkd.losses.distillation import (
     region_logit_kd_sigmoid,
     region_logit_kd_softmax,
     soft_label_kd_loss,
+    teacher_probs_for_student_classes,
 )
 from nnunetv2_fedkd.teachers import (
     FrozenTeacher,
@@ -639,7 +640,8 @@ class nnUNetTrainerDualKD(_DistillationMixin, nnUNetTrainerMarginal):
     marginal(+exclusion) loss on the organs each case annotates (a case annotating none - an unlabelled case, listed
     with ``[]`` in dataset.json ``fedkd.case_annotated`` - adds no label loss); the public model's responses are
     distilled on every class a case does not annotate (:func:`partial_kd_softmax`), and its decoder features on the
-    unlabelled cases. The public model's labels are matched to the student's by name."""
+    unlabelled cases. The public model's labels are matched to the student's by name; the organs the student does not
+    have count as its background (:func:`teacher_probs_for_student_classes`)."""
 
     teacher_config_key = "public_model"
     uses_features = True
@@ -659,16 +661,14 @@ class nnUNetTrainerDualKD(_DistillationMixin, nnUNetTrainerMarginal):
         if missing:
             raise TeacherError(f"public model {t.spec.results_folder} does not predict {missing} (its labels: "
                                f"{t.label_names()})")
-        # teacher channel for each student class (background first)
-        self._map = [0] + [t.channel_of(n) for n in mine]
+        # the public model's channel of each student organ; its other organs count as the student's background
+        self._channels = [t.channel_of(n) for n in mine]
 
     def _kd_terms(self, batch: dict):
         x = batch["data"].to(self.device, non_blocking=True)
         with self._autocast():
             probs, feats = self.teachers[0](x)
-        mapped = probs[:, self._map]
-        # student classes the public model lacks cannot exist (checked), but its other labels are dropped: renormalise
-        mapped = mapped / mapped.sum(1, keepdim=True).clamp_min(1e-8)
+        mapped = teacher_probs_for_student_classes(probs, self._channels)
         annotated = self.label_availability.softmax_mask(batch["keys"]).to(self.device)
         unlabelled = ~annotated[:, 1:].any(1)
         c = self.fedkd_config
