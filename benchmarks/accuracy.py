@@ -155,8 +155,37 @@ def schedule(total_iterations: int) -> Dict[str, int]:
 def trained_with(fold: Path, settings: dict) -> bool:
     """A finished training in ``fold`` (checkpoint_final.pth) whose recorded plugin settings include ``settings``."""
     record = fold / "fedkd_trainer_config.json"
-    return (fold / "checkpoint_final.pth").is_file() and record.is_file() and all(
-        json.loads(record.read_text())["settings"].get(k) == v for k, v in settings.items())
+    if not ((fold / "checkpoint_final.pth").is_file() and record.is_file()):
+        return False
+    try:
+        used = json.loads(record.read_text())["settings"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{record}: not a trainer settings record ({e}); delete {fold} to train it again") from None
+    return all(used.get(k) == v for k, v in settings.items())
+
+
+def results_for_data(results_root: Path, data: dict) -> Path:
+    """``results_root``, emptied when the models in it were trained on other data than ``data`` describes (recorded in
+    its ``data.json``), so a rerun reuses finished trainings only on the same data."""
+    import shutil
+
+    from nnunetv2_fedkd.utils import atomic_write_json
+
+    marker = results_root / "data.json"
+    if results_root.exists() and (not marker.is_file() or json.loads(marker.read_text()) != data):
+        print(f"   {results_root}: trained on other data, trained again", flush=True)
+        shutil.rmtree(results_root)
+    results_root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, data)
+    return results_root
+
+
+def dataset_name(workdir: Path, dataset_id: int) -> str:
+    """The name of raw dataset ``dataset_id`` in ``workdir``'s nnUNet_raw (``Dataset<id>_<name>``)."""
+    found = sorted(p.name for p in (workdir / "nnUNet_raw").glob(f"Dataset{dataset_id:03d}_*"))
+    if not found:
+        raise FileNotFoundError(f"{workdir / 'nnUNet_raw'} has no Dataset{dataset_id:03d}_*")
+    return found[0]
 
 
 def teacher_model(workdir: Path, site) -> "Model":
@@ -260,7 +289,7 @@ def run_method(name: str, workdir: Path, rounds: int, iters: int, teacher_iterat
     else:
         settings.write_text(json.dumps({**BASE_SETTINGS, **extra, **schedule(rounds * iters * len(spec.sites))}))
         dataset_id = {"oracle": ORACLE_ID, "pseudo": PSEUDO_ID}.get(kind, POOLED_ID)
-        dataset = next(p.name for p in (workdir / "nnUNet_raw").glob(f"Dataset{dataset_id}_*"))
+        dataset = dataset_name(workdir, dataset_id)
         fold = "all"
         train(dataset, trainer, workdir, settings, fold=fold, log_dir=logs, extra_env=results_env)
     pred = predict(test / "imagesTr", workdir / "bench_predictions" / name, dataset, trainer, workdir, fold=fold,

@@ -41,8 +41,8 @@ from typing import Dict, List
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import (BASE_SETTINGS, DATA, TEACHER_TRAINER, dice_bar_plot, machine,  # noqa: E402
-                      schedule, trained_with, versions)
+from accuracy import (BASE_SETTINGS, DATA, TEACHER_TRAINER, dataset_name, dice_bar_plot, machine,  # noqa: E402
+                      results_for_data, schedule, trained_with, versions)
 
 SITE = "pancreas_site"  # the few-shot hospital (an MSD task: unlabelled images have their place, imagesTs)
 FEWSHOT_ID, HELD_OUT_ID, LABELLED_ONLY_ID, PUBLIC_POOL_ID, PUBLIC_ID = 521, 522, 523, 530, 531
@@ -51,13 +51,6 @@ PATCH = tuple(DATA["patch_size"])
 SITE_MODELS = {"labelled_only": (TEACHER_TRAINER, LABELLED_ONLY_ID, False),
                "marginal": ("nnUNetTrainerMarginal", FEWSHOT_ID, False),
                "dual_kd": ("nnUNetTrainerDualKD", FEWSHOT_ID, True)}
-
-
-def _dataset(workdir: Path, dataset_id: int) -> str:
-    found = sorted(p.name for p in (workdir / "nnUNet_raw").glob(f"Dataset{dataset_id}_*"))
-    if not found:
-        raise FileNotFoundError(f"{workdir / 'nnUNet_raw'} has no Dataset{dataset_id}_*")
-    return found[0]
 
 
 def _msd_subset(src: Path, dst: Path, labelled: List[dict], unlabelled: List[dict]) -> Path:
@@ -82,7 +75,24 @@ def _msd_subset(src: Path, dst: Path, labelled: List[dict], unlabelled: List[dic
 
 def prepare(workdir: Path, seed: int, labelled: int, unlabelled: int, held_out: int, synthesise: bool) -> dict:
     """The hospital's datasets (few-shot with unlabelled cases, labelled-only, held-out) and the public pool, converted
-    with the plugin's converters and planned with stock nnU-Net + small plans."""
+    with the plugin's converters and planned with stock nnU-Net + small plans; skipped when ``dual_kd_prepared.json``
+    says they were prepared with these numbers. Returns that record."""
+    from nnunetv2_fedkd.utils import atomic_write_json
+
+    marker = workdir / "dual_kd_prepared.json"
+    wanted = {"seed": seed, "labelled": labelled, "unlabelled": unlabelled, "held_out": held_out,
+              "synthesised": synthesise}
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        if {k: done.get(k) for k in wanted} == wanted:
+            print(f"   {workdir}: prepared earlier with these numbers ({marker})", flush=True)
+            return done
+    record = {**wanted, **_prepare(workdir, seed, labelled, unlabelled, held_out, synthesise)}
+    atomic_write_json(marker, record)
+    return record
+
+
+def _prepare(workdir: Path, seed: int, labelled: int, unlabelled: int, held_out: int, synthesise: bool) -> dict:
     from nnunetv2_fedkd.dataset_conversion import convert_dataset
     from nnunetv2_fedkd.pipeline import convert_federation, plan_and_preprocess, small_plans
     from nnunetv2_fedkd.pooled_dataset import merge_sites
@@ -116,12 +126,17 @@ def prepare(workdir: Path, seed: int, labelled: int, unlabelled: int, held_out: 
     public = write_fully_labelled_pool(workdir, pool.name, PUBLIC_ID, dataset_name="PublicFullyLabelled",
                                        nnunet_raw=raw, overwrite=True)
     plan_and_preprocess([FEWSHOT_ID, LABELLED_ONLY_ID, PUBLIC_ID], workdir, log_dir=workdir / "logs")
-    small_plans([_dataset(workdir, i) for i in (FEWSHOT_ID, LABELLED_ONLY_ID, PUBLIC_ID)], workdir, patch_size=PATCH)
+    small_plans([dataset_name(workdir, i) for i in (FEWSHOT_ID, LABELLED_ONLY_ID, PUBLIC_ID)], workdir,
+                patch_size=PATCH)
     return {"public": public.name, "public_sites": [s.name for s in others.sites]}
 
 
+def results_root(workdir: Path) -> Path:
+    return workdir / "bench_results" / "dual_kd"
+
+
 def results_dir(workdir: Path, model: str) -> Path:
-    return workdir / "bench_results" / "dual_kd" / model
+    return results_root(workdir) / model
 
 
 def _trainer_folder(workdir: Path, model: str, trainer: str, dataset: str) -> Path:
@@ -131,19 +146,20 @@ def _trainer_folder(workdir: Path, model: str, trainer: str, dataset: str) -> Pa
 def train_model(workdir: Path, model: str, iterations: int) -> None:
     """Train ``model`` ('public' or a SITE_MODELS row), unless a finished training with these settings is there."""
     from nnunetv2_fedkd.pipeline import train
+    from nnunetv2_fedkd.utils import atomic_write_json
 
     trainer, dataset_id, uses_public = SITE_MODELS.get(model, (TEACHER_TRAINER, PUBLIC_ID, False))
-    dataset = _dataset(workdir, dataset_id)
+    dataset = dataset_name(workdir, dataset_id)
     settings = {**BASE_SETTINGS, **schedule(iterations)}
     if uses_public:
-        public = _trainer_folder(workdir, "public", TEACHER_TRAINER, _dataset(workdir, PUBLIC_ID))
+        public = _trainer_folder(workdir, "public", TEACHER_TRAINER, dataset_name(workdir, PUBLIC_ID))
         settings["public_model"] = {"results_folder": str(public), "folds": ["all"]}
     if trained_with(_trainer_folder(workdir, model, trainer, dataset) / "fold_all", settings):
         print(f"   {model}: trained earlier with these settings", flush=True)
         return
     cfg = workdir / "bench_settings" / f"dual_kd_{model}_{iterations}.json"
     cfg.parent.mkdir(exist_ok=True)
-    cfg.write_text(json.dumps(settings))
+    atomic_write_json(cfg, settings)
     train(dataset, trainer, workdir, cfg, fold="all", log_dir=workdir / "logs",
           extra_env={"nnUNet_results": str(results_dir(workdir, model))})
 
@@ -155,12 +171,12 @@ def held_out_dice(workdir: Path, model: str) -> float:
     from nnunetv2_fedkd.pipeline import evaluate, predict
 
     trainer, dataset_id, _ = SITE_MODELS.get(model, (TEACHER_TRAINER, PUBLIC_ID, False))
-    held = workdir / "nnUNet_raw" / _dataset(workdir, HELD_OUT_ID)
+    held = workdir / "nnUNet_raw" / dataset_name(workdir, HELD_OUT_ID)
     out = workdir / "bench_predictions" / "dual_kd" / model
-    pred = predict(held / "imagesTr", out, _dataset(workdir, dataset_id), trainer, workdir, fold="all",
+    pred = predict(held / "imagesTr", out, dataset_name(workdir, dataset_id), trainer, workdir, fold="all",
                    log_dir=workdir / "logs", extra_env={"nnUNet_results": str(results_dir(workdir, model))})
     if model == "public":  # its 4-organ label map in the hospital's label set: pancreas -> 1, other organs -> 0
-        labels = json.loads((workdir / "nnUNet_raw" / _dataset(workdir, PUBLIC_ID) / "dataset.json").read_text())[
+        labels = json.loads((workdir / "nnUNet_raw" / dataset_name(workdir, PUBLIC_ID) / "dataset.json").read_text())[
             "labels"]
         change = {float(v): float(1 if k == "pancreas" else 0) for k, v in labels.items() if v != 0}
         relabelled = out.parent / f"{model}_relabelled"
@@ -172,6 +188,8 @@ def held_out_dice(workdir: Path, model: str) -> float:
             sitk.WriteImage(sitk.ChangeLabel(sitk.ReadImage(str(f)), changeMap=change), str(relabelled / f.name))
         pred = relabelled
     dice = evaluate(held / "labelsTr", pred, held / "dataset.json", workdir, log_dir=workdir / "logs")
+    if "pancreas" not in dice:
+        raise KeyError(f"{pred / 'summary.json'} has no pancreas Dice (labels: {sorted(dice)})")
     return float(np.nan_to_num(dice["pancreas"]))
 
 
@@ -198,6 +216,7 @@ def main(argv=None) -> int:
     wd = (args.workdir or out / "work").absolute()
     t0 = time.time()
     data = prepare(wd, args.seed, args.labelled, args.unlabelled, args.held_out, synthesise=not args.prepared)
+    results_for_data(results_root(wd), data)  # finished trainings are reused only on the same data
     units = [Unit("public", train_model, (wd, "public", args.public_iterations))]
     units += [Unit(m, train_model, (wd, m, args.site_iterations), deps=("public",) if SITE_MODELS[m][2] else ())
               for m in SITE_MODELS]
@@ -213,7 +232,8 @@ def main(argv=None) -> int:
     record = {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), "seed": args.seed,
               "site": SITE, "labelled": args.labelled, "unlabelled": args.unlabelled, "held_out": args.held_out,
               "public_iterations": args.public_iterations, "site_iterations": args.site_iterations,
-              "jobs": args.jobs, **data, "pancreas_dice": dice, "train_seconds": train_seconds,
+              "jobs": args.jobs, "public": data["public"], "public_sites": data["public_sites"],
+              "pancreas_dice": dice, "train_seconds": train_seconds,
               "settings": BASE_SETTINGS, "versions": versions(), "machine": machine(),
               "seconds": round(time.time() - t0)}
     atomic_write_json(out / "results.json", record)

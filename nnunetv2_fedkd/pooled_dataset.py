@@ -108,16 +108,20 @@ def write_remapped_cases(site: Site, raw: Path, dst: Path, global_value: Dict[st
     dj = site_dataset_json(site, raw)
     per_case = (dj.get("fedkd") or {}).get("case_annotated") or {}
     for case, organs in per_case.items():
-        if not set(organs) <= set(site.organs):
-            raise ConversionError(f"site {site.name!r}: {src / 'dataset.json'} fedkd.case_annotated[{case!r}] names "
-                                  f"{sorted(set(organs) - set(site.organs))}, which the site does not annotate "
-                                  f"({site.organs})")
+        if not isinstance(organs, list) or not set(organs) <= set(site.organs):
+            raise ConversionError(f"site {site.name!r}: {src / 'dataset.json'} fedkd.case_annotated[{case!r}] is "
+                                  f"{organs!r}: a list of organs the site annotates ({site.organs}) expected")
+    site_value = {o: int(v) for o, v in dj["labels"].items() if o != "background"}
     n_channels = len(dj["channel_names"])
     lut, allowed = _label_lut(site, dj, src / "dataset.json", global_value)
     labels = sorted((src / "labelsTr").glob(f"*{FILE_ENDING}"))
     if not labels:
         raise ConversionError(f"site {site.name!r}: no labels in {src / 'labelsTr'}")
     labelled = {f.name[: -len(FILE_ENDING)] for f in labels}
+    strays = sorted(set(per_case) - labelled)
+    if strays:
+        raise ConversionError(f"site {site.name!r}: {src / 'dataset.json'} fedkd.case_annotated lists {strays[0]!r}, "
+                              f"which has no label in {src / 'labelsTr'}")
     unlabelled = sorted({f.name[: -len(FILE_ENDING) - 5] for f in (src / "imagesTr").glob(f"*{FILE_ENDING}")}
                         - labelled)
     if unlabelled:
@@ -133,16 +137,22 @@ def write_remapped_cases(site: Site, raw: Path, dst: Path, global_value: Dict[st
                 raise ConversionError(f"site {site.name!r}: case {case}: {img} is missing")
         lab = sitk.ReadImage(str(lab_file))
         arr = sitk.GetArrayFromImage(lab)
-        stray = sorted(set(np.unique(arr).tolist()) - allowed)
+        present = set(np.unique(arr).tolist())
+        stray = sorted(present - allowed)
         if stray:
             raise ConversionError(f"site {site.name!r}: {lab_file} has values {stray} outside its "
                                   f"dataset.json labels {sorted(allowed)}")
+        organs = list(per_case.get(case, site.organs))
+        unannotated = sorted(o for o, v in site_value.items() if v in present and o not in organs)
+        if unannotated:
+            raise ConversionError(f"site {site.name!r}: {lab_file} labels {unannotated}, which dataset.json "
+                                  f"fedkd.case_annotated says case {case!r} does not annotate ({organs})")
         out = sitk.GetImageFromArray(lut[arr.astype(np.uint8)])
         out.CopyInformation(lab)
         sitk.WriteImage(out, str(dst / "labelsTr" / f"{new_case}{FILE_ENDING}"), useCompression=True)
         for ch, img in enumerate(images):
             _link_or_copy(img, dst / "imagesTr" / f"{new_case}_{ch:04d}{FILE_ENDING}")
-        new_cases[new_case] = list(per_case.get(case, site.organs))
+        new_cases[new_case] = organs
     return new_cases
 
 

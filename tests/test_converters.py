@@ -7,6 +7,7 @@ axis first like the real files, float32 / int16 images, float / uint8 labels, Ki
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -235,6 +236,19 @@ def test_msd_unlabelled_images_as_training_cases(raw, src, monkeypatch):
     assert la.annotated("liver_132") == [] and la.softmax_mask(["liver_132", "liver_0"]).tolist() == [
         [True, False], [True, True]]
     verify_dataset_integrity(str(out), num_processes=1)
+
+
+def test_unlabelled_image_with_a_labelled_cases_id_is_refused(raw, src):
+    task = make_msd(src)
+    shutil.copy2(task / "imagesTs" / "liver_132.nii.gz", task / "imagesTs" / "liver_1.nii.gz")
+    meta = json.loads((task / "dataset.json").read_text())
+    meta["test"].append("./imagesTs/liver_1.nii.gz")
+    (task / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ConversionError, match=r"case liver_1: the unlabelled image .*imagesTs/liver_1.nii.gz and the "
+                                              r"labelled case .*imagesTr/liver_1.nii.gz have the same case id"):
+        convert_dataset("msd", task, 3, nnunet_raw=raw, unlabelled_as_training=True)
+    assert_nothing_written(raw)
+    convert_dataset("msd", task, 3, nnunet_raw=raw)  # as test images they do not collide (imagesTs vs imagesTr)
 
 
 def test_unlabelled_as_training_without_unlabelled_images_is_refused(raw, src):

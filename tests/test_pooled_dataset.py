@@ -51,6 +51,15 @@ def test_merge_keeps_the_unlabelled_training_cases_of_a_site(two_sites):
     dj = json.loads(dj_file.read_text())
     dj["fedkd"]["case_annotated"] = {"c0": ["kidney"], "c1": []}
     dj_file.write_text(json.dumps(dj))
+    # its label map still holds kidney voxels: a contradiction, refused naming the site, the file and the case
+    with pytest.raises(ConversionError, match=r"site 'a': .*c1.nii.gz labels \['kidney'\], which dataset.json "
+                                              r"fedkd.case_annotated says case 'c1' does not annotate"):
+        merge_sites(spec, 512, nnunet_raw=raw)
+    lab_file = raw / "Dataset501_A" / "labelsTr" / "c1.nii.gz"
+    lab = sitk.ReadImage(str(lab_file))
+    empty = sitk.GetImageFromArray(np.zeros_like(sitk.GetArrayFromImage(lab)))
+    empty.CopyInformation(lab)
+    sitk.WriteImage(empty, str(lab_file))
     pooled = json.loads((merge_sites(spec, 510, nnunet_raw=raw) / "dataset.json").read_text())
     assert pooled["fedkd"]["case_annotated"] == {"a__c0": ["kidney"], "a__c1": [], "b__c0": ["liver"]}
     assert LabelAvailability(pooled).softmax_mask(["a__c1"]).tolist() == [[True, False, False]]
@@ -58,11 +67,14 @@ def test_merge_keeps_the_unlabelled_training_cases_of_a_site(two_sites):
     view.mkdir()
     _write_site_view(spec, spec.sites[0], raw, view, "Dataset601_AFed", {"0": "CT"}, global_label_values(spec))
     assert json.loads((view / "dataset.json").read_text())["fedkd"]["case_annotated"] == {"c0": ["kidney"], "c1": []}
-    # a table naming an organ the site does not annotate is refused, naming the site and the file
-    dj["fedkd"]["case_annotated"] = {"c0": ["liver"], "c1": []}
-    dj_file.write_text(json.dumps(dj))
-    with pytest.raises(ConversionError, match=r"site 'a': .*dataset.json fedkd.case_annotated\['c0'\] names \['liver'\]"):
-        merge_sites(spec, 511, nnunet_raw=raw)
+    # a table naming an organ the site does not annotate, or a case it does not have, is refused by site and file
+    for table, message in (({"c0": ["liver"], "c1": []}, r"fedkd.case_annotated\['c0'\] is \['liver'\]"),
+                           ({"c0": "kidney", "c1": []}, r"fedkd.case_annotated\['c0'\] is 'kidney'"),
+                           ({"c0": ["kidney"], "c1": [], "c9": []}, r"lists 'c9', which has no label")):
+        dj["fedkd"]["case_annotated"] = table
+        dj_file.write_text(json.dumps(dj))
+        with pytest.raises(ConversionError, match=r"site 'a': .*" + message):
+            merge_sites(spec, 511, nnunet_raw=raw)
 
 
 def test_merge_remaps_labels_and_records_availability(two_sites):

@@ -151,3 +151,30 @@ def test_training_seed_seeds_every_generator_and_federated_rounds_get_their_own(
         monkeypatch.setenv(CONFIG_ENV, str(f))
         with pytest.raises(TrainerConfigError, match="training_seed must be null or an int >= 0"):
             nnUNetTrainerFedKDBase({"dataset_name": "Dataset999_X"}, "3d_fullres", 0, {}, torch.device("cpu"))
+
+
+def test_trainers_with_nnunets_own_loss_refuse_cases_that_annotate_no_organ():
+    """A dataset converted with --unlabelled-as-training has cases that annotate no organ: nnU-Net's own loss (the
+    stock-loss base trainer, EnsembleKD's hard-label term) would learn them as all background, so those trainers refuse
+    it by name; the partial-label trainers (no label loss from such a case) and the naive baseline accept it."""
+    from types import SimpleNamespace
+
+    from nnunetv2_fedkd.trainers import (nnUNetTrainerDualKD, nnUNetTrainerEnsembleKD, nnUNetTrainerFedKD,
+                                         nnUNetTrainerFedKDBase, nnUNetTrainerMarginal, nnUNetTrainerMSKD,
+                                         nnUNetTrainerMultiHead, nnUNetTrainerNaivePartial)
+    from nnunetv2_fedkd.trainers.config import TrainerConfigError
+
+    def check(cls, table):
+        t = object.__new__(cls)
+        t.dataset_json = {"labels": {"background": 0, "pancreas": 1}, "fedkd": {"case_annotated": table}}
+        t.plans_manager = SimpleNamespace(dataset_name="Dataset521_PancreasFewShot")
+        t._refuse_cases_without_labels()
+
+    with_unlabelled = {"p_1": ["pancreas"], "p_7": []}
+    for cls in (nnUNetTrainerFedKDBase, nnUNetTrainerEnsembleKD):
+        with pytest.raises(TrainerConfigError, match=r"1 training case\(s\) of Dataset521_PancreasFewShot .*'p_7'"):
+            check(cls, with_unlabelled)
+        check(cls, {"p_1": ["pancreas"]})  # every case labelled: accepted
+    for cls in (nnUNetTrainerMarginal, nnUNetTrainerMultiHead, nnUNetTrainerDualKD, nnUNetTrainerMSKD,
+                nnUNetTrainerFedKD, nnUNetTrainerNaivePartial):
+        check(cls, with_unlabelled)

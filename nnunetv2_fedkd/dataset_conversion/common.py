@@ -316,6 +316,12 @@ def convert_source(
         raise ConversionError(f"{source.input_dir} has no unlabelled {fmt.description} images to use as training "
                               f"cases (unlabelled_as_training)")
     unlabelled = test if unlabelled_as_training else []
+    labelled_files = {c.case_id: c.image_path for c in train}
+    clash = next((c for c in unlabelled if c.case_id in labelled_files), None)
+    if clash is not None:
+        raise ConversionError(f"case {clash.case_id}: the unlabelled image {clash.image_path} and the labelled case "
+                              f"{labelled_files[clash.case_id]} have the same case id; as training cases one would "
+                              f"overwrite the other (rename one, or convert without unlabelled_as_training)")
     label_set, value_map, merged = resolve_label_set(source.source_format, organs, keep_tumour)
     lut = np.zeros(max(value_map) + 1, dtype=np.uint8)
     for value, out in value_map.items():

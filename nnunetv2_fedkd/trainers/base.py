@@ -100,21 +100,36 @@ class nnUNetTrainerFedKDBase(nnUNetTrainer):
         """nnU-Net's split, except where nnU-Net would fail: a dataset with fewer training cases than nnU-Net's 5 folds
         (a hospital with a handful of labelled cases) and no ``splits_final.json``. There every case trains and the
         same cases validate, as with nnU-Net's fold ``all`` (``validates_on_training_cases`` is then true, and the log
-        says so). A ``splits_final.json`` next to the plans is always used as nnU-Net uses it."""
+        says so). A ``splits_final.json`` next to the plans is always used as nnU-Net uses it.
+
+        Cases that annotate no organ (``[]`` in ``fedkd.case_annotated``: ``convert --unlabelled-as-training``) train
+        in every fold and never validate: the folds are nnU-Net's seeded split (``generate_crossval_split``) of the
+        labelled cases, and the few-case rule counts the labelled cases."""
         self.validates_on_training_cases = self.fold == "all"
         if self.fold != "all" and not os.path.isfile(os.path.join(self.preprocessed_dataset_folder_base,
                                                                   SPLITS_FILE)):
             if self.dataset_class is None:
                 self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
             keys = sorted(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
-            if len(keys) < NNUNET_FOLDS:
+            unlabelled = self._cases_without_labels(keys)
+            labelled = [k for k in keys if k not in unlabelled]
+            if len(labelled) < NNUNET_FOLDS:
                 self.print_to_log_file(
-                    f"{len(keys)} training case(s), fewer than nnU-Net's {NNUNET_FOLDS} folds, and no {SPLITS_FILE} in "
-                    f"{self.preprocessed_dataset_folder_base}: fold {self.fold} trains on every case and validates on "
-                    f"the same cases (as fold 'all'); its validation Dice is a training Dice. Write a {SPLITS_FILE} "
-                    f"to choose another split.")
+                    f"{len(labelled)} labelled training case(s), fewer than nnU-Net's {NNUNET_FOLDS} folds, and no "
+                    f"{SPLITS_FILE} in {self.preprocessed_dataset_folder_base}: fold {self.fold} trains on every case "
+                    f"and validates on the labelled ones (as fold 'all'); its validation Dice is a training Dice. "
+                    f"Write a {SPLITS_FILE} to choose another split.")
                 self.validates_on_training_cases = True
-                return keys, keys
+                return keys, labelled
+            if unlabelled:
+                from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+                split = generate_crossval_split(labelled, seed=12345, n_splits=NNUNET_FOLDS)[int(self.fold)]
+                self.print_to_log_file(
+                    f"fold {self.fold}: nnU-Net's split of the {len(labelled)} labelled cases; the {len(unlabelled)} "
+                    f"case(s) that annotate no organ train in every fold and never validate")
+                self.validates_on_training_cases = False
+                return list(split["train"]) + unlabelled, list(split["val"])
         for attempt in range(SPLIT_READ_ATTEMPTS):
             try:
                 tr_keys, val_keys = super().do_split()
@@ -126,8 +141,22 @@ class nnUNetTrainerFedKDBase(nnUNetTrainer):
                 if attempt == SPLIT_READ_ATTEMPTS - 1:
                     raise
                 time.sleep(0.5)
+        without = self._cases_without_labels(val_keys)
+        if without:  # fold 'all' or the user's split: the cases that annotate no organ train, they never validate
+            val_keys = [k for k in val_keys if k not in without]
+            if not val_keys:
+                raise TrainerConfigError(
+                    f"fold {self.fold} of {self.plans_manager.dataset_name} validates only on cases that annotate no "
+                    f"organ ({', '.join(without)}); give it labelled validation cases in "
+                    f"{os.path.join(self.preprocessed_dataset_folder_base, SPLITS_FILE)}")
         self.validates_on_training_cases = set(val_keys) <= set(tr_keys)
         return tr_keys, val_keys
+
+    def _cases_without_labels(self, keys=None) -> list:
+        """Those of ``keys`` (default: every case) that annotate no organ (``[]`` in dataset.json
+        ``fedkd.case_annotated``)."""
+        table = (self.dataset_json.get("fedkd") or {}).get("case_annotated") or {}
+        return [k for k in (table if keys is None else keys) if k in table and not table[k]]
 
     def training_seed(self) -> Optional[int]:
         """The seed this training starts from (``training_seed``; None: not seeded)."""
@@ -171,7 +200,13 @@ class nnUNetTrainerFedKDBase(nnUNetTrainer):
             todo.extend(cls.__subclasses__())
         return keys
 
+    # a training case that annotates no organ (convert --unlabelled-as-training): nnU-Net's own loss would take it as
+    # all background, so the trainers with that loss refuse such a dataset; the partial-label trainers (no label loss
+    # from it) and the naive baseline ("unlabelled is background" is what it stands for) accept it
+    accepts_cases_without_labels = False
+
     def initialize(self):
+        self._refuse_cases_without_labels()
         super().initialize()
         if self.local_rank == 0 and self.output_folder is not None:
             atomic_write_json(
@@ -182,3 +217,17 @@ class nnUNetTrainerFedKDBase(nnUNetTrainer):
             )
         self.print_to_log_file(f"nnunetv2_fedkd settings ({self.fedkd_config_file or 'defaults'}): "
                                f"{self.fedkd_config}")
+
+    def _refuse_cases_without_labels(self) -> None:
+        """A training case that annotates no organ (``[]`` in dataset.json ``fedkd.case_annotated``) would be an
+        all-background example for nnU-Net's own loss: refused, naming the dataset, unless the trainer accepts it
+        (``accepts_cases_without_labels``)."""
+        if self.accepts_cases_without_labels:
+            return
+        empty = sorted(self._cases_without_labels())
+        if empty:
+            raise TrainerConfigError(
+                f"{type(self).__name__} trains with nnU-Net's own loss, which would take the {len(empty)} training "
+                f"case(s) of {self.plans_manager.dataset_name} that annotate no organ (fedkd.case_annotated [], e.g. "
+                f"{empty[0]!r}) as all background; train nnUNetTrainerMarginal, nnUNetTrainerDualKD or another "
+                f"partial-label trainer on it, or convert the source without --unlabelled-as-training")

@@ -301,7 +301,11 @@ class _FedKDMixin(_MSKDMixin):
                        # the per-site teacher gate's figures (flat numbers: Flower's MetricRecord takes only those)
                        **self._teacher_gate_metrics()}
             save_weights(c["update_file"], weights,
-                         {"site": self._site(), "round": int(c["round"]), "num_examples": len(tr_keys),
+                         # FedAvg's weight: the labelled cases (a case annotating no organ teaches the site only
+                         # what the global model already said, so a site with many unlabelled scans does not outweigh
+                         # the others)
+                         {"site": self._site(), "round": int(c["round"]),
+                          "num_examples": len(tr_keys) - len(self._cases_without_labels(tr_keys)),
                           "organs": list((self.dataset_json.get("fedkd") or {}).get(
                               "annotated", self.label_availability.label_names)),
                           "plans_digest": self._plans_file_digest(), "metrics": metrics})

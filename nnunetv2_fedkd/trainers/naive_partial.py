@@ -8,3 +8,5 @@ class nnUNetTrainerNaivePartial(nnUNetTrainerFedKDBase):
     This is what users do today when they pool partially labelled datasets, and the baseline every partial-label
     method is compared with. It keeps nnU-Net's training unchanged; only the schedule comes from the config file.
     """
+
+    accepts_cases_without_labels = True  # an unlabelled case is all background: the naive assumption itself

@@ -39,6 +39,8 @@ class _PerBatchMask(nn.Module):
 class nnUNetTrainerPartialLabelBase(nnUNetTrainerFedKDBase):
     """Shared wiring; subclasses give ``_partial_label_loss()`` and ``_annotated_mask(keys)``."""
 
+    accepts_cases_without_labels = True  # a case annotating no organ adds no label loss
+
     def initialize(self):
         self.label_availability = LabelAvailability(self.dataset_json)
         super().initialize()
