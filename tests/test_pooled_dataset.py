@@ -170,3 +170,30 @@ def test_fully_labelled_pool_of_a_synthetic_federation(tmp_path):
     with pytest.raises(ConversionError, match=bad):
         write_fully_labelled_pool(tmp_path, pooled.name, 512, nnunet_raw=raw)
     assert not list(raw.glob("Dataset512_*"))
+
+
+def test_fully_labelled_pool_with_a_sites_unlabelled_training_cases(tmp_path):
+    """A site converted with unlabelled_as_training (the MSD spleen site's 2 imagesTs images) pools those cases with
+    [] and all-background labels; the oracle's pool labels them fully, re-rendered as the generator's unlabelled
+    images (checked: each has every organ, and the labelled cases still equal their pooled labels)."""
+    from nnunetv2_fedkd.pipeline import convert_federation
+    from nnunetv2_fedkd.pooled_dataset import global_label_values
+    from nnunetv2_fedkd.spec import load_spec, save_spec
+    from nnunetv2_fedkd.synthetic import make_federation
+    from nnunetv2_fedkd.synthetic.oracle import write_fully_labelled_pool
+
+    spec = load_spec(make_federation(tmp_path, seed=5, size=(32, 32, 24), cases_per_site=1, test_cases=0,
+                                     fov_scale=0.7))
+    spec.site("spleen_site").unlabelled_as_training = True
+    spec = load_spec(save_spec(spec, spec.path))
+    raw = tmp_path / "nnUNet_raw"
+    convert_federation(spec, raw)
+    pooled = merge_sites(spec, 510, nnunet_raw=raw)
+    annotated = json.loads((pooled / "dataset.json").read_text())["fedkd"]["case_annotated"]
+    unlabelled = sorted(c for c, o in annotated.items() if not o)
+    assert len(unlabelled) == 2 and all(c.startswith("spleen_site__") for c in unlabelled)
+    full = write_fully_labelled_pool(tmp_path, pooled.name, 511, nnunet_raw=raw)
+    values = global_label_values(spec)
+    for case in unlabelled:
+        f = sitk.GetArrayFromImage(sitk.ReadImage(str(full / "labelsTr" / f"{case}.nii.gz")))
+        assert all((f == v).sum() > 10 for v in values.values()), case

@@ -30,11 +30,12 @@ from nnunetv2_fedkd.synthetic.federation import META_NAME, SPEC_NAME, _kits_arra
 from nnunetv2_fedkd.utils import atomic_output_dir
 
 
-def _full_label_image(meta: dict, site_meta: dict, index: int, values: Dict[str, int], source_image: Path):
-    """Case ``index`` of the site, every federation organ labelled (``values``: organ -> value), as a SimpleITK
-    image on the source image's grid."""
+def _full_label_image(meta: dict, site_meta: dict, index: int, values: Dict[str, int], source_image: Path,
+                      test_image: bool = False):
+    """Case ``index`` of the site (``test_image``: of its unlabelled images), every federation organ labelled
+    (``values``: organ -> value), as a SimpleITK image on the source image's grid."""
     ph = site_phantom(meta["seed"], site_meta["name"], index, meta["size"], meta["with_tumours"],
-                      fov_scale=meta["fov_scale"])
+                      test_image=test_image, fov_scale=meta["fov_scale"])
     full = ph.to_format({v: k for k, v in values.items()})
     if site_meta["layout"] == "kits23":
         _, full, _ = _kits_arrays(ph, ph.image, full)
@@ -70,17 +71,19 @@ def write_fully_labelled_pool(federation_dir: os.PathLike, pooled_dataset: str, 
     values = global_label_values(spec)
     final = target_folder(dataset_id, dataset_name or f"{pooled_dataset.split('_', 1)[1]}FullyLabelled", raw)
 
-    # pooled case -> (site meta, render index, source image), through the converters' own scanners
+    # pooled case -> (site meta, render index, is an unlabelled image, source image), through the converters' own
+    # scanners (a site converted with unlabelled_as_training pools its unlabelled images too)
     where = {}
     for sm in meta["sites"]:
         site = spec.site(sm["name"])
         index_of = {}
-        for i, rec in enumerate(c for c in sm["cases"] if c["label"] is not None):
-            index_of[(federation_dir / rec["image"]).resolve()] = i
+        for unlabelled in (False, True):
+            for i, rec in enumerate(c for c in sm["cases"] if (c["label"] is None) == unlabelled):
+                index_of[(federation_dir / rec["image"]).resolve()] = (i, unlabelled)
         for case in _SCANNERS[site.source_format](Path(site.source_dir), site.source_format).cases:
-            if case.label_path is not None:
-                where[f"{site.name}__{case.case_id}"] = (sm, index_of[Path(case.image_path).resolve()],
-                                                         Path(case.image_path), site)
+            where[f"{site.name}__{case.case_id}"] = (sm, *index_of[Path(case.image_path).resolve()],
+                                                     Path(case.image_path))
+    annotated = dj.get("fedkd", {}).get("case_annotated", {})
     missing = sorted(set(case_site) - set(where))
     if missing:
         raise ConversionError(f"{pooled}: cases {missing[:3]} are not cases of the synthetic federation in "
@@ -90,12 +93,12 @@ def write_fully_labelled_pool(federation_dir: os.PathLike, pooled_dataset: str, 
         (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
         for case in sorted(case_site):
-            sm, index, source_image, site = where[case]
+            sm, index, unlabelled, source_image = where[case]
             partial = sitk.ReadImage(str(pooled / "labelsTr" / f"{case}{FILE_ENDING}"))
-            full = sitk.Resample(_full_label_image(meta, sm, index, values, source_image), partial,
-                                 sitk.Transform(), sitk.sitkNearestNeighbor, 0, partial.GetPixelID())
+            full = sitk.Resample(_full_label_image(meta, sm, index, values, source_image, test_image=unlabelled),
+                                 partial, sitk.Transform(), sitk.sitkNearestNeighbor, 0, partial.GetPixelID())
             p, f = sitk.GetArrayViewFromImage(partial), sitk.GetArrayViewFromImage(full)
-            for organ in site.organs:
+            for organ in annotated.get(case, spec.site(case_site[case]).organs):  # what this case annotates
                 v = values[organ]
                 if not np.array_equal(p == v, f == v):
                     raise ConversionError(f"{case}: the re-rendered {organ} differs from the pooled label in "
