@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import sys
 import time
@@ -43,6 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import (BASE_SETTINGS, DATA, TEACHER_TRAINER, dataset_name, dice_bar_plot, machine,  # noqa: E402
                       results_for_data, schedule, trained_with, versions)
+from record import add_out_arguments, command_line, out_and_workdir, write_results  # noqa: E402
 
 SITE = "pancreas_site"  # the few-shot hospital (an MSD task: unlabelled images have their place, imagesTs)
 FEWSHOT_ID, HELD_OUT_ID, LABELLED_ONLY_ID, PUBLIC_POOL_ID, PUBLIC_ID = 521, 522, 523, 530, 531
@@ -195,8 +195,7 @@ def held_out_dice(workdir: Path, model: str) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--workdir", type=Path, default=None, help="default: <out>/work")
+    add_out_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labelled", type=int, default=2)
     p.add_argument("--unlabelled", type=int, default=6)
@@ -209,11 +208,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from jobs import Unit, run_units
 
-    from nnunetv2_fedkd.utils import atomic_write_json, atomic_write_text
-
-    out = args.out.absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    wd = (args.workdir or out / "work").absolute()
+    out, wd = out_and_workdir(args)
     t0 = time.time()
     data = prepare(wd, args.seed, args.labelled, args.unlabelled, args.held_out, synthesise=not args.prepared)
     results_for_data(results_root(wd), data)  # finished trainings are reused only on the same data
@@ -229,29 +224,26 @@ def main(argv=None) -> int:
     run_units(units, args.jobs, on_done)
     dice = {m: held_out_dice(wd, m) for m in ("public", *SITE_MODELS)}
     print(f"   held-out pancreas Dice: {json.dumps({m: round(d, 3) for m, d in dice.items()})}", flush=True)
-    record = {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), "seed": args.seed,
+    record = {"command": command_line(), "seed": args.seed,
               "site": SITE, "labelled": args.labelled, "unlabelled": args.unlabelled, "held_out": args.held_out,
               "public_iterations": args.public_iterations, "site_iterations": args.site_iterations,
               "jobs": args.jobs, "public": data["public"], "public_sites": data["public_sites"],
               "pancreas_dice": dice, "train_seconds": train_seconds,
               "settings": BASE_SETTINGS, "versions": versions(), "machine": machine(),
               "seconds": round(time.time() - t0)}
-    atomic_write_json(out / "results.json", record)
     rows = {"public": "public model (other sites' scanners, every organ labelled), alone",
             "labelled_only": f"stock nnU-Net on the {args.labelled} labelled cases",
             "marginal": f"marginal loss on {args.labelled} labelled + {args.unlabelled} unlabelled (no KD)",
             "dual_kd": f"DualKD on {args.labelled} labelled + {args.unlabelled} unlabelled, from the public model"}
-    lines = [f"Command: `{record['command']}`", "",
-             f"Seed {args.seed}; the few-shot hospital: {SITE} ({args.labelled} labelled + {args.unlabelled} "
+    lines = [f"Seed {args.seed}; the few-shot hospital: {SITE} ({args.labelled} labelled + {args.unlabelled} "
              f"unlabelled cases, {args.site_iterations} iterations each model); public model: "
              f"{', '.join(data['public_sites'])} fully labelled, {args.public_iterations} iterations. Pancreas Dice "
              f"on the hospital's {args.held_out} held-out cases (its own scanner).", "",
              "| model | pancreas Dice | train s |", "|---|---|---|"]
     lines += [f"| {rows[m]} | {d:.3f} | {train_seconds.get(m, '')} |" for m, d in dice.items()]
     lines += ["", f"Dual KD - without (marginal): {dice['dual_kd'] - dice['marginal']:+.3f}; dual KD - labelled "
-                  f"only: {dice['dual_kd'] - dice['labelled_only']:+.3f}.", "",
-              f"Versions: {record['versions']}; machine: {record['machine']}; {record['seconds']} s in all"]
-    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+                  f"only: {dice['dual_kd'] - dice['labelled_only']:+.3f}.", "", f"{record['seconds']} s in all."]
+    write_results(out, record, lines)
     dice_bar_plot(out / "dice.png", list(dice), ["pancreas"], {m: {"pancreas": d} for m, d in dice.items()})
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'dice.png'}")
     return 0

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import (BASE_SETTINGS, ORACLE_ID, TEACHER_TRAINER, dataset_name, dice_bar_plot,  # noqa: E402
                       machine, prepare, results_for_data, schedule, trained_with, versions)
+from record import add_out_arguments, command_line, out_and_workdir, write_results  # noqa: E402
 
 FOLDS = ("0", "1", "2", "3", "4")
 STUDENT_TRAINER = "nnUNetTrainerEnsembleKD"
@@ -107,12 +107,8 @@ def predict_and_score(workdir: Path, name: str, model: str, trainer: str, folds)
 
 
 def write_outputs(out: Path, record: dict) -> None:
-    from nnunetv2_fedkd.utils import atomic_write_json, atomic_write_text
-
-    atomic_write_json(out / "results.json", record)
     organs, rows = record["organs"], record["rows"]
-    lines = [f"Command: `{record['command']}`", "",
-             f"Seed {record['seed']}, fully labelled pool {record['dataset']}; every network {record['iterations']} "
+    lines = [f"Seed {record['seed']}, fully labelled pool {record['dataset']}; every network {record['iterations']} "
              f"iterations (small plans). Dice on the external test set; predict: wall seconds of stock "
              f"nnUNetv2_predict for the {record['test_cases']} test cases.", "",
              "| model | " + " | ".join(organs) + " | mean | predict s |", "|---" * (len(organs) + 3) + "|"]
@@ -124,17 +120,15 @@ def write_outputs(out: Path, record: dict) -> None:
               + ", ".join(f"{o} {d:+.3f}" for o, d in t["student_minus_ensemble"].items()) + ").",
               f"Student inference time / ensemble's: {t['time_ratio']:.2f} (target <= {TARGET_TIME_RATIO:.2f}): "
               f"{'met' if t['time_met'] else 'missed'}; one fold alone / ensemble: {t['one_fold_time_ratio']:.2f} "
-              f"(whole nnUNetv2_predict calls, start-up included).",
-              "", f"Versions: {record['versions']}; machine: {record['machine']}; {record['seconds']} s in all"]
-    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+              f"(whole nnUNetv2_predict calls, start-up included).", "", f"{record['seconds']} s in all."]
+    write_results(out, record, lines)
     dice_bar_plot(out / "dice.png", list(rows), organs + ["mean"],
                   {n: {o: r[o] for o in organs + ["mean"]} for n, r in rows.items()})
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--workdir", type=Path, default=None, help="default: <out>/work")
+    add_out_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iterations", type=int, default=1920, help="each network's training iterations")
     p.add_argument("--jobs", type=int, default=1, help="trainings at a time, one thread each when > 1")
@@ -146,9 +140,7 @@ def main(argv=None) -> int:
 
     from nnunetv2_fedkd.spec import load_spec
 
-    out = args.out.absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    wd = (args.workdir or out / "work").absolute()
+    out, wd = out_and_workdir(args)
     t0 = time.time()
     if not args.prepared:
         sizes = dict(size=(24, 24, 20), patch_size=(16, 16, 16), cases_per_site=3, test_cases=2) if args.smallest \
@@ -186,7 +178,7 @@ def main(argv=None) -> int:
     diff = {o: stu[o] - ens[o] for o in organs}
     ratio = stu["seconds"] / ens["seconds"]
     test_cases = json.loads((wd / "nnUNet_raw" / spec.test_set.dataset / "dataset.json").read_text())["numTraining"]
-    record = {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), "seed": args.seed,
+    record = {"command": command_line(), "seed": args.seed,
               "dataset": dataset, "iterations": args.iterations, "jobs": args.jobs, "organs": organs,
               "test_cases": test_cases, "rows": rows, "train_seconds": train_seconds,
               "settings": {**BASE_SETTINGS, **schedule(args.iterations)},
