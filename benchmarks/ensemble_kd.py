@@ -79,6 +79,9 @@ def train_model(workdir: Path, model: str, fold: str, iterations: int) -> None:
         trainer = STUDENT_TRAINER
         members = results_dir(workdir, "ensemble") / dataset / f"{TEACHER_TRAINER}__nnUNetPlansSmall__3d_fullres"
         settings["ensemble"] = [{"results_folder": str(members), "folds": [int(f) for f in FOLDS]}]
+        # every member as it is (the benchmark compares with that very ensemble), also one the teacher gate would
+        # leave out for a low pseudo Dice (e.g. after the smoke test's 2 iterations)
+        settings["min_teacher_dice"] = 0.0
     results = results_dir(workdir, model)
     if trained_with(results / dataset / f"{trainer}__nnUNetPlansSmall__3d_fullres" / f"fold_{fold}", settings):
         print(f"   {model} fold {fold}: trained earlier with these settings", flush=True)
