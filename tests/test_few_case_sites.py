@@ -74,7 +74,7 @@ def test_teacher_on_one_case_and_a_users_split_file(few_case_federation):
     fold = train(layout.views["kidney_site"], "nnUNetTrainerFedKDBase", wd, settings, fold="0")
     assert (fold / "checkpoint_final.pth").is_file()
     log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
-    assert "1 training case(s), fewer than nnU-Net's 5 folds" in log, log[-2000:]
+    assert "1 labelled training case(s), fewer than nnU-Net's 5 folds" in log, log[-2000:]
 
     # a user's splits_final.json at the 2-case site is used as nnU-Net uses it (1 training, 1 validation case)
     pre = Path(subprocess_env(wd)["nnUNet_preprocessed"]) / layout.views["liver_site"]
