@@ -51,6 +51,8 @@ PATCH = tuple(DATA["patch_size"])
 SITE_MODELS = {"labelled_only": (TEACHER_TRAINER, LABELLED_ONLY_ID, False),
                "marginal": ("nnUNetTrainerMarginal", FEWSHOT_ID, False),
                "dual_kd": ("nnUNetTrainerDualKD", FEWSHOT_ID, True)}
+# every model: the public one ("trained elsewhere") and the hospital's
+MODELS = {"public": (TEACHER_TRAINER, PUBLIC_ID, False), **SITE_MODELS}
 
 
 def _msd_subset(src: Path, dst: Path, labelled: List[dict], unlabelled: List[dict]) -> Path:
@@ -144,11 +146,11 @@ def _trainer_folder(workdir: Path, model: str, trainer: str, dataset: str) -> Pa
 
 
 def train_model(workdir: Path, model: str, iterations: int) -> None:
-    """Train ``model`` ('public' or a SITE_MODELS row), unless a finished training with these settings is there."""
+    """Train ``model`` (a MODELS row), unless a finished training with these settings is there."""
     from nnunetv2_fedkd.pipeline import train
     from nnunetv2_fedkd.utils import atomic_write_json
 
-    trainer, dataset_id, uses_public = SITE_MODELS.get(model, (TEACHER_TRAINER, PUBLIC_ID, False))
+    trainer, dataset_id, uses_public = MODELS[model]
     dataset = dataset_name(workdir, dataset_id)
     settings = {**BASE_SETTINGS, **schedule(iterations)}
     if uses_public:
@@ -171,7 +173,7 @@ def held_out_dice(workdir: Path, model: str) -> float:
 
     from nnunetv2_fedkd.pipeline import evaluate, predict
 
-    trainer, dataset_id, _ = SITE_MODELS.get(model, (TEACHER_TRAINER, PUBLIC_ID, False))
+    trainer, dataset_id, _ = MODELS[model]
     held = workdir / "nnUNet_raw" / dataset_name(workdir, HELD_OUT_ID)
     out = workdir / "bench_predictions" / "dual_kd" / model
     pred = predict(held / "imagesTr", out, dataset_name(workdir, dataset_id), trainer, workdir, fold="all",
@@ -223,7 +225,7 @@ def main(argv=None) -> int:
         print(f"   {unit.key} trained ({seconds:.0f} s)", flush=True)
 
     run_units(units, args.jobs, on_done)
-    dice = {m: held_out_dice(wd, m) for m in ("public", *SITE_MODELS)}
+    dice = {m: held_out_dice(wd, m) for m in MODELS}
     print(f"   held-out pancreas Dice: {json.dumps({m: round(d, 3) for m, d in dice.items()})}", flush=True)
     record = {"command": command_line(), "seed": args.seed,
               "site": SITE, "labelled": args.labelled, "unlabelled": args.unlabelled, "held_out": args.held_out,
