@@ -28,6 +28,7 @@ Paths are resolved relative to the spec file. ``load_spec`` validates the struct
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -44,6 +45,11 @@ _DATASET_RE = re.compile(r"^Dataset(\d{3})_([A-Za-z0-9_\-]+)$")
 # default id of a site's federated view dataset: the site's dataset id + this (``Site.view_dataset``)
 FEDERATED_DATASET_ID_OFFSET = 100
 CONVERTER_FORMATS = ("msd", "kits19", "kits21", "kits23", "lits", "btcv")
+# the keys each table of a spec may hold: anything else is a typo that would be ignored silently, so it is refused
+FEDERATION_KEYS = ("name", "labels", "plans_dataset")
+SITE_KEYS = ("name", "dataset", "organs", "location", "source_format", "source_dir", "federated_dataset",
+             "unlabelled_as_training")
+TEST_SET_KEYS = ("dataset", "source_format", "source_dir")
 
 
 class SpecError(ValueError):
@@ -195,13 +201,22 @@ def spec_from_dict(raw: Dict[str, Any], path: Optional[Path] = None) -> Federati
             raise SpecError(f"{where}: {ctx}.{key} must be true or false, got {v!r}")
         return v
 
+    def known_keys(table: Dict[str, Any], ctx: str, known) -> None:
+        for key in table:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise SpecError(f"{where}: {ctx} has an unknown key {key!r}{hint}; its keys are {', '.join(known)}")
+
     fed = need(raw, "federation", "the file", dict)
+    known_keys(fed, "[federation]", FEDERATION_KEYS)
     sites_raw = need(raw, "sites", "the file", list)
     sites = []
     for i, s in enumerate(sites_raw):
         ctx = f"sites[{i}]"
         if not isinstance(s, dict):
             raise SpecError(f"{where}: {ctx} must be a table")
+        known_keys(s, f"{ctx} ({s['name']!r})" if isinstance(s.get("name"), str) else ctx, SITE_KEYS)
         organs = need(s, "organs", ctx, list)
         sites.append(
             Site(
@@ -220,6 +235,7 @@ def spec_from_dict(raw: Dict[str, Any], path: Optional[Path] = None) -> Federati
         t = raw["test_set"]
         if not isinstance(t, dict):
             raise SpecError(f"{where}: test_set must be a table")
+        known_keys(t, "test_set", TEST_SET_KEYS)
         test = TestSet(
             dataset=need(t, "dataset", "test_set", str),
             source_format=t.get("source_format"),

@@ -104,6 +104,29 @@ def test_bad_spec_files(tmp_path):
         load_spec(p)
 
 
+@pytest.mark.parametrize("table, line, message", [
+    ("[[sites]]", 'unlabeled_as_training = true',
+     r"sites\[0\] \('a'\) has an unknown key 'unlabeled_as_training' \(did you mean 'unlabelled_as_training'\?\)"),
+    ("[federation]", 'plan_dataset = "Dataset590_P"',
+     r"\[federation\] has an unknown key 'plan_dataset' \(did you mean 'plans_dataset'\?\)"),
+    ("[test_set]", 'colour = "red"', r"test_set has an unknown key 'colour'; its keys are dataset, "),
+])
+def test_a_misspelt_key_is_refused_not_ignored(tmp_path, table, line, message):
+    """A typo in a spec key would silently fall back to the default (e.g. unlabelled images left out): refused,
+    naming the table and the key it probably meant."""
+    tables = {"[federation]": ['labels = ["liver"]'], "[[sites]]": ['name = "a"', 'dataset = "Dataset501_A"',
+                                                                     'organs = ["liver"]'],
+              "[test_set]": ['dataset = "Dataset509_T"']}
+    tables[table].append(line)
+    p = tmp_path / "f.toml"
+    p.write_text("".join(f"{t}\n" + "\n".join(lines) + "\n" for t, lines in tables.items()))
+    with pytest.raises(SpecError, match=message):
+        load_spec(p)
+    tables[table].pop()
+    p.write_text("".join(f"{t}\n" + "\n".join(lines) + "\n" for t, lines in tables.items()))
+    assert load_spec(p).sites[0].name == "a"
+
+
 def test_check_datasets_against_dataset_json(tmp_path):
     spec = _spec(tmp_path)
     raw = tmp_path / "raw"
