@@ -13,7 +13,7 @@ losses then reduce to nnU-Net's own.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -62,6 +62,16 @@ class LabelAvailability:
                                              f"dataset changed after nnunetv2_fedkd merge?")
             return self._per_case[case]
         return self._default
+
+    def annotating_nothing(self, keys: Optional[Sequence[str]] = None) -> List[str]:
+        """Those of ``keys`` (default: every case the table names) that annotate no organ (``[]``: unlabelled images
+        converted with ``--unlabelled-as-training``). A case the per-case table lacks is not counted here
+        (:meth:`annotated` refuses it where its labels are used)."""
+        if keys is None:
+            keys = list(self._per_case)
+        if not self._per_case:
+            return [] if self._default else [str(k) for k in keys]
+        return [str(k) for k in keys if str(k) in self._per_case and not self._per_case[str(k)]]
 
     def foreground_mask(self, keys: Sequence[str], device=None) -> torch.Tensor:
         """Bool ``[B, K]``: organ k (label value k+1) is annotated in case ``keys[b]`` (the sigmoid heads' mask)."""

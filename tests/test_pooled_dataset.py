@@ -127,6 +127,15 @@ def test_single_site_dataset_has_one_annotated_set_and_plain_datasets_are_fully_
     assert la.softmax_mask(["anything"]).tolist() == [[True, False, True]]
     la = LabelAvailability({"labels": {"background": 0, "liver": [1], "kidney": [2]}})
     assert la.foreground_mask(["x", "y"]).all()
+    assert la.annotating_nothing(["x", "y"]) == []
+
+
+def test_cases_annotating_nothing():
+    la = LabelAvailability({"labels": {"background": 0, "liver": 1},
+                            "fedkd": {"annotated": ["liver"], "case_annotated": {"a": ["liver"], "u1": [], "u2": []}}})
+    assert la.annotating_nothing() == ["u1", "u2"]
+    assert la.annotating_nothing(["u2", "a", "not_in_table"]) == ["u2"]
+    assert la.foreground_mask(["u1"]).tolist() == [[False]]
 
 
 def test_fully_labelled_pool_of_a_synthetic_federation(tmp_path):

@@ -51,7 +51,7 @@ def unlabelled_trainer(tmp_path, fold, labelled, unlabelled, split_file=False):
     keys = sorted(labelled + unlabelled)
     t.fold, t.preprocessed_dataset_folder_base, t.preprocessed_dataset_folder = fold, str(tmp_path), str(tmp_path)
     t.dataset_class = type("Ids", (), {"get_identifiers": staticmethod(lambda folder: keys)})
-    t.dataset_json = {"fedkd": {"case_annotated": {**{k: ["pancreas"] for k in labelled},
+    t.dataset_json = {"labels": {"background": 0, "pancreas": 1}, "fedkd": {"case_annotated": {**{k: ["pancreas"] for k in labelled},
                                                    **{k: [] for k in unlabelled}}}}
     t.plans_manager = type("PM", (), {"dataset_name": "Dataset521_PancreasFewShot"})()
     t.print_to_log_file = lambda *a, **k: None

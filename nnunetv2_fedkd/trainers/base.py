@@ -11,6 +11,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
 
+from nnunetv2_fedkd.label_availability import LabelAvailability
 from nnunetv2_fedkd.trainers.config import (BASE_DEFAULTS, DATA_AUGMENTATION, USED_CONFIG_NAME, TrainerConfigError,
                                             load_trainer_config)
 from nnunetv2_fedkd.utils import atomic_write_json
@@ -155,8 +156,9 @@ class nnUNetTrainerFedKDBase(nnUNetTrainer):
     def _cases_without_labels(self, keys=None) -> list:
         """Those of ``keys`` (default: every case) that annotate no organ (``[]`` in dataset.json
         ``fedkd.case_annotated``)."""
-        table = (self.dataset_json.get("fedkd") or {}).get("case_annotated") or {}
-        return [k for k in (table if keys is None else keys) if k in table and not table[k]]
+        if not self.dataset_json.get("fedkd"):  # not converted by the plugin: every case is fully annotated
+            return []
+        return LabelAvailability(self.dataset_json).annotating_nothing(keys)
 
     def training_seed(self) -> Optional[int]:
         """The seed this training starts from (``training_seed``; None: not seeded)."""
