@@ -3,7 +3,8 @@
 Stock nnU-Net's ``do_split`` fails there ("Cannot have number of splits n_splits=5 greater than the number of
 samples"), every round, at every such site. The plugin's trainers train on every case and validate on the same cases
 (as fold ``all``), say so in the log, and use a user's ``splits_final.json`` as it is. End to end: a federation of a
-2-case site and a 1-case site is planned, federates with per-round evaluation on, and trains a teacher on fold 0.
+2-case site, a 1-case site and a site with 2 labelled and 2 unlabelled cases (MSD imagesTs converted with
+``unlabelled_as_training``) is planned, federates with per-round evaluation on, and trains a teacher on fold 0.
 """
 from __future__ import annotations
 
@@ -21,17 +22,21 @@ from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN
 
 @pytest.fixture(scope="module")
 def few_case_federation(tmp_path_factory):
-    """liver_site (LiTS layout) with 2 labelled cases, kidney_site (KiTS23) with 1, planned with ``nnunetv2_fedkd
-    plan`` and small plans."""
+    """liver_site (LiTS layout) with 2 labelled cases, kidney_site (KiTS23) with 1, spleen_site (MSD Task09) with 2
+    labelled cases and its 2 imagesTs images as training cases that annotate no organ (the spec's
+    ``unlabelled_as_training``), planned with ``nnunetv2_fedkd plan`` and small plans."""
     from nnunetv2_fedkd.federated.planning import resolve_layout
     from nnunetv2_fedkd.pipeline import convert_federation, nnunet_script, small_plans
-    from nnunetv2_fedkd.spec import load_spec
+    from nnunetv2_fedkd.spec import load_spec, save_spec
     from nnunetv2_fedkd.synthetic import make_federation
 
     wd = tmp_path_factory.mktemp("few_cases")
-    spec_path = make_federation(wd, seed=3, size=(32, 32, 24), cases_per_site=2, test_cases=0, num_sites=2,
+    spec_path = make_federation(wd, seed=3, size=(32, 32, 24), cases_per_site=2, test_cases=0, num_sites=3,
                                 fov_scale=0.7)
     shutil.rmtree(wd / "sources" / "kidney_kits23" / "dataset" / "case_00001")  # the kidney site keeps one case
+    spec = load_spec(spec_path)
+    spec.site("spleen_site").unlabelled_as_training = True
+    save_spec(spec, spec_path)
     spec = load_spec(spec_path)
     convert_federation(spec, wd / "nnUNet_raw")
     proc = subprocess.run([nnunet_script("nnunetv2_fedkd"), "plan", str(spec.path)], env=subprocess_env(wd, cpu=True),
@@ -58,11 +63,21 @@ def test_federation_of_a_two_case_and_a_one_case_site(few_case_federation):
     history = json.loads((run / "metrics.json").read_text())
     assert [h["round"] for h in history] == [1, 2]
     for h in history:
-        assert h["aggregated"] and sorted(h["accepted"]) == ["kidney_site", "liver_site"], h
+        assert h["aggregated"] and sorted(h["accepted"]) == ["kidney_site", "liver_site", "spleen_site"], h
     # the sites say that their validation is on their training cases
     assert "evaluates on its 1 training case(s)" in out.stdout and "evaluates on its 2 training case(s)" in out.stdout
     train_log = (run / "sites" / "kidney_site" / "round_0001" / "train.log").read_text()
     assert "fewer than nnU-Net's 5 folds" in train_log and "Cannot have number of splits" not in train_log
+    # the spleen site's unlabelled cases reach its view dataset as cases that annotate no organ, train, never validate
+    view = json.loads((Path(subprocess_env(wd)["nnUNet_raw"]) / layout.views["spleen_site"] / "dataset.json")
+                      .read_text())
+    annotated = view["fedkd"]["case_annotated"]
+    assert sorted(map(len, annotated.values())) == [0, 0, 1, 1], annotated
+    spleen_log = (run / "sites" / "spleen_site" / "round_0001" / "train.log").read_text()
+    assert "2 labelled training case(s), fewer than nnU-Net's 5 folds" in spleen_log, spleen_log[-3000:]
+    assert "validates on the labelled ones" in spleen_log
+    # FedAvg weighs the site by the cases that carry labels (2), not by all 4 it trained on
+    assert [h["sites"]["spleen_site"]["num_examples"] for h in history] == [2, 2], history
 
 
 @pytest.mark.slow
