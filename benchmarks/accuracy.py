@@ -164,6 +164,26 @@ def trained_with(fold: Path, settings: dict) -> bool:
     return all(used.get(k) == v for k, v in settings.items())
 
 
+def train_unless_done(workdir: Path, label: str, dataset: str, trainer: str, fold: str, settings: dict,
+                      results: Path, settings_file: str) -> None:
+    """``nnUNetv2_train dataset 3d_fullres fold -tr trainer -p nnUNetPlansSmall`` with ``settings`` (written to
+    ``<workdir>/bench_settings/<settings_file>``, one file per training, so that two trainings started together never
+    read each other's half-written file) into the results root ``results``, unless a finished training with these
+    settings is there (:func:`trained_with`)."""
+    from nnunetv2_fedkd.pipeline import train
+    from nnunetv2_fedkd.utils import atomic_write_json
+
+    if trained_with(results / dataset / f"{trainer}__nnUNetPlansSmall__3d_fullres" / f"fold_{fold}", settings):
+        print(f"   {label}: trained earlier with these settings", flush=True)
+        return
+    cfg = workdir / "bench_settings" / settings_file
+    cfg.parent.mkdir(exist_ok=True)
+    atomic_write_json(cfg, settings)
+    print(f"   {label}", flush=True)
+    train(dataset, trainer, workdir, cfg, fold=fold, log_dir=workdir / "logs",
+          extra_env={"nnUNet_results": str(results)})
+
+
 def results_for_data(results_root: Path, data: dict) -> Path:
     """``results_root``, emptied when the models in it were trained on other data than ``data`` describes (recorded in
     its ``data.json``), so a rerun reuses finished trainings only on the same data."""
@@ -201,19 +221,13 @@ def teacher_model(workdir: Path, site) -> "Model":
 def train_teacher(workdir: Path, site_name: str, iterations: int) -> None:
     """The single-organ teacher of one site (trained unless a finished one with this budget is there): stock
     nnU-Net's trainer on the site's view of the federation plans, ``iterations`` iterations."""
-    from nnunetv2_fedkd.pipeline import train
     from nnunetv2_fedkd.spec import load_spec
 
     site = next(s for s in load_spec(workdir / "federation.toml").sites if s.name == site_name)
     m = teacher_model(workdir, site)
-    if trained_with(m.folder(m.results), schedule(iterations)):
-        return
-    cfg = workdir / "bench_settings" / f"teacher_{iterations}.json"
-    cfg.parent.mkdir(exist_ok=True)
-    cfg.write_text(json.dumps({**BASE_SETTINGS, **schedule(iterations)}))
-    print(f"   teacher {site.organs[0]} ({m.dataset}), {iterations} iterations", flush=True)
-    train(m.dataset, TEACHER_TRAINER, workdir, cfg, fold="all", log_dir=workdir / "logs",
-          extra_env={"nnUNet_results": str(m.results)})
+    train_unless_done(workdir, f"teacher {site.organs[0]} ({m.dataset}), {iterations} iterations", m.dataset,
+                      TEACHER_TRAINER, "all", {**BASE_SETTINGS, **schedule(iterations)}, m.results,
+                      f"teacher_{site.name}_{iterations}.json")
 
 
 def teachers(workdir: Path, iterations: int) -> list:
@@ -356,7 +370,7 @@ def write_outputs(out: Path, record: dict, organs: List[str]) -> None:
 
 
 def dice_bar_plot(path: Path, methods: List[str], columns: List[str], values: Dict[str, Dict[str, float]],
-                  errors: Dict[str, Dict[str, float]] = None) -> None:
+                  errors: Dict[str, Dict[str, float]] = None, ylabel: str = "Dice (external test set)") -> None:
     """Grouped bars: one group per method, one bar per column (organ or 'mean'), optional error bars."""
     import matplotlib
 
@@ -372,7 +386,7 @@ def dice_bar_plot(path: Path, methods: List[str], columns: List[str], values: Di
                    yerr=None if errors is None else [errors[m][c] for m in methods])
         ax.set_xticks(x + width * (len(columns) - 1) / 2, methods, rotation=30, ha="right")
         ax.set_ylim(0, 1)
-        ax.set_ylabel("Dice (external test set)")
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=7, ncol=3)
         fig.tight_layout()
         fig.savefig(path, dpi=90)

@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import (BASE_SETTINGS, DATA, TEACHER_TRAINER, dataset_name, dice_bar_plot, machine,  # noqa: E402
-                      results_for_data, schedule, trained_with, versions)
+                      results_for_data, schedule, train_unless_done, versions)
 from record import add_out_arguments, command_line, out_and_workdir, write_results  # noqa: E402
 
 SITE = "pancreas_site"  # the few-shot hospital (an MSD task: unlabelled images have their place, imagesTs)
@@ -147,9 +147,6 @@ def _trainer_folder(workdir: Path, model: str, trainer: str, dataset: str) -> Pa
 
 def train_model(workdir: Path, model: str, iterations: int) -> None:
     """Train ``model`` (a MODELS row), unless a finished training with these settings is there."""
-    from nnunetv2_fedkd.pipeline import train
-    from nnunetv2_fedkd.utils import atomic_write_json
-
     trainer, dataset_id, uses_public = MODELS[model]
     dataset = dataset_name(workdir, dataset_id)
     settings = {**BASE_SETTINGS, **schedule(iterations)}
@@ -157,14 +154,8 @@ def train_model(workdir: Path, model: str, iterations: int) -> None:
         public = _trainer_folder(workdir, "public", TEACHER_TRAINER, dataset_name(workdir, PUBLIC_ID))
         settings["public_model"] = {"results_folder": str(public), "folds": ["all"]}
         settings["min_teacher_dice"] = 0.0  # the public model as it is (also after the smoke test's 2 iterations)
-    if trained_with(_trainer_folder(workdir, model, trainer, dataset) / "fold_all", settings):
-        print(f"   {model}: trained earlier with these settings", flush=True)
-        return
-    cfg = workdir / "bench_settings" / f"dual_kd_{model}_{iterations}.json"
-    cfg.parent.mkdir(exist_ok=True)
-    atomic_write_json(cfg, settings)
-    train(dataset, trainer, workdir, cfg, fold="all", log_dir=workdir / "logs",
-          extra_env={"nnUNet_results": str(results_dir(workdir, model))})
+    train_unless_done(workdir, model, dataset, trainer, "all", settings, results_dir(workdir, model),
+                      f"dual_kd_{model}_{iterations}.json")
 
 
 def held_out_dice(workdir: Path, model: str) -> float:
@@ -247,7 +238,8 @@ def main(argv=None) -> int:
     lines += ["", f"Dual KD - without (marginal): {dice['dual_kd'] - dice['marginal']:+.3f}; dual KD - labelled "
                   f"only: {dice['dual_kd'] - dice['labelled_only']:+.3f}.", "", f"{record['seconds']} s in all."]
     write_results(out, record, lines)
-    dice_bar_plot(out / "dice.png", list(dice), ["pancreas"], {m: {"pancreas": d} for m, d in dice.items()})
+    dice_bar_plot(out / "dice.png", list(dice), ["pancreas"], {m: {"pancreas": d} for m, d in dice.items()},
+                  ylabel="Dice (the hospital's held-out cases)")
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'dice.png'}")
     return 0
 

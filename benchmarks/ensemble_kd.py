@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import (BASE_SETTINGS, ORACLE_ID, TEACHER_TRAINER, dataset_name, dice_bar_plot,  # noqa: E402
-                      machine, prepare, results_for_data, schedule, trained_with, versions)
+                      machine, prepare, results_for_data, schedule, train_unless_done, versions)
 from record import add_out_arguments, command_line, out_and_workdir, write_results  # noqa: E402
 
 FOLDS = ("0", "1", "2", "3", "4")
@@ -69,9 +69,6 @@ def results_dir(workdir: Path, model: str) -> Path:
 def train_model(workdir: Path, model: str, fold: str, iterations: int) -> None:
     """Train ``model`` ('ensemble' member ``fold``, 'student' or 'labels_only'), unless a finished training with
     these settings is there."""
-    from nnunetv2_fedkd.pipeline import train
-    from nnunetv2_fedkd.utils import atomic_write_json
-
     dataset = oracle_dataset(workdir)
     settings = {**BASE_SETTINGS, **schedule(iterations)}
     trainer = TEACHER_TRAINER
@@ -82,15 +79,8 @@ def train_model(workdir: Path, model: str, fold: str, iterations: int) -> None:
         # every member as it is (the benchmark compares with that very ensemble), also one the teacher gate would
         # leave out for a low pseudo Dice (e.g. after the smoke test's 2 iterations)
         settings["min_teacher_dice"] = 0.0
-    results = results_dir(workdir, model)
-    if trained_with(results / dataset / f"{trainer}__nnUNetPlansSmall__3d_fullres" / f"fold_{fold}", settings):
-        print(f"   {model} fold {fold}: trained earlier with these settings", flush=True)
-        return
-    cfg = workdir / "bench_settings" / f"ensemble_kd_{model}_{fold}_{iterations}.json"
-    cfg.parent.mkdir(exist_ok=True)
-    atomic_write_json(cfg, settings)
-    train(dataset, trainer, workdir, cfg, fold=fold, log_dir=workdir / "logs",
-          extra_env={"nnUNet_results": str(results)})
+    train_unless_done(workdir, f"{model} fold {fold}", dataset, trainer, fold, settings, results_dir(workdir, model),
+                      f"ensemble_kd_{model}_{fold}_{iterations}.json")
 
 
 def predict_and_score(workdir: Path, name: str, model: str, trainer: str, folds) -> Dict[str, float]:
