@@ -165,23 +165,30 @@ def trained_with(fold: Path, settings: dict) -> bool:
 
 
 def train_unless_done(workdir: Path, label: str, dataset: str, trainer: str, fold: str, settings: dict,
-                      results: Path, settings_file: str) -> None:
+                      results: Path, settings_file: str) -> bool:
     """``nnUNetv2_train dataset 3d_fullres fold -tr trainer -p nnUNetPlansSmall`` with ``settings`` (written to
     ``<workdir>/bench_settings/<settings_file>``, one file per training, so that two trainings started together never
     read each other's half-written file) into the results root ``results``, unless a finished training with these
-    settings is there (:func:`trained_with`)."""
+    settings is there (:func:`trained_with`). Returns whether it trained."""
     from nnunetv2_fedkd.pipeline import train
     from nnunetv2_fedkd.utils import atomic_write_json
 
     if trained_with(results / dataset / f"{trainer}__nnUNetPlansSmall__3d_fullres" / f"fold_{fold}", settings):
         print(f"   {label}: trained earlier with these settings", flush=True)
-        return
+        return False
     cfg = workdir / "bench_settings" / settings_file
     cfg.parent.mkdir(exist_ok=True)
     atomic_write_json(cfg, settings)
     print(f"   {label}", flush=True)
     train(dataset, trainer, workdir, cfg, fold=fold, log_dir=workdir / "logs",
           extra_env={"nnUNet_results": str(results)})
+    return True
+
+
+def training_seconds(record: dict, key: str, trained: bool, seconds: float) -> None:
+    """``record[key]``: the wall seconds of a training, or ``"reused"`` when a finished one was reused (a rerun's
+    seconds would be those of a no-op)."""
+    record[key] = round(seconds, 1) if trained else "reused"
 
 
 def results_for_data(results_root: Path, data: dict) -> Path:

@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import (BASE_SETTINGS, DATA, TEACHER_TRAINER, dataset_name, dice_bar_plot, machine,  # noqa: E402
-                      results_for_data, schedule, train_unless_done, versions)
+                      results_for_data, schedule, train_unless_done, training_seconds, versions)
 from record import add_out_arguments, command_line, out_and_workdir, write_results  # noqa: E402
 
 SITE = "pancreas_site"  # the few-shot hospital (an MSD task: unlabelled images have their place, imagesTs)
@@ -145,7 +145,7 @@ def _trainer_folder(workdir: Path, model: str, trainer: str, dataset: str) -> Pa
     return results_dir(workdir, model) / dataset / f"{trainer}__nnUNetPlansSmall__3d_fullres"
 
 
-def train_model(workdir: Path, model: str, iterations: int) -> None:
+def train_model(workdir: Path, model: str, iterations: int) -> bool:
     """Train ``model`` (a MODELS row), unless a finished training with these settings is there."""
     trainer, dataset_id, uses_public = MODELS[model]
     dataset = dataset_name(workdir, dataset_id)
@@ -154,8 +154,8 @@ def train_model(workdir: Path, model: str, iterations: int) -> None:
         public = _trainer_folder(workdir, "public", TEACHER_TRAINER, dataset_name(workdir, PUBLIC_ID))
         settings["public_model"] = {"results_folder": str(public), "folds": ["all"]}
         settings["min_teacher_dice"] = 0.0  # the public model as it is (also after the smoke test's 2 iterations)
-    train_unless_done(workdir, model, dataset, trainer, "all", settings, results_dir(workdir, model),
-                      f"dual_kd_{model}_{iterations}.json")
+    return train_unless_done(workdir, model, dataset, trainer, "all", settings, results_dir(workdir, model),
+                             f"dual_kd_{model}_{iterations}.json")
 
 
 def held_out_dice(workdir: Path, model: str) -> float:
@@ -209,11 +209,12 @@ def main(argv=None) -> int:
     units = [Unit("public", train_model, (wd, "public", args.public_iterations))]
     units += [Unit(m, train_model, (wd, m, args.site_iterations), deps=("public",) if SITE_MODELS[m][2] else ())
               for m in SITE_MODELS]
-    train_seconds: Dict[str, float] = {}
+    train_seconds: Dict[str, object] = {}
 
-    def on_done(unit, _result, seconds: float) -> None:
-        train_seconds[unit.key] = round(seconds, 1)
-        print(f"   {unit.key} trained ({seconds:.0f} s)", flush=True)
+    def on_done(unit, trained: bool, seconds: float) -> None:
+        training_seconds(train_seconds, unit.key, trained, seconds)
+        if trained:
+            print(f"   {unit.key} trained ({seconds:.0f} s)", flush=True)
 
     run_units(units, args.jobs, on_done)
     dice = {m: held_out_dice(wd, m) for m in MODELS}

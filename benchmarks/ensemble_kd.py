@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import (BASE_SETTINGS, ORACLE_ID, TEACHER_TRAINER, dataset_name, dice_bar_plot,  # noqa: E402
-                      machine, prepare, results_for_data, schedule, train_unless_done, versions)
+                      machine, prepare, results_for_data, schedule, train_unless_done, training_seconds, versions)
 from record import add_out_arguments, command_line, out_and_workdir, write_results  # noqa: E402
 
 FOLDS = ("0", "1", "2", "3", "4")
@@ -66,7 +66,7 @@ def results_dir(workdir: Path, model: str) -> Path:
     return results_root(workdir) / model
 
 
-def train_model(workdir: Path, model: str, fold: str, iterations: int) -> None:
+def train_model(workdir: Path, model: str, fold: str, iterations: int) -> bool:
     """Train ``model`` ('ensemble' member ``fold``, 'student' or 'labels_only'), unless a finished training with
     these settings is there."""
     dataset = oracle_dataset(workdir)
@@ -79,8 +79,8 @@ def train_model(workdir: Path, model: str, fold: str, iterations: int) -> None:
         # every member as it is (the benchmark compares with that very ensemble), also one the teacher gate would
         # leave out for a low pseudo Dice (e.g. after the smoke test's 2 iterations)
         settings["min_teacher_dice"] = 0.0
-    train_unless_done(workdir, f"{model} fold {fold}", dataset, trainer, fold, settings, results_dir(workdir, model),
-                      f"ensemble_kd_{model}_{fold}_{iterations}.json")
+    return train_unless_done(workdir, f"{model} fold {fold}", dataset, trainer, fold, settings,
+                             results_dir(workdir, model), f"ensemble_kd_{model}_{fold}_{iterations}.json")
 
 
 def predict_and_score(workdir: Path, name: str, model: str, trainer: str, folds) -> Dict[str, float]:
@@ -147,11 +147,12 @@ def main(argv=None) -> int:
     units = members + [Unit("labels_only", train_model, (wd, "labels_only", "all", args.iterations)),
                        Unit("student", train_model, (wd, "student", "all", args.iterations),
                             deps=tuple(u.key for u in members))]
-    train_seconds: Dict[str, float] = {}
+    train_seconds: Dict[str, object] = {}
 
-    def on_done(unit, _result, seconds: float) -> None:
-        train_seconds[unit.key] = round(seconds, 1)
-        print(f"   {unit.key} trained ({seconds:.0f} s)", flush=True)
+    def on_done(unit, trained: bool, seconds: float) -> None:
+        training_seconds(train_seconds, unit.key, trained, seconds)
+        if trained:
+            print(f"   {unit.key} trained ({seconds:.0f} s)", flush=True)
 
     run_units(units, args.jobs, on_done)
     spec = load_spec(wd / "federation.toml")
