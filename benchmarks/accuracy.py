@@ -191,6 +191,20 @@ def training_seconds(record: dict, key: str, trained: bool, seconds: float) -> N
     record[key] = round(seconds, 1) if trained else "reused"
 
 
+def workdir_seed(workdir: Path, seed: Optional[int], prepared: bool) -> int:
+    """The seed a benchmark reports: a ``--prepared`` workdir's own (its synthetic federation's ``synth_meta.json``),
+    which ``seed`` (``--seed``), when given, must match; otherwise ``seed`` (default 0)."""
+    if not prepared:
+        return 0 if seed is None else seed
+    meta = workdir / "synth_meta.json"
+    if not meta.is_file():
+        raise SystemExit(f"--prepared: {meta} does not exist; give a workdir the accuracy benchmark synthesised")
+    own = int(json.loads(meta.read_text())["seed"])
+    if seed is not None and seed != own:
+        raise SystemExit(f"--seed {seed}, but {workdir} holds the federation of seed {own} ({meta})")
+    return own
+
+
 def results_for_data(results_root: Path, data: dict) -> Path:
     """``results_root``, emptied when the models in it were trained on other data than ``data`` describes (recorded in
     its ``data.json``), so a rerun reuses finished trainings only on the same data."""

@@ -41,7 +41,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import (BASE_SETTINGS, DATA, TEACHER_TRAINER, dataset_name, dice_bar_plot, machine,  # noqa: E402
-                      results_for_data, schedule, train_unless_done, training_seconds, versions)
+                      results_for_data, schedule, train_unless_done, training_seconds, versions,
+                      workdir_seed)
 from record import add_out_arguments, command_line, out_and_workdir, write_results  # noqa: E402
 
 SITE = "pancreas_site"  # the few-shot hospital (an MSD task: unlabelled images have their place, imagesTs)
@@ -190,7 +191,8 @@ def held_out_dice(workdir: Path, model: str) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_out_arguments(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="default 0; with --prepared, the workdir's own seed (a different --seed is refused)")
     p.add_argument("--labelled", type=int, default=2)
     p.add_argument("--unlabelled", type=int, default=6)
     p.add_argument("--held-out", type=int, default=4)
@@ -203,6 +205,7 @@ def main(argv=None) -> int:
     from jobs import Unit, run_units
 
     out, wd = out_and_workdir(args)
+    args.seed = workdir_seed(wd, args.seed, args.prepared)
     t0 = time.time()
     data = prepare(wd, args.seed, args.labelled, args.unlabelled, args.held_out, synthesise=not args.prepared)
     results_for_data(results_root(wd), data)  # finished trainings are reused only on the same data

@@ -41,7 +41,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import (BASE_SETTINGS, ORACLE_ID, TEACHER_TRAINER, dataset_name, dice_bar_plot,  # noqa: E402
-                      machine, prepare, results_for_data, schedule, train_unless_done, training_seconds, versions)
+                      machine, prepare, results_for_data, schedule, train_unless_done, training_seconds, versions,
+                      workdir_seed)
 from record import add_out_arguments, command_line, out_and_workdir, write_results  # noqa: E402
 
 FOLDS = ("0", "1", "2", "3", "4")
@@ -122,7 +123,8 @@ def write_outputs(out: Path, record: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_out_arguments(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="default 0; with --prepared, the workdir's own seed (a different --seed is refused)")
     p.add_argument("--iterations", type=int, default=1920, help="each network's training iterations")
     p.add_argument("--jobs", type=int, default=1, help="trainings at a time, one thread each when > 1")
     p.add_argument("--prepared", action="store_true",
@@ -134,6 +136,7 @@ def main(argv=None) -> int:
     from nnunetv2_fedkd.spec import load_spec
 
     out, wd = out_and_workdir(args)
+    args.seed = workdir_seed(wd, args.seed, args.prepared)
     t0 = time.time()
     if not args.prepared:
         sizes = dict(size=(24, 24, 20), patch_size=(16, 16, 16), cases_per_site=3, test_cases=2) if args.smallest \
