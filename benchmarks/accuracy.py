@@ -206,16 +206,21 @@ def workdir_seed(workdir: Path, seed: Optional[int], prepared: bool) -> int:
 
 
 def results_for_data(results_root: Path, data: dict) -> Path:
-    """``results_root``, emptied when the models in it were trained on other data than ``data`` describes (recorded in
-    its ``data.json``), so a rerun reuses finished trainings only on the same data."""
-    import shutil
-
+    """``results_root``, started anew when the models in it were trained on other data than ``data`` describes
+    (recorded in its ``data.json``), so a rerun reuses finished trainings only on the same data. The old models are
+    moved aside to ``<results_root>.other_data_<n>``, never deleted: a marker that differs for another reason (a
+    benchmark that records its data differently) must not cost finished trainings."""
     from nnunetv2_fedkd.utils import atomic_write_json
 
     marker = results_root / "data.json"
     if results_root.exists() and (not marker.is_file() or json.loads(marker.read_text()) != data):
-        print(f"   {results_root}: trained on other data, trained again", flush=True)
-        shutil.rmtree(results_root)
+        n = 1
+        while results_root.with_name(f"{results_root.name}.other_data_{n}").exists():
+            n += 1
+        aside = results_root.with_name(f"{results_root.name}.other_data_{n}")
+        results_root.rename(aside)
+        print(f"   {results_root}: trained on other data ({marker} differs); moved to {aside}, trained again",
+              flush=True)
     results_root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(marker, data)
     return results_root

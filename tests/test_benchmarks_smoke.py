@@ -137,6 +137,25 @@ def test_learning_curves_outputs_per_augmentation(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
 
+def test_results_of_other_data_are_moved_aside_not_deleted(tmp_path, monkeypatch):
+    """A benchmark reuses finished trainings only on the data they were trained on; on other data it starts a new
+    results root and keeps the old models beside it (a marker that differed by a label once cost 33 min of training)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import accuracy
+
+    root = tmp_path / "bench_results" / "ensemble_kd"
+    accuracy.results_for_data(root, {"seed": 1})
+    (root / "model.pth").write_text("trained")
+    accuracy.results_for_data(root, {"seed": 1})  # same data: kept in place
+    assert (root / "model.pth").read_text() == "trained"
+    accuracy.results_for_data(root, {"seed": 2})
+    assert not (root / "model.pth").exists() and json.loads((root / "data.json").read_text()) == {"seed": 2}
+    assert (tmp_path / "bench_results" / "ensemble_kd.other_data_1" / "model.pth").read_text() == "trained"
+    accuracy.results_for_data(root, {"seed": 3})
+    assert json.loads((tmp_path / "bench_results" / "ensemble_kd.other_data_2" / "data.json").read_text()) == {
+        "seed": 2}
+
+
 def test_accuracy_benchmark_resumes_per_seed_and_method(tmp_path, monkeypatch):
     """An interrupted benchmark reruns only what it had not finished: finished (seed, method) pairs come from
     runs.json, prepared seeds are not synthesised again; another budget reruns the method."""
