@@ -185,10 +185,16 @@ def train_unless_done(workdir: Path, label: str, dataset: str, trainer: str, fol
     return True
 
 
-def training_seconds(record: dict, key: str, trained: bool, seconds: float) -> None:
-    """``record[key]``: the wall seconds of a training, or ``"reused"`` when a finished one was reused (a rerun's
-    seconds would be those of a no-op)."""
-    record[key] = round(seconds, 1) if trained else "reused"
+def record_trainings(train_seconds: dict):
+    """``run_units``' ``on_done`` for units that return :func:`train_unless_done`'s result: records each unit's wall
+    seconds in ``train_seconds``, or ``"reused"`` when a finished training was reused (a rerun's seconds would be
+    those of a no-op)."""
+    def on_done(unit, trained: bool, seconds: float) -> None:
+        train_seconds[unit.key] = round(seconds, 1) if trained else "reused"
+        if trained:
+            print(f"   {unit.key} trained ({seconds:.0f} s)", flush=True)
+
+    return on_done
 
 
 def workdir_seed(workdir: Path, seed: Optional[int], prepared: bool) -> int:

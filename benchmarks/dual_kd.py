@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import (BASE_SETTINGS, DATA, TEACHER_TRAINER, dataset_name, dice_bar_plot, machine,  # noqa: E402
-                      results_for_data, schedule, train_unless_done, training_seconds, versions,
+                      results_for_data, schedule, record_trainings, train_unless_done, versions,
                       workdir_seed)
 from record import add_out_arguments, command_line, out_and_workdir, write_results  # noqa: E402
 
@@ -213,13 +213,7 @@ def main(argv=None) -> int:
     units += [Unit(m, train_model, (wd, m, args.site_iterations), deps=("public",) if SITE_MODELS[m][2] else ())
               for m in SITE_MODELS]
     train_seconds: Dict[str, object] = {}
-
-    def on_done(unit, trained: bool, seconds: float) -> None:
-        training_seconds(train_seconds, unit.key, trained, seconds)
-        if trained:
-            print(f"   {unit.key} trained ({seconds:.0f} s)", flush=True)
-
-    run_units(units, args.jobs, on_done)
+    run_units(units, args.jobs, record_trainings(train_seconds))
     dice = {m: held_out_dice(wd, m) for m in MODELS}
     print(f"   held-out pancreas Dice: {json.dumps({m: round(d, 3) for m, d in dice.items()})}", flush=True)
     record = {"command": command_line(), "seed": args.seed,

@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import (BASE_SETTINGS, ORACLE_ID, TEACHER_TRAINER, dataset_name, dice_bar_plot,  # noqa: E402
-                      machine, prepare, results_for_data, schedule, train_unless_done, training_seconds, versions,
+                      machine, prepare, results_for_data, schedule, record_trainings, train_unless_done, versions,
                       workdir_seed)
 from record import add_out_arguments, command_line, out_and_workdir, write_results  # noqa: E402
 
@@ -151,13 +151,7 @@ def main(argv=None) -> int:
                        Unit("student", train_model, (wd, "student", "all", args.iterations),
                             deps=tuple(u.key for u in members))]
     train_seconds: Dict[str, object] = {}
-
-    def on_done(unit, trained: bool, seconds: float) -> None:
-        training_seconds(train_seconds, unit.key, trained, seconds)
-        if trained:
-            print(f"   {unit.key} trained ({seconds:.0f} s)", flush=True)
-
-    run_units(units, args.jobs, on_done)
+    run_units(units, args.jobs, record_trainings(train_seconds))
     spec = load_spec(wd / "federation.toml")
     organs = list(spec.labels)
     rows = {}
