@@ -26,7 +26,7 @@ setup(
         "safetensors>=0.4",  # the federation's weights files (no pickle)
     ],
     extras_require={
-        "test": ["pytest>=7", "flwr==1.41.0"],  # the Flower deployment test runs in CI
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "flwr==1.41.0"],  # the Flower deployment test runs in CI
         "flower": ["flwr==1.41.0"],
     },
     entry_points={"console_scripts": ["nnunetv2_fedkd = nnunetv2_fedkd.cli:main"]},
