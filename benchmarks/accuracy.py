@@ -24,7 +24,7 @@ and is scored with ``nnUNetv2_evaluate_folder``.
   reruns repeat), with float32 and with float16 transport (``--transport-dtype float16``): their difference is the
   transport's effect alone, not run-to-run spread.
 * ``oracle_central``: the pooled images with every organ labelled (the synthetic generator knows them:
-  :mod:`nnunetv2_fedkd.synthetic.oracle`), stock nnU-Net's trainer - the upper bound no real federation has.
+  :mod:`nnunetv2_fedkd.data.synthetic.oracle`), stock nnU-Net's trainer - the upper bound no real federation has.
 * ``oracle_fedavg``: the upper bound of the federated rows at their budget: the same sites and images with every organ
   labelled at every site (``nnunetv2_fedkd synth --fully-labelled``, ``benchmarks/federated_oracle.py``), FedAvg of
   the stock loss, the same rounds x local iterations.
@@ -115,11 +115,11 @@ def prepare(workdir: Path, seed: int, central: bool, size=DATA["size"], patch_si
     capped at nnU-Net's planned patch); ``central``: also pool and plan it (dataset ``POOLED_ID``) and its fully
     labelled twin (``ORACLE_ID``). ``num_sites`` > 4 adds a second site per organ (``make_federation(num_sites=)``)."""
     from nnunetv2_fedkd.federated.planning import plan_federation, resolve_layout
-    from nnunetv2_fedkd.pipeline import convert_federation, plan_and_preprocess, small_plans
-    from nnunetv2_fedkd.pooled_dataset import merge_sites
+    from nnunetv2_fedkd.workflows.pipeline import convert_federation, plan_and_preprocess, small_plans
+    from nnunetv2_fedkd.data.pooled import merge_sites
     from nnunetv2_fedkd.spec import load_spec
-    from nnunetv2_fedkd.synthetic import make_federation
-    from nnunetv2_fedkd.synthetic.oracle import write_fully_labelled_pool
+    from nnunetv2_fedkd.data.synthetic import make_federation
+    from nnunetv2_fedkd.data.synthetic.oracle import write_fully_labelled_pool
 
     spec = load_spec(make_federation(workdir, seed=seed, size=tuple(size), cases_per_site=cases_per_site,
                                      test_cases=test_cases, fov_scale=fov_scale, num_sites=num_sites))
@@ -170,7 +170,7 @@ def train_unless_done(workdir: Path, label: str, dataset: str, trainer: str, fol
     ``<workdir>/bench_settings/<settings_file>``, one file per training, so that two trainings started together never
     read each other's half-written file) into the results root ``results``, unless a finished training with these
     settings is there (:func:`trained_with`). Returns whether it trained."""
-    from nnunetv2_fedkd.pipeline import train
+    from nnunetv2_fedkd.workflows.pipeline import train
     from nnunetv2_fedkd.utils import atomic_write_json
 
     if trained_with(results / dataset / f"{trainer}__nnUNetPlansSmall__3d_fullres" / f"fold_{fold}", settings):
@@ -243,7 +243,7 @@ def dataset_name(workdir: Path, dataset_id: int) -> str:
 def teacher_model(workdir: Path, site) -> "Model":
     from nnunetv2_fedkd.federated.planning import resolve_layout
     from nnunetv2_fedkd.spec import load_spec
-    from nnunetv2_fedkd.student_vs_teachers import Model
+    from nnunetv2_fedkd.workflows.student_vs_teachers import Model
 
     layout = resolve_layout(load_spec(workdir / "federation.toml"), workdir)
     return Model(layout.views[site.name], TEACHER_TRAINER, "all", organ=site.organs[0],
@@ -275,9 +275,9 @@ def teachers(workdir: Path, iterations: int) -> list:
 def run_method(name: str, workdir: Path, rounds: int, iters: int, teacher_iterations: int) -> Dict[str, float]:
     from nnunetv2_fedkd.env import subprocess_env
     from nnunetv2_fedkd.federated.planning import resolve_layout
-    from nnunetv2_fedkd.pipeline import evaluate, federate_command, predict, run_command, train
+    from nnunetv2_fedkd.workflows.pipeline import evaluate, federate_command, predict, run_command, train
     from nnunetv2_fedkd.spec import load_spec
-    from nnunetv2_fedkd.student_vs_teachers import predict_merged_teachers
+    from nnunetv2_fedkd.workflows.student_vs_teachers import predict_merged_teachers
 
     kind, trainer, fed_args, extra = METHODS[name]
     if kind == "federated_oracle":  # a federated run in its own workdir: the seed's sites and images, all labelled
@@ -316,8 +316,8 @@ def run_method(name: str, workdir: Path, rounds: int, iters: int, teacher_iterat
 
         shutil.rmtree(workdir / "bench_results" / name)
     if kind == "pseudo":
-        from nnunetv2_fedkd.pipeline import plan_and_preprocess, small_plans
-        from nnunetv2_fedkd.pseudo_labels import build_pseudo_label_dataset
+        from nnunetv2_fedkd.workflows.pipeline import plan_and_preprocess, small_plans
+        from nnunetv2_fedkd.workflows.pseudo_labels import build_pseudo_label_dataset
 
         ds = build_pseudo_label_dataset(spec, teachers(workdir, teacher_iterations), PSEUDO_ID, workdir,
                                         log_dir=logs, overwrite=True)
@@ -509,7 +509,7 @@ def main(argv=None) -> int:
                 todo.append((m, budget))
         teacher_keys: tuple = ()
         if any(uses_teachers(m) for m, _ in todo):  # one unit per teacher, before the methods that use them
-            from nnunetv2_fedkd.synthetic.federation import SITES
+            from nnunetv2_fedkd.data.synthetic.federation import SITES
 
             teacher_keys = tuple(f"teacher {site.name} seed {seed}" for site in SITES[:NUM_SITES])
             units += [Unit(k, train_teacher, (wd, site.name, teacher_iterations), deps)

@@ -48,10 +48,10 @@ STUDENTS = {
 
 
 def prepare(workdir: Path, seed: int) -> None:
-    from nnunetv2_fedkd.pipeline import convert_federation, plan_and_preprocess, small_plans
-    from nnunetv2_fedkd.pooled_dataset import merge_sites
+    from nnunetv2_fedkd.workflows.pipeline import convert_federation, plan_and_preprocess, small_plans
+    from nnunetv2_fedkd.data.pooled import merge_sites
     from nnunetv2_fedkd.spec import load_spec
-    from nnunetv2_fedkd.synthetic import make_federation
+    from nnunetv2_fedkd.data.synthetic import make_federation
 
     spec = load_spec(make_federation(workdir, seed=seed, size=(40, 40, 32), cases_per_site=5, test_cases=4,
                                      fov_scale=0.7))
@@ -79,9 +79,9 @@ def step_seconds(fold: Path) -> Dict[str, float]:
 
 
 def run(workdir: Path, out: Path, teacher_its: int, student_its: int, reuse_teachers: bool = False) -> dict:
-    from nnunetv2_fedkd.pipeline import evaluate, predict, train
+    from nnunetv2_fedkd.workflows.pipeline import evaluate, predict, train
     from nnunetv2_fedkd.spec import load_spec
-    from nnunetv2_fedkd.student_vs_teachers import Model, compare_student_with_teachers
+    from nnunetv2_fedkd.workflows.student_vs_teachers import Model, compare_student_with_teachers
 
     spec = load_spec(workdir / "federation.toml")
     logs = workdir / "logs"

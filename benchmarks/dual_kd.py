@@ -12,7 +12,7 @@ Data: the accuracy benchmark's synthetic federation for ``--seed`` (48x48x40, 0.
   a user would with ``nnunetv2_fedkd convert msd DIR --unlabelled-as-training`` (unlabelled cases annotate no organ);
   its last ``--held-out`` labelled cases are the hospital's own test set (same scanner).
 * The public model ("trained elsewhere"): the three other sites' scans (other scanners), every organ labelled (the
-  generator knows them: ``nnunetv2_fedkd.synthetic.oracle``), stock nnU-Net trainer, ``--public-iterations``.
+  generator knows them: ``nnunetv2_fedkd.data.synthetic.oracle``), stock nnU-Net trainer, ``--public-iterations``.
 
 Trained at the hospital, each ``--site-iterations`` iterations (small plans, no augmentation):
 
@@ -96,12 +96,12 @@ def prepare(workdir: Path, seed: int, labelled: int, unlabelled: int, held_out: 
 
 
 def _prepare(workdir: Path, seed: int, labelled: int, unlabelled: int, held_out: int, synthesise: bool) -> dict:
-    from nnunetv2_fedkd.dataset_conversion import convert_dataset
-    from nnunetv2_fedkd.pipeline import convert_federation, plan_and_preprocess, small_plans
-    from nnunetv2_fedkd.pooled_dataset import merge_sites
+    from nnunetv2_fedkd.data.conversion import convert_dataset
+    from nnunetv2_fedkd.workflows.pipeline import convert_federation, plan_and_preprocess, small_plans
+    from nnunetv2_fedkd.data.pooled import merge_sites
     from nnunetv2_fedkd.spec import FederationSpec, load_spec
-    from nnunetv2_fedkd.synthetic import make_federation
-    from nnunetv2_fedkd.synthetic.oracle import write_fully_labelled_pool
+    from nnunetv2_fedkd.data.synthetic import make_federation
+    from nnunetv2_fedkd.data.synthetic.oracle import write_fully_labelled_pool
 
     need = labelled + unlabelled + held_out
     if synthesise:
@@ -163,7 +163,7 @@ def held_out_dice(workdir: Path, model: str) -> float:
     """Pancreas Dice of ``model`` on the hospital's held-out cases (stock predict and evaluate)."""
     import SimpleITK as sitk
 
-    from nnunetv2_fedkd.pipeline import evaluate, predict
+    from nnunetv2_fedkd.workflows.pipeline import evaluate, predict
 
     trainer, dataset_id, _ = MODELS[model]
     held = workdir / "nnUNet_raw" / dataset_name(workdir, HELD_OUT_ID)

@@ -86,7 +86,7 @@ def train_model(workdir: Path, model: str, fold: str, iterations: int) -> bool:
 
 def predict_and_score(workdir: Path, name: str, model: str, trainer: str, folds) -> Dict[str, float]:
     """Stock prediction of the external test set and its Dice; adds the prediction's wall seconds as 'seconds'."""
-    from nnunetv2_fedkd.pipeline import evaluate, predict
+    from nnunetv2_fedkd.workflows.pipeline import evaluate, predict
     from nnunetv2_fedkd.spec import load_spec
 
     spec = load_spec(workdir / "federation.toml")

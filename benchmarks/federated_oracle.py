@@ -27,10 +27,10 @@ from pathlib import Path
 
 from nnunetv2_fedkd.env import subprocess_env
 from nnunetv2_fedkd.federated.planning import resolve_layout
-from nnunetv2_fedkd.pipeline import (convert_federation, evaluate, federate_command, nnunet_script, predict,
+from nnunetv2_fedkd.workflows.pipeline import (convert_federation, evaluate, federate_command, nnunet_script, predict,
                                      small_plans)
 from nnunetv2_fedkd.spec import load_spec
-from nnunetv2_fedkd.synthetic import make_federation
+from nnunetv2_fedkd.data.synthetic import make_federation
 from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN
 from nnunetv2_fedkd.utils import atomic_write_json
 

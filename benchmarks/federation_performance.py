@@ -59,7 +59,7 @@ sys.path.insert(0, str(HERE))
 
 from accuracy import machine, prepare, versions  # noqa: E402  (the accuracy benchmark's set-up and records)
 
-from nnunetv2_fedkd.synthetic import MAX_SITES  # noqa: E402
+from nnunetv2_fedkd.data.synthetic import MAX_SITES  # noqa: E402
 
 TRAINER = "nnUNetTrainerFedKD"
 PLANS = "nnUNetPlansSmall"
@@ -296,7 +296,7 @@ def run_in_process(workdir: Path, sites: Sequence[str], rounds: int, iters: int,
 
     from nnunetv2_fedkd.env import subprocess_env
     from nnunetv2_fedkd.federated.planning import resolve_layout
-    from nnunetv2_fedkd.pipeline import federate_command
+    from nnunetv2_fedkd.workflows.pipeline import federate_command
     from nnunetv2_fedkd.spec import load_spec
 
     spec = load_spec(workdir / "federation.toml")

@@ -9,7 +9,7 @@ Picks the budget of the accuracy benchmark from measurements instead of guesses:
 poly learning-rate schedule,
 
 * the oracle: stock nnU-Net's trainer on the pooled images with every organ labelled (the generator knows them,
-  :mod:`nnunetv2_fedkd.synthetic.oracle`) - the upper bound of every partial-label method;
+  :mod:`nnunetv2_fedkd.data.synthetic.oracle`) - the upper bound of every partial-label method;
 * one single-organ teacher per ``--teachers`` organ: stock nnU-Net's trainer on that site's view of the federation
   plans (what a hospital without this tool would have);
 
@@ -40,7 +40,7 @@ def train_and_score(workdir: Path, kind: str, organ: str, budget: int, out: Path
     """Train one model (``kind`` 'oracle' or 'teacher' of ``organ``) for ``budget`` iterations with the trainers'
     ``data_augmentation`` setting ``augmentation``; test-set Dice."""
     from nnunetv2_fedkd.federated.planning import resolve_layout
-    from nnunetv2_fedkd.pipeline import evaluate, predict, train
+    from nnunetv2_fedkd.workflows.pipeline import evaluate, predict, train
     from nnunetv2_fedkd.spec import load_spec
 
     spec = load_spec(workdir / "federation.toml")

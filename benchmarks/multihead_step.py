@@ -83,7 +83,7 @@ def ct_like_plans(workdir: Path) -> Path:
     sitk.WriteImage(image, str(raw / "imagesTr" / "case_000_0000.nii.gz"))
     env = {**os.environ, "nnUNet_raw": str(workdir / "nnUNet_raw"), "nnUNet_preprocessed": str(pre.parent),
            "nnUNet_results": str(workdir / "nnUNet_results")}
-    from nnunetv2_fedkd.pipeline import nnunet_script
+    from nnunetv2_fedkd.workflows.pipeline import nnunet_script
 
     subprocess.run([nnunet_script("nnUNetv2_plan_experiment"), "-d", "900"], env=env, check=True,
                    capture_output=True, text=True)

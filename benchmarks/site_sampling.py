@@ -71,7 +71,7 @@ def simulate(workdir: Path, n_sites: int) -> Path:
 
 def run(workdir: Path, n_sites: int, per_round: int, rounds: int, iters: int, sampling: str, out: Path) -> dict:
     from nnunetv2_fedkd.env import subprocess_env
-    from nnunetv2_fedkd.pipeline import federate_command
+    from nnunetv2_fedkd.workflows.pipeline import federate_command
 
     spec = simulate(workdir, n_sites)
     name = f"{n_sites}x{per_round}"

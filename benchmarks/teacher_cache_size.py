@@ -1,11 +1,11 @@
 """Teacher cache size: the same teachers' outputs stored as format 1 (float16 ``.npy``) and as today's format
-(uint8 logit codes in blosc2, :mod:`nnunetv2_fedkd.teacher_cache`), side by side.
+(uint8 logit codes in blosc2, :mod:`nnunetv2_fedkd.distillation.teacher_cache`), side by side.
 
     python benchmarks/teacher_cache_size.py --out benchmarks/results/teacher_cache_size CACHE_FOLDER [CACHE_FOLDER ...]
 
 Each ``CACHE_FOLDER`` holds a cache's case files: format-1 ``<case>.npy`` files (what a training before this format
 wrote; e.g. ``$nnUNet_preprocessed/<dataset>/<data_identifier>_fedkd_teachers/<key>/``), whose probabilities are
-re-stored here with :func:`nnunetv2_fedkd.teacher_cache.save_cached` (the student's patch size from
+re-stored here with :func:`nnunetv2_fedkd.distillation.teacher_cache.save_cached` (the student's patch size from
 ``--patch-size``), or today's ``<case>.b2nd`` files, whose format-1 size is computed (2 bytes a voxel plus the
 ``.npy`` header). For every case it records voxels, both sizes and, for re-stored cases, the largest logit error of
 the stored codes. The real-size estimate scales the measured bytes per voxel to ``--cases`` cases of
@@ -24,7 +24,8 @@ import numpy as np
 
 
 def measure(folder: Path, patch_size, scratch: Path) -> list:
-    from nnunetv2_fedkd.teacher_cache import (CASE_SUFFIX, LOGIT_RANGE, decode_probabilities, encode_probabilities,
+    from nnunetv2_fedkd.distillation.teacher_cache import (
+        CASE_SUFFIX, LOGIT_RANGE, decode_probabilities, encode_probabilities,
                                               load_cached, save_cached)
 
     rows = []

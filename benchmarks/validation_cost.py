@@ -47,7 +47,7 @@ MODES = {"no_evaluation": ["--no-evaluate"], "default_budget": [], "whole_volume
 def run_mode(mode: str, workdir: Path, sites: List[str], rounds: int, iters: int) -> dict:
     from nnunetv2_fedkd.env import subprocess_env
     from nnunetv2_fedkd.federated.planning import resolve_layout
-    from nnunetv2_fedkd.pipeline import federate_command
+    from nnunetv2_fedkd.workflows.pipeline import federate_command
     from nnunetv2_fedkd.spec import load_spec
 
     spec = load_spec(workdir / "federation.toml")

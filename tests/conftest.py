@@ -25,6 +25,7 @@ def pytest_configure(config):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the marks into the node ids
 def pytest_collection_modifyitems(config, items):
     """Scheduling groups for pytest-xdist's ``--dist loadgroup`` (pytest.ini): a module's tests run on one worker, so
     its module fixtures are built once; every test that uses the CI-size oracle (:func:`ci_oracle`, the suite's most
@@ -64,9 +65,9 @@ class TinyFederation:
 
 @pytest.fixture(scope="session")
 def tiny_federation(tmp_path_factory) -> TinyFederation:
-    from nnunetv2_fedkd.pipeline import convert_federation, plan_and_preprocess, small_plans
+    from nnunetv2_fedkd.workflows.pipeline import convert_federation, plan_and_preprocess, small_plans
     from nnunetv2_fedkd.spec import load_spec
-    from nnunetv2_fedkd.synthetic import make_federation
+    from nnunetv2_fedkd.data.synthetic import make_federation
 
     workdir = tmp_path_factory.mktemp("tiny_federation")
     spec = load_spec(make_federation(workdir, seed=TINY_SEED, size=TINY_SIZE, cases_per_site=TINY_CASES_PER_SITE,
@@ -89,8 +90,8 @@ def short_training_config(tmp_path) -> Path:
 def pooled_federation(tiny_federation) -> Path:
     """The tiny federation's sites merged into one partial-label dataset (``nnunetv2_fedkd merge``), planned and
     preprocessed with stock nnU-Net, with small plans. Returns the raw dataset folder (Dataset510_...)."""
-    from nnunetv2_fedkd.pipeline import plan_and_preprocess, small_plans
-    from nnunetv2_fedkd.pooled_dataset import merge_sites
+    from nnunetv2_fedkd.workflows.pipeline import plan_and_preprocess, small_plans
+    from nnunetv2_fedkd.data.pooled import merge_sites
 
     fed = tiny_federation
     pooled = merge_sites(fed.spec, 510, nnunet_raw=fed.raw)
@@ -108,7 +109,7 @@ def planned_federation(tiny_federation):
     import time
 
     from nnunetv2_fedkd.federated.planning import resolve_layout
-    from nnunetv2_fedkd.pipeline import nnunet_script, small_plans
+    from nnunetv2_fedkd.workflows.pipeline import nnunet_script, small_plans
 
     fed = tiny_federation
     t0 = time.perf_counter()
@@ -130,13 +131,13 @@ ORACLE_ITERATIONS = 960
 @pytest.fixture(scope="session")
 def ci_oracle(tiny_federation, pooled_federation) -> Dict[str, float]:
     """The upper bound at CI size: stock nnU-Net's trainer on the tiny federation's pooled images with EVERY organ
-    labelled (the generator knows them: ``nnunetv2_fedkd.synthetic.oracle``), the federated evidence test's total
+    labelled (the generator knows them: ``nnunetv2_fedkd.data.synthetic.oracle``), the federated evidence test's total
     budget, scored on the test set with stock predict/evaluate. Evidence tests assert every organ this learns
     (Dice > 0.5), not only the easiest one. Returns Dice per organ."""
     import json
 
-    from nnunetv2_fedkd.pipeline import evaluate, plan_and_preprocess, predict, small_plans, train
-    from nnunetv2_fedkd.synthetic.oracle import write_fully_labelled_pool
+    from nnunetv2_fedkd.workflows.pipeline import evaluate, plan_and_preprocess, predict, small_plans, train
+    from nnunetv2_fedkd.data.synthetic.oracle import write_fully_labelled_pool
 
     fed = tiny_federation
     oracle = write_fully_labelled_pool(fed.workdir, pooled_federation.name, 511, nnunet_raw=fed.raw)

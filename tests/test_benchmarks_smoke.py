@@ -242,7 +242,7 @@ def test_teacher_cache_size_benchmark_restores_format_1_caches(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import teacher_cache_size
 
-    from nnunetv2_fedkd.teacher_cache import LOGIT_STEP, save_cached
+    from nnunetv2_fedkd.distillation.teacher_cache import LOGIT_STEP, save_cached
 
     old, new = tmp_path / "v1", tmp_path / "v2"
     old.mkdir(), new.mkdir()

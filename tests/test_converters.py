@@ -1,4 +1,4 @@
-"""Tests of nnunetv2_fedkd.dataset_conversion on tiny volumes that reproduce the public layouts and header conventions.
+"""Tests of nnunetv2_fedkd.data.conversion on tiny volumes that reproduce the public layouts and header conventions.
 
 Fixtures: MSD Task03_Liver (SimpleITK, int16, rotated direction, macOS ``._`` junk), KiTS19/21/23 (nibabel, slice
 axis first like the real files, float32 / int16 images, float / uint8 labels, KiTS19 imaging-only test case), LiTS
@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunetv2_fedkd import organs as reg
-from nnunetv2_fedkd.dataset_conversion import FORMATS, ConversionError, convert_dataset
+from nnunetv2_fedkd.data.conversion import FORMATS, ConversionError, convert_dataset
 
 SHAPE = (12, 10, 8)  # voxel order of the file (nibabel i, j, k)
 KITS_AFFINE = np.array([[0, 0, -0.78, 0], [0, -0.78, 0, 0], [-3.0, 0, 0, 0], [0, 0, 0, 1]])  # slice axis first
@@ -212,9 +212,9 @@ def test_msd_unlabelled_images_as_training_cases(raw, src, monkeypatch):
     organs; nnU-Net accepts the dataset, and the partial-label losses read [] for the unlabelled case."""
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
-    from nnunetv2_fedkd.label_availability import LabelAvailability
+    from nnunetv2_fedkd.data.label_availability import LabelAvailability
 
-    from nnunetv2_fedkd.cli import main
+    from nnunetv2_fedkd.workflows.cli import main
 
     task = make_msd(src)
     monkeypatch.setenv("nnUNet_raw", str(raw))
@@ -570,7 +570,7 @@ def test_bad_organ_requests(raw, src):
     ],
 )
 def test_organ_request_must_be_annotated_as_a_whole(source_format, organs, ok):
-    from nnunetv2_fedkd.dataset_conversion.common import resolve_label_set
+    from nnunetv2_fedkd.data.conversion.common import resolve_label_set
 
     if ok:
         assert resolve_label_set(source_format, organs, keep_tumour=False)[0] == reg.sort_by_registry(organs)
@@ -596,14 +596,15 @@ def test_convert_federation_from_the_spec(tmp_path, monkeypatch):
     import sys
 
     from nnunetv2_fedkd.env import subprocess_env
-    from nnunetv2_fedkd.synthetic import make_federation
+    from nnunetv2_fedkd.data.synthetic import make_federation
 
     spec = make_federation(tmp_path / "fed", seed=1, size=(16, 16, 12), cases_per_site=1, test_cases=1)
     raw = tmp_path / "fed" / "nnUNet_raw"
     env = subprocess_env(tmp_path / "fed")
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "nnunetv2_fedkd.cli", "convert-federation", str(spec), *args],
+        return subprocess.run([sys.executable, "-m", "nnunetv2_fedkd.workflows.cli",
+                               "convert-federation", str(spec), *args],
                               env=env, capture_output=True, text=True)
 
     bad = cli("--sites", "liver_site", "no_such_site")

@@ -1,11 +1,11 @@
-"""The demo's side-by-side runner (nnunetv2_fedkd.demo.run_side_by_side): lanes at the same time, steps in order,
+"""The demo's side-by-side runner (nnunetv2_fedkd.workflows.demo.run_side_by_side): lanes at the same time, steps in order,
 a failure stops what has not started and is raised."""
 import threading
 import time
 
 import pytest
 
-from nnunetv2_fedkd.demo import Step, run_side_by_side
+from nnunetv2_fedkd.workflows.demo import Step, run_side_by_side
 
 
 def test_lanes_run_at_the_same_time_and_steps_in_order():

@@ -1,4 +1,5 @@
-"""Unit tests for nnunetv2_fedkd.losses.distillation on tiny hand-computed tensors (CPU, fast)."""
+"""Unit tests for the KD losses (nnunetv2_fedkd.losses: region_kd, feature_kd, response_kd) on tiny hand-computed
+tensors (CPU, fast)."""
 from __future__ import annotations
 
 import math
@@ -725,7 +726,7 @@ def test_teacher_probs_for_student_classes_fold_the_organs_the_student_lacks_int
     """A public model with 5 classes (bg, liver, spleen, kidney, pancreas) taught to a pancreas-only student: at a
     voxel where the teacher is sure of the liver, the student's target is background, not a renormalised split of
     the two kept columns (the old DualKD mapping gave pancreas .005 / (.01 + .005) = .33 there)."""
-    from nnunetv2_fedkd.losses.distillation import teacher_probs_for_student_classes
+    from nnunetv2_fedkd.losses.response_kd import teacher_probs_for_student_classes
 
     p = torch.tensor([[.01, .97, .01, .005, .005],   # liver voxel
                       [.10, .00, .00, .10, .80],     # pancreas voxel
@@ -740,3 +741,19 @@ def test_teacher_probs_for_student_classes_fold_the_organs_the_student_lacks_int
     for bad in ([], [0], [5], [4, 4]):
         with pytest.raises(ValueError, match="channels"):
             teacher_probs_for_student_classes(probs, bad)
+
+
+def test_binary_kl_hand_value_and_a_zero_teacher_probability():
+    """The binary KL (torch's kl_div on both outcomes): 0.25 vs 0.5 by hand; a teacher probability of exactly 0
+    (log -inf) counts 0 with a finite, zero gradient (no 0 * -inf)."""
+    from nnunetv2_fedkd.losses._common import _binary_kl
+
+    s = torch.tensor([math.log(0.5), math.log(0.5)], requires_grad=True)
+    t_logp = torch.tensor([math.log(0.25), float("-inf")])
+    t_log1mp = torch.tensor([math.log(0.75), 0.0])
+    kl = _binary_kl(t_logp, t_log1mp, s[:1].expand(2), torch.log1p(-torch.exp(s)))
+    ref = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)  # 0.130812
+    assert kl[0].item() == pytest.approx(ref, abs=1e-6)
+    assert kl[1].item() == pytest.approx(math.log(1 / 0.5), abs=1e-6)  # p_t = 0: only the (1 - p) outcome
+    kl.sum().backward()
+    assert torch.isfinite(s.grad).all()

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunetv2_fedkd.pipeline import StepError, federate_command, predict, train
+from nnunetv2_fedkd.workflows.pipeline import StepError, federate_command, predict, train
 from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN
 
 TEACHER_TRAINER = "nnUNetTrainerFedKDBase"  # nnU-Net's trainer with the schedule from the config file
@@ -114,7 +114,7 @@ def test_mskd_with_cached_teacher_outputs(tiny_federation, pooled_federation, te
     assert [t["organ"] for t in manifest["teachers"]] == list(teachers)
     import blosc2
 
-    from nnunetv2_fedkd.teacher_cache import CASE_SUFFIX, decode_probabilities
+    from nnunetv2_fedkd.distillation.teacher_cache import CASE_SUFFIX, decode_probabilities
 
     for case in split["train"]:
         codes = blosc2.open(str(caches[0].parent / f"{case}{CASE_SUFFIX}"), mode="r")
@@ -128,7 +128,7 @@ def test_mskd_with_cached_teacher_outputs(tiny_federation, pooled_federation, te
     assert not list(data_folder.glob("*fedkd*"))  # nnU-Net's own data folder is untouched
     # another training with the same teachers and plans finds every case there and predicts none (the key is
     # pinned in tests/test_teacher_cache.py; no network is needed when nothing is missing)
-    from nnunetv2_fedkd.teacher_cache import build_teacher_cache
+    from nnunetv2_fedkd.distillation.teacher_cache import build_teacher_cache
 
     info = build_teacher_cache(caches[0].parent, None, split["train"], [], [], None, None, torch.device("cpu"),
                                {}, log=print)
@@ -194,7 +194,7 @@ def test_mskd_student_matches_merged_teachers_at_a_fraction_of_their_cost(tiny_f
     one label map, vs ONE MS-KD student (cached teacher outputs) trained on the pooled partially labelled sites;
     both scored by nnUNetv2_evaluate_folder on the fully labelled test cases. Inference times are recorded, not
     asserted (timing belongs to benchmarks/distillation.py); the cost asserted is the parameter count."""
-    from nnunetv2_fedkd.student_vs_teachers import Model, compare_student_with_teachers
+    from nnunetv2_fedkd.workflows.student_vs_teachers import Model, compare_student_with_teachers
 
     fed = tiny_federation
     cfg = tmp_path / "student.json"

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
-from nnunetv2_fedkd.label_availability import LabelAvailability
-from nnunetv2_fedkd.teachers import TeacherSpec
+from nnunetv2_fedkd.data.label_availability import LabelAvailability
+from nnunetv2_fedkd.distillation.teachers import TeacherSpec
 from nnunetv2_fedkd.trainers.distillation import (
     _LossWithTerms,
     labelled_foreground,
@@ -177,7 +177,7 @@ def test_teacher_gated_off_at_a_site_gives_no_kd_on_that_sites_cases(mode, multi
     """Two kidney-site cases, one per site; the liver teacher is gated off at site_a (it claimed the kidney there):
     no KD gradient at all on site_a's case, KD toward liver on site_b's unlabelled voxels as before. A table that
     lets every teacher speak gives exactly the loss without a gate."""
-    from nnunetv2_fedkd.teacher_site_gate import TeacherSiteGate
+    from nnunetv2_fedkd.distillation.teacher_site_gate import TeacherSiteGate
 
     cls = nnUNetTrainerMSKDMultiHead if multihead else nnUNetTrainerMSKD
     t = _fake_trainer(cls, mode, multihead, [0])
@@ -213,7 +213,7 @@ def test_teacher_gated_off_at_a_site_gives_no_kd_on_that_sites_cases(mode, multi
 
 
 def test_teacher_kd_masks_with_a_site_gate():
-    from nnunetv2_fedkd.teacher_site_gate import TeacherSiteGate
+    from nnunetv2_fedkd.distillation.teacher_site_gate import TeacherSiteGate
 
     la = LabelAvailability(TWO_KIDNEY_SITES)
     gate = TeacherSiteGate(["site_a", "site_b"], [[False, True], [True, True]],

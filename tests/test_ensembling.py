@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunetv2_fedkd.pipeline import federate_command, nnunet_script, predict
+from nnunetv2_fedkd.workflows.pipeline import federate_command, nnunet_script, predict
 
 
 def _federate(fed, trainer: str, seed: int, results: Path, config: Path) -> None:

@@ -671,7 +671,7 @@ def test_importing_the_federated_core_does_not_import_flwr():
 
 
 def test_a_run_folder_of_format_1_files_is_upgraded_in_place(tmp_path):
-    from nnunetv2_fedkd.cli import main
+    from nnunetv2_fedkd.workflows.cli import main
     from nnunetv2_fedkd.federated.weights_io import upgrade_weights_file
 
     w = {"b": T(1.0, 2.0), "a": torch.tensor(3)}

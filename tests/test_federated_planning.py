@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunetv2_fedkd.dataset_conversion import ConversionError
+from nnunetv2_fedkd.data.conversion import ConversionError
 from nnunetv2_fedkd.federated.planning import (CHANNEL_KEYS, NNUNET_FOREGROUND_SAMPLES, PAYLOAD_FORMAT,
                                                PAYLOAD_KEYS, PayloadError, PlansMismatch, build_site_views,
                                                check_site_plans, federation_plans_digest, merge_fingerprints,
                                                plan_federation, resolve_layout, site_fingerprint_payload,
                                                validate_payload)
-from nnunetv2_fedkd.label_availability import LabelAvailability
-from nnunetv2_fedkd.pipeline import nnunet_script
+from nnunetv2_fedkd.data.label_availability import LabelAvailability
+from nnunetv2_fedkd.workflows.pipeline import nnunet_script
 from nnunetv2_fedkd.spec import FederationSpec, Site, SpecError, load_spec, save_spec
 
 

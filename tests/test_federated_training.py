@@ -29,7 +29,7 @@ import SimpleITK as sitk
 import torch
 
 from nnunetv2_fedkd.federated import load_weights
-from nnunetv2_fedkd.pipeline import federate_command
+from nnunetv2_fedkd.workflows.pipeline import federate_command
 from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN
 
 ROUNDS, ITERATIONS = 4, 60
@@ -42,7 +42,7 @@ def federate_cmd(spec: Path, config: Path, trainer: str = "nnUNetTrainerFedKD", 
 
 
 def predict_and_evaluate(fed, layout, trainer: str, out: Path):
-    from nnunetv2_fedkd.pipeline import evaluate, predict
+    from nnunetv2_fedkd.workflows.pipeline import evaluate, predict
 
     test = fed.raw / fed.spec.test_set.dataset
     pred = predict(test / "imagesTr", out, layout.coordinator, trainer, fed.workdir, fold="all")
@@ -147,7 +147,8 @@ def test_fedkd_resume_privacy_stock_predict_and_beats_naive_fedavg(tiny_federati
 
     # 4. the final global model is an nnU-Net results folder: stock predict + evaluate on the labelled test set
     assert (model / "fold_all" / "checkpoint_final.pth").is_file()
-    out = subprocess.run([sys.executable, "-m", "nnunetv2_fedkd.cli", "verify-checkpoint", str(model)], env=env,
+    out = subprocess.run([sys.executable, "-m", "nnunetv2_fedkd.workflows.cli",
+                           "verify-checkpoint", str(model)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and f"after round {ROUNDS}/{ROUNDS}" in out.stdout, out.stdout + out.stderr
     pred, kd = predict_and_evaluate(fed, layout, "nnUNetTrainerFedKD", tmp_path / "pred_fedkd")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nnunetv2_fedkd.cli import main
+from nnunetv2_fedkd.workflows.cli import main
 from nnunetv2_fedkd.federated.runner import FederateError, preflight, prepare_federation, site_trainer_names
 from nnunetv2_fedkd.spec import FederationSpec, Site, save_spec
 from nnunetv2_fedkd.spec import TestSet as HeldOutSet  # (pytest would try to collect a name starting with Test)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from nnunetv2_fedkd.losses.distillation import partial_kd_softmax
+from nnunetv2_fedkd.losses.response_kd import partial_kd_softmax
 from nnunetv2_fedkd.trainers.fedkd import (
     FederationError,
     _FedKDMixin,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from nnunetv2_fedkd.env import subprocess_env
-from nnunetv2_fedkd.pipeline import federate_command
+from nnunetv2_fedkd.workflows.pipeline import federate_command
 from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN
 
 
@@ -26,9 +26,9 @@ def few_case_federation(tmp_path_factory):
     labelled cases and its 2 imagesTs images as training cases that annotate no organ (the spec's
     ``unlabelled_as_training``), planned with ``nnunetv2_fedkd plan`` and small plans."""
     from nnunetv2_fedkd.federated.planning import resolve_layout
-    from nnunetv2_fedkd.pipeline import convert_federation, nnunet_script, small_plans
+    from nnunetv2_fedkd.workflows.pipeline import convert_federation, nnunet_script, small_plans
     from nnunetv2_fedkd.spec import load_spec, save_spec
-    from nnunetv2_fedkd.synthetic import make_federation
+    from nnunetv2_fedkd.data.synthetic import make_federation
 
     wd = tmp_path_factory.mktemp("few_cases")
     spec_path = make_federation(wd, seed=3, size=(32, 32, 24), cases_per_site=2, test_cases=0, num_sites=3,
@@ -82,7 +82,7 @@ def test_federation_of_a_two_case_and_a_one_case_site(few_case_federation):
 
 @pytest.mark.slow
 def test_teacher_on_one_case_and_a_users_split_file(few_case_federation):
-    from nnunetv2_fedkd.pipeline import train
+    from nnunetv2_fedkd.workflows.pipeline import train
 
     wd, spec, layout, settings = few_case_federation
     # a teacher at the 1-case site on nnU-Net's default fold 0: trains on its case, validates on it, says so

@@ -20,7 +20,7 @@ from nnunetv2_fedkd.losses import (
     marginal_loss,
     masked_sigmoid_loss,
 )
-from nnunetv2_fedkd.losses.partial_label import _log_one_minus_softmax
+from nnunetv2_fedkd.losses._common import _log_one_minus_softmax
 
 S = 1e-5  # nnU-Net's smooth
 

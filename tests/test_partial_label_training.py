@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunetv2_fedkd.pipeline import evaluate, predict, train
+from nnunetv2_fedkd.workflows.pipeline import evaluate, predict, train
 from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN
 
 PARTIAL_LABEL = ("nnUNetTrainerMarginal", "nnUNetTrainerMultiHead")

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunetv2_fedkd.dataset_conversion import ConversionError
-from nnunetv2_fedkd.label_availability import LabelAvailability, LabelAvailabilityError
-from nnunetv2_fedkd.pooled_dataset import merge_sites
+from nnunetv2_fedkd.data.conversion import ConversionError
+from nnunetv2_fedkd.data.label_availability import LabelAvailability, LabelAvailabilityError
+from nnunetv2_fedkd.data.pooled import merge_sites
 from nnunetv2_fedkd.spec import FederationSpec, Site
 
 
@@ -44,7 +44,7 @@ def test_merge_keeps_the_unlabelled_training_cases_of_a_site(two_sites):
     """A site dataset converted with unlabelled training cases (fedkd.case_annotated [] for them) keeps them
     unlabelled in the pooled dataset and in the site's federated view, instead of claiming the site's organs there."""
     from nnunetv2_fedkd.federated.planning import _write_site_view
-    from nnunetv2_fedkd.pooled_dataset import global_label_values
+    from nnunetv2_fedkd.data.pooled import global_label_values
 
     raw, spec = two_sites
     dj_file = raw / "Dataset501_A" / "dataset.json"
@@ -141,11 +141,11 @@ def test_cases_annotating_nothing():
 def test_fully_labelled_pool_of_a_synthetic_federation(tmp_path):
     """The oracle's training set: the pooled cases with every organ labelled, equal to the pooled labels on the
     organs each site annotated; a pooled label that does not match its phantom is an error naming the case."""
-    from nnunetv2_fedkd.pipeline import convert_federation
-    from nnunetv2_fedkd.pooled_dataset import global_label_values
+    from nnunetv2_fedkd.workflows.pipeline import convert_federation
+    from nnunetv2_fedkd.data.pooled import global_label_values
     from nnunetv2_fedkd.spec import load_spec
-    from nnunetv2_fedkd.synthetic import make_federation
-    from nnunetv2_fedkd.synthetic.oracle import write_fully_labelled_pool
+    from nnunetv2_fedkd.data.synthetic import make_federation
+    from nnunetv2_fedkd.data.synthetic.oracle import write_fully_labelled_pool
 
     spec = load_spec(make_federation(tmp_path, seed=5, size=(32, 32, 24), cases_per_site=2, test_cases=0,
                                      fov_scale=0.7))
@@ -185,11 +185,11 @@ def test_fully_labelled_pool_with_a_sites_unlabelled_training_cases(tmp_path):
     """A site converted with unlabelled_as_training (the MSD spleen site's 2 imagesTs images) pools those cases with
     [] and all-background labels; the oracle's pool labels them fully, re-rendered as the generator's unlabelled
     images (checked: each has every organ, and the labelled cases still equal their pooled labels)."""
-    from nnunetv2_fedkd.pipeline import convert_federation
-    from nnunetv2_fedkd.pooled_dataset import global_label_values
+    from nnunetv2_fedkd.workflows.pipeline import convert_federation
+    from nnunetv2_fedkd.data.pooled import global_label_values
     from nnunetv2_fedkd.spec import load_spec, save_spec
-    from nnunetv2_fedkd.synthetic import make_federation
-    from nnunetv2_fedkd.synthetic.oracle import write_fully_labelled_pool
+    from nnunetv2_fedkd.data.synthetic import make_federation
+    from nnunetv2_fedkd.data.synthetic.oracle import write_fully_labelled_pool
 
     spec = load_spec(make_federation(tmp_path, seed=5, size=(32, 32, 24), cases_per_site=1, test_cases=0,
                                      fov_scale=0.7))

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunetv2_fedkd.pseudo_labels import (PseudoLabelError, Teacher, build_pseudo_label_dataset, merge_pseudo_labels,
+from nnunetv2_fedkd.workflows.pseudo_labels import (
+    PseudoLabelError, Teacher, build_pseudo_label_dataset, merge_pseudo_labels,
                                           resolve_teacher, teacher_channel, to_reader_order)
 from nnunetv2_fedkd.spec import FederationSpec, Site
 
@@ -149,7 +150,7 @@ def test_resolve_teacher_organ_folds_and_errors(tmp_path):
 
 
 def test_resolve_teacher_from_a_benchmark_model(tmp_path):
-    from nnunetv2_fedkd.student_vs_teachers import Model
+    from nnunetv2_fedkd.workflows.student_vs_teachers import Model
 
     _teacher_folder(tmp_path, "Dataset601_LiverFed", {"background": 0, "liver": 1, "kidney": 2},
                     annotated=["liver"], trainer="nnUNetTrainerFedKDBase")
@@ -239,7 +240,7 @@ def federation(tmp_path):
 def fake_predictor(calls=None, skip=None):
     """Stands in for nnUNetv2_predict --save_probabilities: reads each case with the teacher's reader and writes
     [1 - p, p] as nnU-Net would, p looked up from the intensity."""
-    from nnunetv2_fedkd.pseudo_labels import _reader
+    from nnunetv2_fedkd.workflows.pseudo_labels import _reader
 
     def predict(teacher: Teacher, images: Path, out: Path) -> Path:
         out.mkdir(parents=True)
@@ -293,7 +294,7 @@ def test_build_pseudo_label_dataset(federation, tmp_path):
 
 
 def test_build_from_a_pooled_dataset(federation, tmp_path):
-    from nnunetv2_fedkd.pooled_dataset import merge_sites
+    from nnunetv2_fedkd.data.pooled import merge_sites
 
     raw, spec, liver, kidney = federation
     pooled = merge_sites(spec, 510, nnunet_raw=raw)
@@ -328,7 +329,8 @@ def test_cli_pseudo_label_reports_a_teacher_error(federation, tmp_path):
 
     spec_file = save_spec(spec, tmp_path / "federation.toml")
     env = {"nnUNet_raw": str(raw), "nnUNet_preprocessed": str(tmp_path / "pre"), "nnUNet_results": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "nnunetv2_fedkd.cli", "pseudo-label", str(spec_file), "--teachers",
+    proc = subprocess.run([sys.executable, "-m", "nnunetv2_fedkd.workflows.cli",
+                           "pseudo-label", str(spec_file), "--teachers",
                            f"kidney={liver}", "-d", "512"], env={**os.environ, **env}, capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     assert "Dataset502_Liv" in proc.stderr and "no label 'kidney'" in proc.stderr
@@ -342,7 +344,7 @@ def test_recipe_with_stock_nnunet(tiny_federation, tmp_path):
     """Two single-organ teachers (stock nnUNetv2_train, a few iterations: wiring, not accuracy) pseudo-label the
     tiny federation with the CLI; the dataset passes stock nnUNetv2_plan_and_preprocess --verify_dataset_integrity
     and trains a few iterations with nnU-Net's trainer (with the ignore label) and predicts."""
-    from nnunetv2_fedkd.pipeline import nnunet_script, plan_and_preprocess, predict, small_plans, train
+    from nnunetv2_fedkd.workflows.pipeline import nnunet_script, plan_and_preprocess, predict, small_plans, train
 
     fed = tiny_federation
     cfg = tmp_path / "short.json"

@@ -10,10 +10,11 @@ import sys
 SITE_MODULES = ["nnunetv2_fedkd.trainers", "nnunetv2_fedkd.federated.nnunet_site", "nnunetv2_fedkd.federated.site_side",
                 "nnunetv2_fedkd.flower.client_app", "nnunetv2_fedkd.flower.task",
                 "nnunetv2_fedkd.nnunet_ext_trainers.nnunetv2_fedkd_trainers"]
-SERVER_MODULES = ["nnunetv2_fedkd.federated.aggregation", "nnunetv2_fedkd.federated.round_core",
+SERVER_MODULES = ["nnunetv2_fedkd.federated.aggregation", "nnunetv2_fedkd.federated.update_checks",
+                  "nnunetv2_fedkd.federated.strategies", "nnunetv2_fedkd.federated.round_core",
                   "nnunetv2_fedkd.federated.runner", "nnunetv2_fedkd.federated.planning",
                   "nnunetv2_fedkd.federated.results_folder", "nnunetv2_fedkd.flower.server_app",
-                  "nnunetv2_fedkd.flower.strategy", "nnunetv2_fedkd.pipeline", "nnunetv2_fedkd.cli"]
+                  "nnunetv2_fedkd.flower.strategy", "nnunetv2_fedkd.workflows.pipeline", "nnunetv2_fedkd.workflows.cli"]
 
 
 def loaded_after_importing(module: str) -> list:

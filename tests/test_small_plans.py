@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from nnunetv2_fedkd.small_plans import PlansError, shrink_plans, write_small_plans
+from nnunetv2_fedkd.data.small_plans import PlansError, shrink_plans, write_small_plans
 
 
 def stock_like_plans():

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from nnunetv2_fedkd.env import EXT_TRAINER_DIR
-from nnunetv2_fedkd.pipeline import nnunet_script
+from nnunetv2_fedkd.workflows.pipeline import nnunet_script
 
 TRAINER = "nnUNetTrainerNaivePartial"
 # The plugin trainers run through stock nnUNetv2_train / nnUNetv2_predict / nnUNetv2_evaluate_folder in
@@ -16,7 +16,8 @@ TRAINER = "nnUNetTrainerNaivePartial"
 
 
 def test_env_command_prints_shim_folder_exports(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "nnunetv2_fedkd.cli", "env", "--workdir", str(tmp_path), "--cpu"],
+    out = subprocess.run([sys.executable, "-m", "nnunetv2_fedkd.workflows.cli",
+                           "env", "--workdir", str(tmp_path), "--cpu"],
                          capture_output=True, text=True, check=True).stdout
     assert f"export nnUNet_extTrainer={EXT_TRAINER_DIR}" in out
     assert f"export nnUNet_raw={tmp_path / 'nnUNet_raw'}" in out

@@ -1,4 +1,4 @@
-"""Tests of nnunetv2_fedkd.synthetic: the phantom generator and the partial-label federation it writes.
+"""Tests of nnunetv2_fedkd.data.synthetic: the phantom generator and the partial-label federation it writes.
 
 One small federation (48 x 48 x 32 voxels, 2 cases per site, 2 test cases) is built per module and checked for
 layout, label conventions, visibility of every organ in every site's images, scanner differences, plausibility,
@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from nnunetv2_fedkd import organs as reg
 from nnunetv2_fedkd.spec import load_spec
-from nnunetv2_fedkd.synthetic import (
+from nnunetv2_fedkd.data.synthetic import (
     LESION_HOSTS,
     STRUCTURES,
     Phantom,
@@ -26,7 +26,7 @@ from nnunetv2_fedkd.synthetic import (
     render_phantom,
     site_phantom,
 )
-from nnunetv2_fedkd.synthetic import federation as fed_mod
+from nnunetv2_fedkd.data.synthetic import federation as fed_mod
 
 SIZE = (48, 48, 32)
 TINY = (32, 32, 24)
@@ -412,7 +412,7 @@ def test_phantom_api():
 
 
 def test_fov_scale_crops_tighter_and_gives_organs_more_voxels():
-    from nnunetv2_fedkd.synthetic.federation import site_phantom, site_scanner
+    from nnunetv2_fedkd.data.synthetic.federation import site_phantom, site_scanner
 
     full, tight = site_scanner(7, "test_set"), site_scanner(7, "test_set", fov_scale=0.7)
     assert tight.fov_mm == pytest.approx(full.fov_mm * 0.7, abs=0.01)
@@ -427,7 +427,7 @@ def test_fov_scale_crops_tighter_and_gives_organs_more_voxels():
 
 
 def test_eight_sites_add_a_second_site_per_organ_and_leave_the_first_four_unchanged(tmp_path):
-    from nnunetv2_fedkd.pipeline import convert_federation
+    from nnunetv2_fedkd.workflows.pipeline import convert_federation
     from nnunetv2_fedkd.spec import load_spec
 
     four = load_spec(make_federation(tmp_path / "four", seed=SEED, size=TINY, cases_per_site=1, test_cases=0))
@@ -457,7 +457,7 @@ def test_eight_sites_add_a_second_site_per_organ_and_leave_the_first_four_unchan
 
 
 def test_the_fully_labelled_federation_has_the_same_images_and_every_organ_labelled_at_every_site(tmp_path):
-    from nnunetv2_fedkd.pipeline import convert_federation
+    from nnunetv2_fedkd.workflows.pipeline import convert_federation
 
     part = load_spec(make_federation(tmp_path / "part", seed=SEED, size=TINY, cases_per_site=1, test_cases=1))
     full = load_spec(make_federation(tmp_path / "full", seed=SEED, size=TINY, cases_per_site=1, test_cases=1,

@@ -10,7 +10,7 @@ from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_fedkd.teacher_cache import (
+from nnunetv2_fedkd.distillation.teacher_cache import (
     AppendTeacherTarget,
     SplitTeacherChannels,
     TeacherCachedDataset,
@@ -20,7 +20,7 @@ from nnunetv2_fedkd.teacher_cache import (
     save_cached,
     split_target,
 )
-from nnunetv2_fedkd.teachers import TeacherError
+from nnunetv2_fedkd.distillation.teachers import TeacherError
 
 
 def _phantom(shape=(24, 24, 24)):
@@ -132,7 +132,7 @@ def test_cached_output_errors_name_the_file(tmp_path):
 def test_probability_codes_keep_the_logit_within_half_a_step():
     """uint8 codes of the logit: every probability in KD's range comes back within LOGIT_STEP / 2 in logit (so a
     target at temperature T within LOGIT_STEP / (2 T)); 0 and 1 map to the ends of that range."""
-    from nnunetv2_fedkd.teacher_cache import (LOGIT_RANGE, LOGIT_STEP, decode_probabilities,
+    from nnunetv2_fedkd.distillation.teacher_cache import (LOGIT_RANGE, LOGIT_STEP, decode_probabilities,
                                               encode_probabilities)
 
     assert LOGIT_RANGE == pytest.approx(13.8155, abs=1e-4) and LOGIT_STEP == pytest.approx(0.10836, abs=1e-5)
@@ -150,7 +150,7 @@ def test_probability_codes_keep_the_logit_within_half_a_step():
 def test_a_cached_case_is_compressed_and_reads_one_patch_at_a_time(tmp_path):
     """A 2-teacher case of 64^3 voxels: far smaller than the float16 array format 1 stored (2 bytes a voxel), and a
     patch read through the lazy view equals the same patch of the decoded whole."""
-    from nnunetv2_fedkd.teacher_cache import CachedProbabilities, decode_probabilities, encode_probabilities
+    from nnunetv2_fedkd.distillation.teacher_cache import CachedProbabilities, decode_probabilities, encode_probabilities
 
     rng = np.random.default_rng(0)
     z, y, x = np.meshgrid(*[np.linspace(-1, 1, 64)] * 3, indexing="ij")
@@ -175,7 +175,7 @@ def test_cache_is_a_sibling_of_the_preprocessed_data(tmp_path):
 def test_cached_outputs_refuse_feature_kd_and_unknown_modes(tmp_path):
     from pathlib import Path
 
-    from nnunetv2_fedkd.teachers import TeacherSpec
+    from nnunetv2_fedkd.distillation.teachers import TeacherSpec
     from nnunetv2_fedkd.trainers.distillation import nnUNetTrainerMSKD
 
     t = object.__new__(nnUNetTrainerMSKD)  # the settings check runs before nnU-Net's __init__
@@ -197,8 +197,8 @@ def test_cached_outputs_refuse_feature_kd_and_unknown_modes(tmp_path):
 def test_cache_key_follows_the_teacher_files_and_the_student_plans(tmp_path):
     import os
 
-    from nnunetv2_fedkd.teacher_cache import cache_key
-    from nnunetv2_fedkd.teachers import TeacherSpec
+    from nnunetv2_fedkd.distillation.teacher_cache import cache_key
+    from nnunetv2_fedkd.distillation.teachers import TeacherSpec
 
     ckpt = tmp_path / "T" / "fold_0" / "checkpoint_final.pth"
     ckpt.parent.mkdir(parents=True)
@@ -219,7 +219,7 @@ def test_teacher_stack_gives_each_teachers_organ_logit_after_a_constant_channel(
     organ's probability (the same function the online path distils from)."""
     from torch import nn
 
-    from nnunetv2_fedkd.teacher_cache import TeacherForegroundLogits
+    from nnunetv2_fedkd.distillation.teacher_cache import TeacherForegroundLogits
 
     class Fake(nn.Module):  # a teacher: (class probabilities, features)
         def __init__(self, p_fg):

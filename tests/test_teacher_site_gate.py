@@ -1,4 +1,4 @@
-"""The per-site teacher gate (nnunetv2_fedkd.teacher_site_gate): hand counts of one case, the per-site rule, the
+"""The per-site teacher gate (nnunetv2_fedkd.distillation.teacher_site_gate): hand counts of one case, the per-site rule, the
 table the trainers fold into MS-KD's ``active`` mask, and the trainer step that scores cached teacher outputs."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_fedkd.label_availability import LabelAvailability
-from nnunetv2_fedkd.teacher_site_gate import (
+from nnunetv2_fedkd.data.label_availability import LabelAvailability
+from nnunetv2_fedkd.distillation.teacher_site_gate import (
     GATE_JSON,
     TeacherCounts,
     TeacherSiteGate,
@@ -22,7 +22,7 @@ from nnunetv2_fedkd.teacher_site_gate import (
     teacher_case_counts,
     unique_teacher_names,
 )
-from nnunetv2_fedkd.teachers import TeacherError, TeacherSpec
+from nnunetv2_fedkd.distillation.teachers import TeacherError, TeacherSpec
 
 CLASSES = ["liver", "kidney"]  # student classes 1, 2
 
@@ -203,7 +203,7 @@ def _gate_trainer(tmp_path, cls, **settings):
 def _cache(tmp_path, own_rows: int = 2):
     """Cases 4 x 5 voxels; the liver teacher claims 11 of the 20 labelled kidney voxels of the kidney site (55 %).
     Each teacher finds ``own_rows`` of the 2 rows of its organ (2: Dice 1; 1: Dice 2/3)."""
-    from nnunetv2_fedkd.teacher_cache import save_cached
+    from nnunetv2_fedkd.distillation.teacher_cache import save_cached
 
     folder = tmp_path / "cache"
     folder.mkdir()
@@ -296,7 +296,7 @@ def test_the_gate_is_computed_once_when_the_datasets_are_made(tmp_path, monkeypa
     nothing is built."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunetv2_fedkd.teacher_cache import TeacherCachedDataset
+    from nnunetv2_fedkd.distillation.teacher_cache import TeacherCachedDataset
     from nnunetv2_fedkd.trainers.distillation import nnUNetTrainerMSKD
 
     folder, dataset = _cache(tmp_path)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_fedkd.teachers import (TeacherError, gate_teachers, load_checkpoint, parse_teachers, probs_to_logit,
+from nnunetv2_fedkd.distillation.teachers import (
+    TeacherError, gate_teachers, load_checkpoint, parse_teachers, probs_to_logit,
                                      recorded_validation_dice)
 from nnunetv2_fedkd.trainers.distillation import decoder_stage_channels
 
@@ -113,7 +114,7 @@ from types import SimpleNamespace  # noqa: E402
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # noqa: E402
 from torch import nn  # noqa: E402
 
-from nnunetv2_fedkd.teachers import (FrozenTeacher, TeacherSpec, axis_permutation,  # noqa: E402
+from nnunetv2_fedkd.distillation.teachers import (FrozenTeacher, TeacherSpec, axis_permutation,  # noqa: E402
                                      inverse_permutation, padded_crop)
 
 

@@ -9,7 +9,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from nnunetv2_fedkd.cli import main
+from nnunetv2_fedkd.workflows.cli import main
 from nnunetv2_fedkd.federated import save_weights
 from nnunetv2_fedkd.federated.planning import federation_plans_digest
 

@@ -35,7 +35,7 @@ import torch
 
 from nnunetv2_fedkd.federated.site_side import SiteUpdate, encode_update, merge_local_state
 from nnunetv2_fedkd.federated.weights_io import load_weights, save_weights
-from nnunetv2_fedkd.label_availability import LabelAvailability
+from nnunetv2_fedkd.data.label_availability import LabelAvailability
 from nnunetv2_fedkd.utils import atomic_write_json, read_json
 
 # instruction keys that are not trainer settings

@@ -31,7 +31,7 @@ def verify_results_folder(model_folder: Path, run_dir: Optional[Path] = None, fo
     ``model_folder/federation``). Returns what was verified; raises :class:`VerificationFailed` naming the file and
     the difference, and FileNotFoundError for a missing file."""
     from nnunetv2_fedkd.federated.planning import federation_plans_digest
-    from nnunetv2_fedkd.teachers import TeacherError, load_checkpoint
+    from nnunetv2_fedkd.distillation.teachers import TeacherError, load_checkpoint
 
     model_folder = Path(model_folder)
     run_dir = Path(run_dir) if run_dir is not None else model_folder / "federation"

@@ -1,17 +1,54 @@
-"""Loss functions for training one segmentation network from partially labelled datasets."""
-from nnunetv2_fedkd.losses.distillation import (
-    FeatureKDLoss,
-    PartialKDSigmoidLoss,
-    PartialKDSoftmaxLoss,
+r"""Losses for training one segmentation network from partially labelled datasets, pure torch (no nnU-Net state).
+
+Supervised partial-label losses: :mod:`.partial_label` (marginal, exclusion, masked sigmoid). Knowledge distillation
+(KD): :mod:`.region_kd` (MS-KD region logit KD from binary organ teachers), :mod:`.feature_kd` (feature KD),
+:mod:`.response_kd` (soft-label KD from an ensemble, partial KD from a previous global model). :mod:`._common`:
+shared private helpers.
+
+Every KD loss
+
+* takes the student's raw outputs (logits or features) ``[B, C, *spatial]`` for any number of spatial dims,
+* takes teacher outputs of the same batch and spatial size (the trainer resamples them; a mismatch raises
+  ``ValueError``) and detaches them: teachers never receive a gradient,
+* computes in float32 whatever the input dtype (fp16/bf16 outputs from nnU-Net's autocast are cast with
+  ``.float()``),
+* returns a scalar float32 tensor that is always connected to the student's graph (an empty region or an
+  everything-annotated batch gives ``0`` with an all-zero gradient, never a constant),
+* uses the temperature ``T`` as in Hinton et al. 2015: both distributions are softened with ``T`` and the KL is
+  multiplied by ``T ** 2`` so that gradient magnitudes do not depend on ``T``.
+
+Notation: :math:`\sigma` the sigmoid, :math:`\mathrm{KL}_2(p \,\|\, q) = p \log\frac{p}{q} + (1-p)\log\frac{1-p}{1-q}`
+the binary KL divergence (terms with a zero teacher probability count 0), ``N`` voxels per sample.
+
+References:
+    G. Hinton, O. Vinyals, J. Dean. "Distilling the knowledge in a neural network." arXiv:1503.02531 (2015).
+    Q. Zhao et al. "MS-KD: multi-organ segmentation with multiple binary-labeled datasets" (2022/2023): region-based
+    logit KD and region-masked feature KD from single-organ binary teachers.
+    He et al. 2023, dual (logit + feature) knowledge distillation for partially labelled multi-organ segmentation:
+    unmasked feature KD (``region=None``).
+    J. M. H. Noothout, N. Lessmann, M. C. van Eede, et al. "Knowledge distillation with ensembles of convolutional
+    neural networks for medical image segmentation." J. Med. Imaging 9(5) 052407 (2022): soft-label KD from the
+    averaged ensemble.
+    S. Kim, H. Park, M. Kang, K. H. Jin, E. Adeli, K. M. Pohl, S. H. Park. "Federated learning with knowledge
+    distillation for multi-organ segmentation with partially labeled datasets." Medical Image Analysis 95 (2024)
+    103156: KD from the previous global model on unannotated organs.
+    P. Wang, C. Shen, W. Wang, et al. "ConDistFL: Conditional distillation for federated learning from partially
+    annotated data." MICCAI DeCaF workshop 2023, arXiv:2308.04070: merged-bin (conditional) distillation.
+"""
+from nnunetv2_fedkd.losses.feature_kd import FeatureKDLoss, feature_kd_loss
+from nnunetv2_fedkd.losses.region_kd import (
     RegionLogitKDSigmoidLoss,
     RegionLogitKDSoftmaxLoss,
-    SoftLabelKDLoss,
     binary_teacher_logit,
-    feature_kd_loss,
-    partial_kd_sigmoid,
-    partial_kd_softmax,
     region_logit_kd_sigmoid,
     region_logit_kd_softmax,
+)
+from nnunetv2_fedkd.losses.response_kd import (
+    PartialKDSigmoidLoss,
+    PartialKDSoftmaxLoss,
+    SoftLabelKDLoss,
+    partial_kd_sigmoid,
+    partial_kd_softmax,
     soft_label_kd_loss,
     teacher_probs_for_student_classes,
 )
@@ -51,4 +88,5 @@ __all__ = [
     "SoftLabelKDLoss",
     "PartialKDSoftmaxLoss",
     "PartialKDSigmoidLoss",
+    "teacher_probs_for_student_classes",
 ]

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunetv2_fedkd.losses._common import _log_one_minus_softmax, _spatial_view
+
 __all__ = [
     "labels_to_onehot",
     "marginal_loss",
@@ -99,11 +101,6 @@ def _check(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor,
     if a.shape != (b, c):
         raise ValueError(f"{name}: annotated must be [B, C] = {(b, c)}, got {tuple(a.shape)}")
     return x, t, a.bool()
-
-
-def _spatial_view(a: torch.Tensor, ndim: int) -> torch.Tensor:
-    """[B, C] -> [B, C, 1, ..., 1] with ``ndim`` dims in total."""
-    return a.reshape(*a.shape, *([1] * (ndim - 2)))
 
 
 def _zero(x: torch.Tensor) -> torch.Tensor:
@@ -228,23 +225,6 @@ def marginal_loss(logits: torch.Tensor, target: torch.Tensor, annotated: torch.T
 # ----------------------------------------------------------------------------------------------------------------------
 # exclusion loss
 # ----------------------------------------------------------------------------------------------------------------------
-def _log_one_minus_softmax(x: torch.Tensor, lse: torch.Tensor = None, p: torch.Tensor = None) -> torch.Tensor:
-    r"""Stable :math:`\log(1 - \mathrm{softmax}(x)_k) = \mathrm{logsumexp}_{j \neq k} x_j - \mathrm{logsumexp}_j x_j`
-    for every channel ``k`` of ``x`` ``[B, C, *spatial]`` (C >= 2), without ``C`` masked copies of the logits.
-
-    For the arg-max channel the exclusive logsumexp is computed directly (one masked copy); for every other channel
-    ``p_k <= 1/2`` so ``log1p(-p_k)`` is accurate. The unused branch is clamped so that ``torch.where`` never
-    back-propagates inf/NaN. ``lse`` (``logsumexp(x, 1, keepdim=True)``) and ``p`` (``softmax(x, 1)``) may be passed
-    in when already computed. The result is finite for finite ``x``.
-    """
-    if lse is None:
-        lse = torch.logsumexp(x, 1, keepdim=True)
-    if p is None:
-        p = torch.exp(x - lse)
-    is_top = torch.zeros_like(x, dtype=torch.bool).scatter_(1, x.argmax(1, keepdim=True), True)
-    lse_wo_top = torch.logsumexp(x.masked_fill(is_top, float("-inf")), 1, keepdim=True)
-    other = torch.log1p(-p.clamp(max=0.5))
-    return torch.where(is_top, lse_wo_top - lse, other)
 
 
 def exclusion_loss(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor, smooth: float = 1e-5,

@@ -11,7 +11,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
 
-from nnunetv2_fedkd.label_availability import LabelAvailability
+from nnunetv2_fedkd.data.label_availability import LabelAvailability
 from nnunetv2_fedkd.trainers.config import (BASE_DEFAULTS, DATA_AUGMENTATION, USED_CONFIG_NAME, TrainerConfigError,
                                             load_trainer_config)
 from nnunetv2_fedkd.utils import atomic_write_json

@@ -7,8 +7,8 @@
 * :class:`nnUNetTrainerDualKD` - a model trained elsewhere distils its responses and features into the local model on
   what the local labels do not cover, including unlabelled cases (He et al. 2023).
 
-The KD terms are the pure functions of :mod:`nnunetv2_fedkd.losses.distillation`; teachers are
-:class:`nnunetv2_fedkd.teachers.FrozenTeacher`. Wiring: before nnU-Net's ``train_step`` runs the student, the
+The KD terms are the pure functions of :mod:`nnunetv2_fedkd.losses`; teachers are
+:class:`nnunetv2_fedkd.distillation.teachers.FrozenTeacher`. Wiring: before nnU-Net's ``train_step`` runs the student, the
 teachers run on the same augmented patch (``batch['data']``) and the resulting terms are attached to the loss
 module, which nnU-Net then calls as usual (under its autocast; the terms compute in float32). Validation uses the
 ground-truth loss only.
@@ -24,18 +24,18 @@ is not a ``DeepSupervisionWrapper``, e.g. deep supervision off)::
 so ``kd_weight`` (and ``feature_kd_weight``, and FedKD's ``global_kd_weight``: ``nnUNetTrainerFedKD`` adds its
 global-model KD through the same ``terms``, so it gets the same scaling) is the ratio of a KD term to the
 full-resolution supervised loss, whether deep supervision is on or off. The region KD losses are means over all
-voxels of the batch (see :mod:`nnunetv2_fedkd.losses.distillation`), so that ratio holds per voxel, whatever the
+voxels of the batch (see :mod:`nnunetv2_fedkd.losses.region_kd`), so that ratio holds per voxel, whatever the
 size of a teacher's region.
 
 MS-KD and the labels (:class:`_MSKDMixin`): where a case labels a voxel, the label wins; the teachers speak only
 where the case's labels are silent. Teacher ``k`` (organ ``c_k``) gives no KD on a sample that annotates ``c_k``
 (the ``active`` mask of the region losses, from ``batch['keys']`` and dataset.json via
-:class:`nnunetv2_fedkd.label_availability.LabelAvailability`), and the voxels the full-resolution target labels as
+:class:`nnunetv2_fedkd.data.label_availability.LabelAvailability`), and the voxels the full-resolution target labels as
 an annotated organ (target > 0: the student's class index for the softmax trainers, any channel of nnU-Net's region
 one-hot target for the multi-head trainer) belong to no KD region (organ regions, background region, feature KD
 regions): :func:`teacher_kd_masks`.
 
-Settings (trainer config file): ``teachers`` / ``ensemble`` / ``public_model`` (see :mod:`nnunetv2_fedkd.teachers`),
+Settings (trainer config file): ``teachers`` / ``ensemble`` / ``public_model`` (see :mod:`nnunetv2_fedkd.distillation.teachers`),
 ``kd_weight``, ``kd_temperature``, ``kd_background_weight``, ``feature_kd_weight``, ``feature_kd_stage`` (decoder
 stage, python index, -1 = full resolution), ``feature_kd_kind`` (mse|cosine), ``kd_rampup_epochs``, ``gt_weight``,
 ``min_teacher_dice``; MS-KD also ``teacher_outputs``, ``max_teacher_fp_rate`` and ``min_teacher_site_dice`` (the
@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
-from nnunetv2_fedkd.losses.distillation import (
+from nnunetv2_fedkd.losses import (
     feature_kd_loss,
     partial_kd_softmax,
     region_logit_kd_sigmoid,
@@ -62,7 +62,7 @@ from nnunetv2_fedkd.losses.distillation import (
     soft_label_kd_loss,
     teacher_probs_for_student_classes,
 )
-from nnunetv2_fedkd.teachers import (
+from nnunetv2_fedkd.distillation.teachers import (
     FrozenTeacher,
     TeacherError,
     TeacherSpec,
@@ -84,7 +84,7 @@ KD_DEFAULTS: Dict[str, Any] = {
     # teachers whose own recorded validation Dice is below this are not used (teachers.gate_teachers); 0: use all
     "min_teacher_dice": 0.05,
 }
-# the per-site teacher gate of MS-KD's organ teachers (nnunetv2_fedkd.teacher_site_gate); 1.0 and 0: off
+# the per-site teacher gate of MS-KD's organ teachers (nnunetv2_fedkd.distillation.teacher_site_gate); 1.0 and 0: off
 SITE_GATE_DEFAULTS: Dict[str, Any] = {
     # a teacher that claims more than this fraction of another organ's labelled voxels at a site is left out there
     "max_teacher_fp_rate": 0.2,
@@ -175,7 +175,7 @@ def teacher_kd_masks(label_availability, keys, teacher_organ_index: Sequence[int
 
     ``active[b, k]``: sample ``keys[b]`` does not annotate teacher ``k``'s organ (label index
     ``teacher_organ_index[k]``, 0-based foreground) and, with a ``site_gate``
-    (:class:`nnunetv2_fedkd.teacher_site_gate.TeacherSiteGate`), teacher ``k`` may speak at the sample's site
+    (:class:`nnunetv2_fedkd.distillation.teacher_site_gate.TeacherSiteGate`), teacher ``k`` may speak at the sample's site
     (``active[b, k] &= ok[site(b), k]``); ``valid``: the given mask (cached teacher outputs; None: every voxel)
     without the voxels the full-resolution ``target`` labels as an organ (:func:`labelled_foreground`)."""
     fg = label_availability.foreground_mask(list(keys))  # [B, K_all]
@@ -347,10 +347,10 @@ class _DistillationMixin:
 class _MSKDMixin(_DistillationMixin):
     """MS-KD wiring. ``teacher_outputs``: ``"online"`` (the teachers run on every augmented training patch) or
     ``"cached"`` (each teacher predicts every training case once; the stored probabilities follow the patch through
-    nnU-Net's crop and augmentation, see :mod:`nnunetv2_fedkd.teacher_cache`; responses only, so
+    nnU-Net's crop and augmentation, see :mod:`nnunetv2_fedkd.distillation.teacher_cache`; responses only, so
     ``feature_kd_weight`` must be 0).
 
-    Per-site teacher gate (:mod:`nnunetv2_fedkd.teacher_site_gate`; ``max_teacher_fp_rate`` default 0.2,
+    Per-site teacher gate (:mod:`nnunetv2_fedkd.distillation.teacher_site_gate`; ``max_teacher_fp_rate`` default 0.2,
     ``min_teacher_site_dice`` default 0.5): before training, every teacher's predictions on the training cases (the
     cache above; with ``"online"`` teachers the cache is built for this alone, once, and reused by later runs) are
     scored against the labels of each site (dataset.json ``fedkd.case_site``; a site's own dataset is one site). A
@@ -401,16 +401,16 @@ class _MSKDMixin(_DistillationMixin):
             self._teacher_site_gate = self._gate_teachers_per_site(dataset_tr, folder)
         if not self._cached():
             return dataset_tr, dataset_val
-        from nnunetv2_fedkd import teacher_cache as tc
+        from nnunetv2_fedkd.distillation import teacher_cache as tc
 
         self.teacher_cache_folder = folder
         self.teachers = []  # the networks are not needed any more: training reads the cache
         return tc.TeacherCachedDataset(dataset_tr, folder, len(self.teacher_specs)), dataset_val
 
     def _build_teacher_cache(self, dataset_tr):
-        """Every teacher predicts every training case once (:func:`nnunetv2_fedkd.teacher_cache.build_teacher_cache`;
+        """Every teacher predicts every training case once (:func:`nnunetv2_fedkd.distillation.teacher_cache.build_teacher_cache`;
         cases already in the cache are reused). Returns the cache folder."""
-        from nnunetv2_fedkd import teacher_cache as tc
+        from nnunetv2_fedkd.distillation import teacher_cache as tc
 
         key = tc.cache_key({"configuration": self.configuration_manager.configuration,
                             "intensity": self.plans_manager.plans.get("foreground_intensity_properties_per_channel")},
@@ -446,14 +446,14 @@ class _MSKDMixin(_DistillationMixin):
 
     def _gate_teachers_per_site(self, dataset_tr, folder):
         """Score every teacher at every site from its cached predictions on the training cases and their labels
-        (:mod:`nnunetv2_fedkd.teacher_site_gate`); log each figure and decision, write ``teacher_gate.json`` into the
-        fold folder; returns the :class:`~nnunetv2_fedkd.teacher_site_gate.TeacherSiteGate`."""
+        (:mod:`nnunetv2_fedkd.distillation.teacher_site_gate`); log each figure and decision, write ``teacher_gate.json`` into the
+        fold folder; returns the :class:`~nnunetv2_fedkd.distillation.teacher_site_gate.TeacherSiteGate`."""
         import os
 
         import numpy as np
 
-        from nnunetv2_fedkd import teacher_site_gate as tsg
-        from nnunetv2_fedkd.teacher_cache import load_cached
+        from nnunetv2_fedkd.distillation import teacher_site_gate as tsg
+        from nnunetv2_fedkd.distillation.teacher_cache import load_cached
         from nnunetv2_fedkd.utils import atomic_write_json
 
         c = self.fedkd_config
@@ -503,7 +503,7 @@ class _MSKDMixin(_DistillationMixin):
         decision = getattr(self, "_teacher_gate_decision", None)
         if decision is None:
             return {}
-        from nnunetv2_fedkd.teacher_site_gate import gate_metrics
+        from nnunetv2_fedkd.distillation.teacher_site_gate import gate_metrics
 
         return gate_metrics(decision)
 
@@ -513,7 +513,7 @@ class _MSKDMixin(_DistillationMixin):
             return stock
         from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 
-        from nnunetv2_fedkd.teacher_cache import AppendTeacherTarget, SplitTeacherChannels
+        from nnunetv2_fedkd.distillation.teacher_cache import AppendTeacherTarget, SplitTeacherChannels
 
         return ComposeTransforms([SplitTeacherChannels(self.num_input_channels), stock, AppendTeacherTarget()])
 
@@ -531,7 +531,7 @@ class _MSKDMixin(_DistillationMixin):
     def _kd_terms(self, batch: dict):
         valid = None
         if self._cached():
-            from nnunetv2_fedkd.teacher_cache import decode_teacher_target, split_target
+            from nnunetv2_fedkd.distillation.teacher_cache import decode_teacher_target, split_target
 
             batch["target"], stored = split_target(batch["target"], self.enable_deep_supervision)
             t_fg, valid = decode_teacher_target(stored.to(self.device, non_blocking=True))

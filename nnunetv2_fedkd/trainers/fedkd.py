@@ -36,7 +36,7 @@ The federation settings (the runner writes them; all optional):
 
 Feature KD is off by default here (``feature_kd_weight`` 0), so the global model is the plain nnU-Net network.
 
-With organ ``teachers``, the per-site teacher gate of MS-KD (:mod:`nnunetv2_fedkd.teacher_site_gate`) scores them
+With organ ``teachers``, the per-site teacher gate of MS-KD (:mod:`nnunetv2_fedkd.distillation.teacher_site_gate`) scores them
 on this site's training cases (the site's dataset is one site): its figures go to the training log, to
 ``teacher_gate.json`` in the fold folder and, as flat numbers (``teacher_gate.<teacher>.dice``,
 ``teacher_gate.<teacher>.fp_rate.<organ>``, ``teacher_gate.<teacher>.speaks``), to the update's metrics.
@@ -58,9 +58,9 @@ from nnunetv2_fedkd.federated.site_side import (
     proximal_term,
 )
 from nnunetv2_fedkd.federated.weights_io import load_weights, save_weights
-from nnunetv2_fedkd.label_availability import LabelAvailability
-from nnunetv2_fedkd.losses.distillation import partial_kd_sigmoid, partial_kd_softmax
-from nnunetv2_fedkd.teachers import TeacherSpec
+from nnunetv2_fedkd.data.label_availability import LabelAvailability
+from nnunetv2_fedkd.losses.response_kd import partial_kd_sigmoid, partial_kd_softmax
+from nnunetv2_fedkd.distillation.teachers import TeacherSpec
 from nnunetv2_fedkd.trainers.distillation import _MSKDMixin, _full_res
 from nnunetv2_fedkd.trainers.naive_partial import nnUNetTrainerNaivePartial
 from nnunetv2_fedkd.trainers.partial_label import nnUNetTrainerMarginal, nnUNetTrainerMultiHead

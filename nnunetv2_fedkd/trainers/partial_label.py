@@ -1,7 +1,7 @@
 """Partial-label trainers: one multi-organ nnU-Net from datasets that each annotate only some organs.
 
 Each trainer is nnU-Net's trainer with a different loss; the per-sample label availability comes from dataset.json
-(:mod:`nnunetv2_fedkd.label_availability`) through ``batch['keys']``. nnU-Net calls ``self.loss(output, target)``;
+(:mod:`nnunetv2_fedkd.data.label_availability`) through ``batch['keys']``. nnU-Net calls ``self.loss(output, target)``;
 :class:`_PerBatchMask` passes the current batch's mask to the partial-label loss, and nnU-Net's own deep-supervision
 wrapper (built by the stock ``_build_loss``) is kept with its weights.
 """
@@ -15,7 +15,7 @@ from torch import nn
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_fedkd.label_availability import LabelAvailability
+from nnunetv2_fedkd.data.label_availability import LabelAvailability
 from nnunetv2_fedkd.losses import MarginalExclusionLoss, MaskedSigmoidLoss
 from nnunetv2_fedkd.networks import attach_organ_heads
 from nnunetv2_fedkd.trainers.base import nnUNetTrainerFedKDBase

@@ -4,7 +4,7 @@ One module per source layout finds the cases (``msd``, ``kits``, ``lits``, ``btc
 ``nnunetv2/dataset_conversion``); ``common`` validates and writes them case by case and makes dataset.json with
 nnU-Net's ``generate_dataset_json`` (plus a ``"fedkd"`` block: label set, merges, source labels, cases).
 
-    from nnunetv2_fedkd.dataset_conversion import convert_dataset
+    from nnunetv2_fedkd.data.conversion import convert_dataset
     convert_dataset("kits23", "/data/kits23", 220)            # -> $nnUNet_raw/Dataset220_KiTS23, labels {kidney: 1}
 """
 from __future__ import annotations

@@ -23,7 +23,7 @@ def _cmd_env(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from nnunetv2_fedkd.dataset_conversion import convert_dataset
+    from nnunetv2_fedkd.data.conversion import convert_dataset
 
     out = convert_dataset(args.format, args.input_dir, args.dataset_id, dataset_name=args.name,
                           keep_tumour=args.keep_tumour, organs=args.organs, overwrite=args.overwrite,
@@ -35,7 +35,7 @@ def _cmd_convert(args) -> int:
 def _cmd_convert_federation(args) -> int:
     from nnunetv2.paths import nnUNet_raw
 
-    from nnunetv2_fedkd.pipeline import StepError, convert_federation
+    from nnunetv2_fedkd.workflows.pipeline import StepError, convert_federation
     from nnunetv2_fedkd.spec import load_spec
 
     if not nnUNet_raw:
@@ -55,7 +55,7 @@ def _cmd_convert_federation(args) -> int:
 
 
 def _cmd_synth(args) -> int:
-    from nnunetv2_fedkd.synthetic import make_federation
+    from nnunetv2_fedkd.data.synthetic import make_federation
 
     spec = make_federation(args.out_dir, seed=args.seed, size=tuple(args.size), cases_per_site=args.cases_per_site,
                            test_cases=args.test_cases, first_dataset_id=args.first_dataset_id,
@@ -69,7 +69,7 @@ def _cmd_small_plans(args) -> int:
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    from nnunetv2_fedkd.small_plans import write_small_plans
+    from nnunetv2_fedkd.data.small_plans import write_small_plans
 
     for d in args.dataset:
         folder = Path(nnUNet_preprocessed) / maybe_convert_to_dataset_name(d)
@@ -95,7 +95,7 @@ def _cmd_check_spec(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from nnunetv2_fedkd.pooled_dataset import merge_sites
+    from nnunetv2_fedkd.data.pooled import merge_sites
     from nnunetv2_fedkd.spec import load_spec
 
     out = merge_sites(load_spec(args.spec), args.dataset_id, dataset_name=args.name, overwrite=args.overwrite)
@@ -104,8 +104,8 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_pseudo_label(args) -> int:
-    from nnunetv2_fedkd.pipeline import StepError
-    from nnunetv2_fedkd.pseudo_labels import build_pseudo_label_dataset
+    from nnunetv2_fedkd.workflows.pipeline import StepError
+    from nnunetv2_fedkd.workflows.pseudo_labels import build_pseudo_label_dataset
 
     source = args.source
     if source.suffix == ".toml" or source.is_file():
@@ -131,7 +131,7 @@ def _cmd_pseudo_label(args) -> int:
 def _cmd_plan(args) -> int:
     from nnunetv2_fedkd.federated.planning import (FederatedPlanningError, PayloadError, PlansMismatch,
                                                    plan_federation)
-    from nnunetv2_fedkd.pipeline import StepError
+    from nnunetv2_fedkd.workflows.pipeline import StepError
     from nnunetv2_fedkd.spec import load_spec
 
     try:
@@ -217,7 +217,7 @@ def _cmd_upgrade_weights(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from nnunetv2_fedkd.demo import run_demo
+    from nnunetv2_fedkd.workflows.demo import run_demo
 
     return run_demo(args.workdir, quick=args.quick, seed=args.seed, with_teachers=args.teachers)
 
@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="federated planning: per-site view datasets in the global label set, local "
                                      "fingerprints merged at a coordinator, ONE plan for all sites, local "
-                                     "preprocessing (see nnunetv2_fedkd/federated/planning.py)")
+                                     "preprocessing (see nnunetv2_fedkd/federated/planning/)")
     pl.add_argument("spec", type=Path)
     pl.add_argument("--plans-name", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     pl.add_argument("--planner", default="ExperimentPlanner",

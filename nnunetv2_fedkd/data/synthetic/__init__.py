@@ -1,6 +1,6 @@
 """Synthetic partial-label federation: CT-like abdominal phantoms written in the LiTS, KiTS23, MSD and BTCV layouts.
 
-    from nnunetv2_fedkd.synthetic import make_federation
+    from nnunetv2_fedkd.data.synthetic import make_federation
     spec_path = make_federation("work", seed=0)          # -> work/federation.toml, work/sources/..., work/synth_meta.json
 
 See :mod:`.phantom` (anatomy, intensities, scanner model) and :mod:`.federation` (sites, layouts, spec).

@@ -5,46 +5,12 @@ before they run), so the demo proves the same path the README documents.
 """
 from __future__ import annotations
 
-import shlex
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 from nnunetv2_fedkd.env import subprocess_env
+from nnunetv2_fedkd.nnunet_commands import StepError, nnunet_script, run_command  # noqa: F401 (part of this API)
 from nnunetv2_fedkd.spec import FederationSpec, check_datasets
-
-
-class StepError(RuntimeError):
-    pass
-
-
-def nnunet_script(name: str) -> str:
-    """Path of a console script installed next to this Python (works without an activated venv)."""
-    cand = Path(sys.executable).parent / name
-    return str(cand) if cand.exists() else name
-
-
-def run_command(cmd: Sequence[str], env: Dict[str, str], log_file: Optional[Path] = None,
-                quiet: bool = False) -> float:
-    """Run ``cmd``; stream or log its output; raise StepError with the log's tail on failure. Returns seconds."""
-    shown = " ".join(shlex.quote(str(c)) for c in cmd)
-    if not quiet:
-        print(f"$ {shown}", flush=True)
-    t0 = time.perf_counter()
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_file, "w") as f:
-            proc = subprocess.run([str(c) for c in cmd], env=env, stdout=f, stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
-            tail = "".join(Path(log_file).read_text(errors="replace").splitlines(True)[-40:])
-            raise StepError(f"command failed with exit code {proc.returncode}: {shown}\nlog: {log_file}\n{tail}")
-    else:
-        proc = subprocess.run([str(c) for c in cmd], env=env)
-        if proc.returncode != 0:
-            raise StepError(f"command failed with exit code {proc.returncode}: {shown}")
-    return time.perf_counter() - t0
 
 
 def convert_federation(spec: FederationSpec, nnunet_raw: Path, overwrite: bool = False,
@@ -53,7 +19,7 @@ def convert_federation(spec: FederationSpec, nnunet_raw: Path, overwrite: bool =
     to the federation's label set, from the spec's ``source_format`` / ``source_dir``, with the converters (each
     dataset validated and written atomically), then check the converted sites against the spec. Every requested site
     is checked for a source before anything is converted."""
-    from nnunetv2_fedkd.dataset_conversion import convert_dataset
+    from nnunetv2_fedkd.data.conversion import convert_dataset
 
     names = [s.name for s in spec.sites]
     unknown = [n for n in (sites or []) if n not in names]
@@ -94,8 +60,8 @@ def plan_and_preprocess(dataset_ids: Sequence[int], workdir: Path, cpu: bool = T
 
 
 def small_plans(datasets: Sequence[str], workdir: Path, **kwargs) -> List[Path]:
-    """Write small plans (:mod:`nnunetv2_fedkd.small_plans`) for each dataset (``DatasetXXX_Name``)."""
-    from nnunetv2_fedkd.small_plans import write_small_plans
+    """Write small plans (:mod:`nnunetv2_fedkd.data.small_plans`) for each dataset (``DatasetXXX_Name``)."""
+    from nnunetv2_fedkd.data.small_plans import write_small_plans
 
     pre = Path(subprocess_env(workdir)["nnUNet_preprocessed"])
     return [write_small_plans(pre / d, **kwargs) for d in datasets]

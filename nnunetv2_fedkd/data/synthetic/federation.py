@@ -263,7 +263,7 @@ def _render_site(site: SyntheticSite, seed: int, size, n_cases: int, n_test: int
         dataset_json = {
             "name": meta["name"],
             "description": meta["description"],
-            "reference": "synthetic (nnunetv2_fedkd.synthetic); layout of the Medical Segmentation Decathlon",
+            "reference": "synthetic (nnunetv2_fedkd.data.synthetic); layout of the Medical Segmentation Decathlon",
             "licence": "CC-BY-SA 4.0",
             "release": "1.0 synthetic",
             "tensorImageSize": "3D",
@@ -359,7 +359,7 @@ def make_federation(
     fully_labelled: the federated oracle's data: the same sites, scanners and cases (the same images as without it,
         for the same seed and size), each site written in the BTCV layout with EVERY federation organ labelled
         (dataset names end in ``Full``). No real federation has it; it is the upper bound of federated training at a
-        given budget, as the pooled fully labelled dataset (:mod:`nnunetv2_fedkd.synthetic.oracle`) is that of
+        given budget, as the pooled fully labelled dataset (:mod:`nnunetv2_fedkd.data.synthetic.oracle`) is that of
         central training.
     """
     if not 0.2 <= float(fov_scale) <= 2.0:
@@ -412,7 +412,7 @@ def make_federation(
                                                         source_dir=out_dir / test_meta["source_dir"]),
     )
     meta = {
-        "generator": "nnunetv2_fedkd.synthetic",
+        "generator": "nnunetv2_fedkd.data.synthetic",
         "format_version": FORMAT_VERSION,
         "seed": seed,
         "size": list(size),

@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
-from nnunetv2_fedkd.dataset_conversion.common import ConversionError, resolve_nnunet_raw, target_folder
+from nnunetv2_fedkd.data.conversion.common import ConversionError, resolve_nnunet_raw, target_folder
 from nnunetv2_fedkd.utils import atomic_output_dir, read_json
 
 FILE_ENDING = ".nii.gz"
@@ -172,7 +172,7 @@ def _label_value(v) -> Tuple[int, ...]:
 
 def resolve_teacher(teacher: Any, default_results: Optional[Path] = None, organ: Optional[str] = None,
                     folds: Optional[Sequence[str]] = None) -> Teacher:
-    """A :class:`Teacher` from a :class:`Teacher`, a :class:`nnunetv2_fedkd.student_vs_teachers.Model` (its results
+    """A :class:`Teacher` from a :class:`Teacher`, a :class:`nnunetv2_fedkd.workflows.student_vs_teachers.Model` (its results
     folder under ``default_results`` unless it names its own), a results folder path, or ``"ORGAN=FOLDER"``. The organ
     is the one given, else the only organ the teacher's dataset.json records as annotated (``fedkd.annotated``), else
     its only foreground label; the folds are those given, else every ``fold_*`` with a ``checkpoint_final.pth``."""
@@ -279,7 +279,7 @@ def to_reader_order(probability: np.ndarray, image_files: Sequence[Path], teache
 def predict_teacher(teacher: Teacher, images: Path, out: Path, workdir: Optional[Path], cpu: bool = True,
                     tta: bool = False, log_dir: Optional[Path] = None) -> Path:
     """Stock ``nnUNetv2_predict --save_probabilities`` of ``teacher`` on ``images`` into ``out``."""
-    from nnunetv2_fedkd.pipeline import predict
+    from nnunetv2_fedkd.workflows.pipeline import predict
 
     trainer, plans, configuration = teacher.trainer_plans_configuration
     if out.exists():
@@ -298,14 +298,14 @@ def _stage_source(source, raw: Path, tmp: Path) -> Tuple[Dict[str, int], Dict[st
     """Write the source's training cases into ``tmp/imagesTr`` (links) and ``tmp/labelsTr`` (labels in the global
     label set). Returns (organ -> label value, case -> annotated organs, case -> site, channel_names, reader name,
     a description of the source)."""
-    from nnunetv2_fedkd.pooled_dataset import (_link_or_copy, common_channel_names, global_label_values,
+    from nnunetv2_fedkd.data.pooled import (_link_or_copy, common_channel_names, global_label_values,
                                                write_remapped_cases)
     from nnunetv2_fedkd.spec import FederationSpec, check_datasets
 
     (tmp / "imagesTr").mkdir()
     (tmp / "labelsTr").mkdir()
     if isinstance(source, FederationSpec):
-        from nnunetv2_fedkd.dataset_conversion.common import IMAGE_READER
+        from nnunetv2_fedkd.data.conversion.common import IMAGE_READER
 
         check_datasets(source, raw)
         values = global_label_values(source)
@@ -359,7 +359,7 @@ def _stage_source(source, raw: Path, tmp: Path) -> Tuple[Dict[str, int], Dict[st
 
 
 def _default_name(source) -> str:
-    from nnunetv2_fedkd.pooled_dataset import federation_dataset_name
+    from nnunetv2_fedkd.data.pooled import federation_dataset_name
     from nnunetv2_fedkd.spec import FederationSpec
 
     if isinstance(source, FederationSpec):
@@ -387,7 +387,7 @@ def build_pseudo_label_dataset(
     ``source``: a :class:`~nnunetv2_fedkd.spec.FederationSpec` (its sites' converted datasets, as ``merge`` pools
     them; case ids ``<site>__<case>``) or a pooled dataset folder written by ``nnunetv2_fedkd merge`` (a path, or a
     folder name under nnUNet_raw). ``teachers``: single-organ teachers, each a results folder path,
-    ``"ORGAN=FOLDER"``, a :class:`Teacher` or a :class:`~nnunetv2_fedkd.student_vs_teachers.Model`; at most one per
+    ``"ORGAN=FOLDER"``, a :class:`Teacher` or a :class:`~nnunetv2_fedkd.workflows.student_vs_teachers.Model`; at most one per
     organ of the federation. ``workdir``: nnU-Net folders under it (``nnUNet_raw``, ``nnUNet_results`` as the
     benchmarks lay them out); None: the ``nnUNet_*`` environment variables. ``predictions_dir``: where the teachers'
     predictions (``<organ>/<case>.npz``) go and stay; None: a temporary folder, deleted at the end. ``cpu``/``tta``:

@@ -46,7 +46,8 @@ import torch
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from torch import nn
 
-from nnunetv2_fedkd.teachers import FrozenTeacher, TeacherError, TeacherSpec, probs_to_logit, teachers_foreground_logits
+from nnunetv2_fedkd.distillation.teachers import (
+    FrozenTeacher, TeacherError, TeacherSpec, probs_to_logit, teachers_foreground_logits)
 from nnunetv2_fedkd.utils import atomic_write_json
 
 CACHE_SUFFIX = "_fedkd_teachers"

@@ -4,7 +4,7 @@ This is the central setting (allowed where data may be shared) and the base of e
 labels are remapped to the federation's global label set (background + ``[federation].labels``); organs a site does
 not annotate stay 0 in its label maps, and dataset.json records per case which organs are annotated
 (``fedkd.case_annotated``) and which site it came from (``fedkd.case_site``; case ids are ``<site>__<case>``).
-The partial-label trainers read that table (:mod:`nnunetv2_fedkd.label_availability`).
+The partial-label trainers read that table (:mod:`nnunetv2_fedkd.data.label_availability`).
 
 The remapping helpers below (:func:`site_dataset_json`, :func:`common_channel_names`, :func:`write_remapped_cases`,
 :func:`write_global_dataset_json`) are shared with the federated per-site view datasets
@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
 from nnunetv2_fedkd import organs as reg
-from nnunetv2_fedkd.dataset_conversion.common import (IMAGE_READER, ConversionError, resolve_nnunet_raw,
+from nnunetv2_fedkd.data.conversion.common import (IMAGE_READER, ConversionError, resolve_nnunet_raw,
                                                    target_folder)
 from nnunetv2_fedkd.spec import FederationSpec, Site, check_datasets
 from nnunetv2_fedkd.utils import atomic_output_dir

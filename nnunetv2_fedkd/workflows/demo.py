@@ -109,12 +109,12 @@ def run_demo(workdir: Path, quick: bool = False, seed: int = 0, with_teachers: b
 
     from nnunetv2_fedkd.env import subprocess_env
     from nnunetv2_fedkd.federated.planning import plan_federation, resolve_layout
-    from nnunetv2_fedkd.pipeline import (convert_federation, evaluate, federate_command, predict, run_command,
+    from nnunetv2_fedkd.workflows.pipeline import (convert_federation, evaluate, federate_command, predict, run_command,
                                          small_plans, train)
-    from nnunetv2_fedkd.student_vs_teachers import Model, compare_student_with_teachers
+    from nnunetv2_fedkd.workflows.student_vs_teachers import Model, compare_student_with_teachers
     from nnunetv2_fedkd.spec import load_spec
     from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN
-    from nnunetv2_fedkd.synthetic import make_federation
+    from nnunetv2_fedkd.data.synthetic import make_federation
     from nnunetv2_fedkd.utils import atomic_write_json
 
     t_start = time.perf_counter()

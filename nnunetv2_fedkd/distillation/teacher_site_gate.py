@@ -1,11 +1,11 @@
 """Per-site teacher gate: a single-organ teacher speaks only at the sites where its predictions agree with the labels.
 
-``min_teacher_dice`` (:func:`nnunetv2_fedkd.teachers.gate_teachers`) reads what a teacher recorded about itself while
+``min_teacher_dice`` (:func:`nnunetv2_fedkd.distillation.teachers.gate_teachers`) reads what a teacher recorded about itself while
 training, on its own site's data. It cannot see domain shift: measured in this project, the liver teacher (trained at
 the liver site) predicts liver on 42-72 % of the labelled kidney voxels of the kidney site's cases, so at that site
 its word is worthless, while its recorded pseudo Dice is fine. This module scores every teacher against the labels
 that exist at each site, from the teachers' predictions on the training cases (the cache of
-:mod:`nnunetv2_fedkd.teacher_cache`), and turns the figures into a ``[num_sites, K]`` table "teacher ``k`` may speak
+:mod:`nnunetv2_fedkd.distillation.teacher_cache`), and turns the figures into a ``[num_sites, K]`` table "teacher ``k`` may speak
 at site ``s``" that the MS-KD trainers fold into the ``active`` mask of the region KD.
 
 Counts of one case (:func:`teacher_case_counts`). Teacher ``k`` distils organ ``c_k`` (a student class index,

@@ -46,7 +46,7 @@ class Model:
 def parameter_count(fold_folder: Path, exclude_prefix: str = "fedkd_feature_adapters.") -> Dict[str, int]:
     """Parameters in a checkpoint's network weights (read with ``weights_only=True``); the distillation-only feature
     adapters (never used at inference) are counted apart."""
-    from nnunetv2_fedkd.teachers import load_checkpoint
+    from nnunetv2_fedkd.distillation.teachers import load_checkpoint
 
     weights = load_checkpoint(Path(fold_folder) / "checkpoint_final.pth")["network_weights"]
     net = sum(int(v.numel()) for k, v in weights.items() if v.is_floating_point() and not k.startswith(exclude_prefix))
@@ -96,7 +96,7 @@ def predict_merged_teachers(
     ``out/pred_teacher_<organ>`` and merge their label maps into ``out/pred_merged_teachers`` (with the first
     teacher's plans.json, which the evaluator reads). Returns (merged folder, conflicts per case, seconds per
     teacher)."""
-    from nnunetv2_fedkd.pipeline import predict
+    from nnunetv2_fedkd.workflows.pipeline import predict
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,7 @@ def compare_student_with_teachers(workdir: Path, student: Model, teachers: Seque
     teachers, evaluate both (stock ``nnUNetv2_evaluate_folder``) and return every figure (also written to
     ``out/student_vs_teachers.json``)."""
     from nnunetv2_fedkd.env import subprocess_env
-    from nnunetv2_fedkd.pipeline import evaluate, predict
+    from nnunetv2_fedkd.workflows.pipeline import evaluate, predict
 
     results = Path(subprocess_env(workdir, extra=extra_env)["nnUNet_results"])
     labels = json.loads(Path(test_dataset_json).read_text())["labels"]

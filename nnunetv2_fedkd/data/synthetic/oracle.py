@@ -1,7 +1,7 @@
 """The fully labelled twin of a pooled synthetic federation: the training set of the accuracy benchmark's oracle.
 
 Real federations cannot have one (nobody labelled every organ at every site), but the synthetic generator knows every
-organ in every image it wrote: :func:`~nnunetv2_fedkd.synthetic.federation.site_phantom` renders case ``i`` of a site
+organ in every image it wrote: :func:`~nnunetv2_fedkd.data.synthetic.federation.site_phantom` renders case ``i`` of a site
 again. :func:`write_fully_labelled_pool` copies a pooled dataset (``nnunetv2_fedkd merge``) with the same images and
 every case's label map replaced by the full one (all federation organs), so a model trained on it with stock nnU-Net
 is the upper bound the partial-label methods are measured against.
@@ -22,11 +22,11 @@ from typing import Dict, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from nnunetv2_fedkd.dataset_conversion import _SCANNERS
-from nnunetv2_fedkd.dataset_conversion.common import ConversionError, resolve_nnunet_raw, target_folder
-from nnunetv2_fedkd.pooled_dataset import FILE_ENDING, _link_or_copy, global_label_values
+from nnunetv2_fedkd.data.conversion import _SCANNERS
+from nnunetv2_fedkd.data.conversion.common import ConversionError, resolve_nnunet_raw, target_folder
+from nnunetv2_fedkd.data.pooled import FILE_ENDING, _link_or_copy, global_label_values
 from nnunetv2_fedkd.spec import load_spec
-from nnunetv2_fedkd.synthetic.federation import META_NAME, SPEC_NAME, _kits_arrays, site_phantom
+from nnunetv2_fedkd.data.synthetic.federation import META_NAME, SPEC_NAME, _kits_arrays, site_phantom
 from nnunetv2_fedkd.utils import atomic_output_dir
 
 
@@ -58,7 +58,7 @@ def write_fully_labelled_pool(federation_dir: os.PathLike, pooled_dataset: str, 
     raw = resolve_nnunet_raw(nnunet_raw)
     meta_file = federation_dir / META_NAME
     if not meta_file.is_file():
-        raise ConversionError(f"{meta_file} does not exist: only a federation written by nnunetv2_fedkd.synthetic "
+        raise ConversionError(f"{meta_file} does not exist: only a federation written by nnunetv2_fedkd.data.synthetic "
                               f"has the full label maps an oracle needs")
     meta = json.loads(meta_file.read_text())
     spec = load_spec(federation_dir / SPEC_NAME)
