@@ -1,5 +1,6 @@
-"""Shared fixtures. The expensive one, ``tiny_federation``, builds once per test session what the README's first
-command builds: a synthetic federation, converted, planned and preprocessed with stock nnU-Net, with small plans."""
+"""Shared fixtures. The expensive one, ``tiny_federation``, builds once per test session (under pytest-xdist: once per
+worker) what the README's first command builds: a synthetic federation, converted, planned and preprocessed with
+stock nnU-Net, with small plans."""
 from __future__ import annotations
 
 import os

@@ -28,7 +28,8 @@ def broken(name: str) -> None:
     raise ValueError(f"{name} is broken")
 
 
-def test_two_jobs_run_side_by_side_after_their_dependencies(tmp_path):
+def test_two_jobs_run_side_by_side_after_their_dependencies(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the jobs must set one thread themselves, not inherit it
     finished = []
     units = [Unit("a", timed, (str(tmp_path), "a", 1.0)),
              Unit("c", timed, (str(tmp_path), "c", 1.0)),

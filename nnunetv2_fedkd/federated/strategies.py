@@ -54,10 +54,9 @@ from typing import (Any, Callable, Collection, Dict, FrozenSet, List, Mapping, O
 import torch
 from torch import nn
 
-from nnunetv2_fedkd.federated.site_side import SiteUpdate, _model_norm_keys, norm_keys
+from nnunetv2_fedkd.federated.site_side import SiteUpdate, Weights, _model_norm_keys, norm_keys
 from nnunetv2_fedkd.federated.update_checks import _check_num_examples, validate_update
 
-Weights = Dict[str, torch.Tensor]
 HeadOrganFn = Callable[[str], Optional[str]]
 
 

@@ -12,9 +12,8 @@ from typing import Any, Collection, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from nnunetv2_fedkd.federated.site_side import SiteUpdate, _more
+from nnunetv2_fedkd.federated.site_side import SiteUpdate, Weights, _more
 
-Weights = Dict[str, torch.Tensor]
 
 
 class UpdateRejected(Exception):
