@@ -26,8 +26,7 @@ setup(
         "safetensors>=0.4",  # the federation's weights files (no pickle)
     ],
     extras_require={
-        # pytest < 9.2: with 9.2 pytest-xdist's --dist loadgroup silently stops grouping (pytest-dev/pytest-xdist#1386)
-        "test": ["pytest>=7,<9.2", "pytest-xdist>=3.5", "flwr==1.41.0"],  # the Flower deployment test runs in CI
+        "test": ["pytest>=7", "flwr==1.41.0"],  # the Flower deployment test runs in CI
         "flower": ["flwr==1.41.0"],
     },
     entry_points={"console_scripts": ["nnunetv2_fedkd = nnunetv2_fedkd.workflows.cli:main"]},

@@ -1,9 +1,7 @@
-"""Shared fixtures. The expensive one, ``tiny_federation``, builds once per test session (under pytest-xdist: once per
-worker) what the README's first command builds: a synthetic federation, converted, planned and preprocessed with
-stock nnU-Net, with small plans."""
+"""Shared fixtures. The expensive one, ``tiny_federation``, builds once per test session what the README's first
+command builds: a synthetic federation, converted, planned and preprocessed with stock nnU-Net, with small plans."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict
@@ -13,28 +11,6 @@ import pytest
 from nnunetv2_fedkd.env import subprocess_env
 from nnunetv2_fedkd.spec import FederationSpec
 from nnunetv2_fedkd.trainers.config import SHORT_CPU_RUN
-
-def pytest_configure(config):
-    """Under pytest-xdist (``-n 2`` in pytest.ini) every worker runs torch and the nnU-Net commands it starts with one
-    thread: on 2 cores, two one-thread trainings side by side do about 1.4x the work of one two-thread training, and
-    two two-thread workers would oversubscribe the cores. A value the caller set is kept."""
-    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(var, "1")
-        import torch
-
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the marks into the node ids
-def pytest_collection_modifyitems(config, items):
-    """Scheduling groups for pytest-xdist's ``--dist loadgroup`` (pytest.ini): a module's tests run on one worker, so
-    its module fixtures are built once; every test that uses the CI-size oracle (:func:`ci_oracle`, the suite's most
-    expensive fixture) runs on one worker, so the oracle is trained once. Without xdist the marks do nothing."""
-    for item in items:
-        group = "ci_oracle" if "ci_oracle" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-
 
 TINY_SIZE = (40, 40, 32)
 # a tighter abdominal field of view than real scanners (0.7x), so that the small organs get a few hundred voxels at
