@@ -20,20 +20,8 @@ Every KD loss
 Notation: :math:`\sigma` the sigmoid, :math:`\mathrm{KL}_2(p \,\|\, q) = p \log\frac{p}{q} + (1-p)\log\frac{1-p}{1-q}`
 the binary KL divergence (terms with a zero teacher probability count 0), ``N`` voxels per sample.
 
-References:
-    G. Hinton, O. Vinyals, J. Dean. "Distilling the knowledge in a neural network." arXiv:1503.02531 (2015).
-    Q. Zhao et al. "MS-KD: multi-organ segmentation with multiple binary-labeled datasets" (2022/2023): region-based
-    logit KD and region-masked feature KD from single-organ binary teachers.
-    He et al. 2023, dual (logit + feature) knowledge distillation for partially labelled multi-organ segmentation:
-    unmasked feature KD (``region=None``).
-    J. M. H. Noothout, N. Lessmann, M. C. van Eede, et al. "Knowledge distillation with ensembles of convolutional
-    neural networks for medical image segmentation." J. Med. Imaging 9(5) 052407 (2022): soft-label KD from the
-    averaged ensemble.
-    S. Kim, H. Park, M. Kang, K. H. Jin, E. Adeli, K. M. Pohl, S. H. Park. "Federated learning with knowledge
-    distillation for multi-organ segmentation with partially labeled datasets." Medical Image Analysis 95 (2024)
-    103156: KD from the previous global model on unannotated organs.
-    P. Wang, C. Shen, W. Wang, et al. "ConDistFL: Conditional distillation for federated learning from partially
-    annotated data." MICCAI DeCaF workshop 2023, arXiv:2308.04070: merged-bin (conditional) distillation.
+References: Hinton et al. 2015 (the temperature); each module lists the sources of its losses (:mod:`.region_kd`:
+MS-KD; :mod:`.feature_kd`: MS-KD and dual KD; :mod:`.response_kd`: Noothout et al. 2022, Kim et al. 2024, ConDistFL).
 """
 from nnunetv2_fedkd.losses.feature_kd import FeatureKDLoss, feature_kd_loss
 from nnunetv2_fedkd.losses.region_kd import (
